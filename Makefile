@@ -1,0 +1,34 @@
+# Two commands matter: `make run` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel on our build machines; override on a CUDA host, e.g. `make run TORCH_SPEC='torch>=2.13'`.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: run test lint bench clean install
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(BIN)/tierflow run digits $(ARGS)
+
+test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(ARGS)
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf .tierflow mlflow.db mlruns .pytest_cache

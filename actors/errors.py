@@ -1,0 +1,24 @@
+"""Exceptions raised by `actors`. `ActorsError` is the one base."""
+
+from __future__ import annotations
+
+
+class ActorsError(Exception):
+    """Base of every error raised by `actors`."""
+
+
+class ResourceSpecError(ActorsError, ValueError):
+    """A resource request is malformed (negative, non-numeric, reserved name, ...)."""
+
+
+class StageExecutionError(ActorsError):
+    """User code raised inside a stage actor; carries the formatted user traceback."""
+
+    def __init__(self, stage: str, cause: str, traceback: str) -> None:
+        self.stage = stage
+        self.cause = cause
+        self.traceback = traceback
+        super().__init__(stage, cause, traceback)
+
+    def __str__(self) -> str:
+        return f"stage {self.stage!r} raised {self.cause}"

@@ -1,0 +1,134 @@
+"""The Ray actor that executes stages, commits their outputs and reports where they ran."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from actors.context import Metric, SourceInput, StageContext
+from actors.errors import StageExecutionError
+from storage import ArtifactRef, ArtifactStore, StoreConfig
+from storage.formats import decode, encode
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """Everything an actor needs to run one stage; upstream values arrive as positional args."""
+
+    run_id: str
+    stage: str
+    fn: Callable[..., Any]
+    is_class: bool
+    wants_context: bool
+    params: dict[str, Any]
+    input_params: tuple[str, ...]
+    cache_key: str
+    # param -> facts about the upstream artifact (digest, uri, and hook annotations like model_version)
+    upstream: dict[str, dict[str, str]] = field(default_factory=dict)
+    input_refs: dict[str, ArtifactRef] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """Where and how a stage ran, and the manifest of its committed output."""
+
+    stage: str
+    artifact: ArtifactRef
+    node_id: str
+    node_ip: str
+    pid: int
+    device: str
+    gpu_ids: list[Any]
+    cuda_visible_devices: str
+    started_at: float
+    duration_s: float
+    metrics: list[Metric] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    sources: list[SourceInput] = field(default_factory=list)
+
+
+def detect_device(gpu_ids: list[Any]) -> str:
+    """`cuda:N` only when Ray assigned a GPU *and* torch can use CUDA; otherwise `cpu`."""
+    if gpu_ids:
+        import torch  # noqa: PLC0415  # only GPU stages pay for the import
+
+        if torch.cuda.is_available():
+            return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
+class StageActor:
+    """A warm process that runs stages of one resource shape. Wrapped with `ray.remote` by the pool."""
+
+    def __init__(self, store_config: StoreConfig) -> None:
+        self.store = ArtifactStore(store_config)
+        self._instances: dict[Any, Any] = {}
+
+    def info(self) -> dict[str, Any]:
+        rc = ray.get_runtime_context()
+        gpu_ids = ray.get_gpu_ids()
+        return {
+            "node_id": rc.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "pid": os.getpid(),
+            "gpu_ids": gpu_ids,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "device": detect_device(gpu_ids),
+        }
+
+    @ray.method(num_returns=2)
+    def run(self, call: StageCall, *inputs: Any) -> tuple[StageResult, Any]:
+        info = self.info()
+        kwargs = dict(call.params)
+        for pname, value in zip(call.input_params, inputs, strict=True):
+            kwargs[pname] = self.store.get(value) if isinstance(value, ArtifactRef) else value
+        ctx = StageContext(
+            call.run_id,
+            call.stage,
+            info["node_id"],
+            info["device"],
+            info["gpu_ids"],
+            upstream=call.upstream,
+            input_refs=call.input_refs,
+            store_config=self.store.config,
+        )
+        if call.wants_context:
+            kwargs["ctx"] = ctx
+        started = time.time()
+        t0 = time.perf_counter()
+        try:
+            target = self._instance(call.fn) if call.is_class else call.fn
+            value = target(**kwargs)
+            fmt, data, schema = encode(value)
+        except Exception as exc:
+            raise StageExecutionError(call.stage, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from None
+        duration = time.perf_counter() - t0
+        ref = self.store.put_encoded(fmt, data, schema, run_id=call.run_id, stage=call.stage)
+        result = StageResult(
+            stage=call.stage,
+            artifact=ref,
+            node_id=info["node_id"],
+            node_ip=info["node_ip"],
+            pid=info["pid"],
+            device=info["device"],
+            gpu_ids=info["gpu_ids"],
+            cuda_visible_devices=info["cuda_visible_devices"],
+            started_at=started,
+            duration_s=duration,
+            metrics=ctx.metrics,
+            tags=ctx.tags,
+            sources=ctx.sources,
+        )
+        # Downstream stages get exactly what a cache hit would load from the store.
+        return result, decode(fmt, data)
+
+    def _instance(self, cls: type) -> Any:
+        if cls not in self._instances:
+            self._instances[cls] = cls()
+        return self._instances[cls]

@@ -1,0 +1,122 @@
+"""Explicit, pickle-free encodings for artifacts.
+
+Tables are Arrow IPC streams, tensors are safetensors (with string metadata), metrics and other
+small values are canonical JSON. Encoding is deterministic so equal values hash to equal digests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from storage.errors import FormatError
+
+ARROW = "arrow-ipc"
+SAFETENSORS = "safetensors"
+JSON = "json"
+FORMATS = (ARROW, SAFETENSORS, JSON)
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """Named arrays plus string metadata: model weights, embeddings, anything tensor-shaped.
+
+    Torch tensors are accepted and stored as numpy arrays; `metadata` carries e.g. the model config.
+    """
+
+    tensors: dict[str, Any]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        return {k: _to_numpy(v) for k, v in self.tensors.items()}
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value)
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
+        return np.ascontiguousarray(value.detach().cpu().numpy())
+    raise FormatError(f"tensor values must be numpy arrays or torch tensors, got {type(value).__name__}")
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, np.ndarray) or hasattr(value, "detach")
+
+
+def format_of(value: Any) -> str:
+    """The storage format a stage output will be written in; raise `FormatError` if none fits."""
+    if isinstance(value, pa.Table):
+        return ARROW
+    if isinstance(value, Tensors):
+        return SAFETENSORS
+    if isinstance(value, dict) and value and all(_is_tensor(v) for v in value.values()):
+        return SAFETENSORS
+    try:
+        _json_bytes(value)
+    except (TypeError, ValueError) as exc:
+        raise FormatError(
+            f"cannot store a {type(value).__name__}: return a pyarrow.Table, a dict of tensors / "
+            f"storage.Tensors, or JSON-serialisable data ({exc})"
+        ) from None
+    return JSON
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_json_default).encode()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        item = value.item()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("NaN/inf are not valid JSON")
+        return item
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def encode(value: Any) -> tuple[str, bytes, dict[str, Any]]:
+    """Encode `value` to (format, bytes, schema summary)."""
+    fmt = format_of(value)
+    if fmt == ARROW:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, value.schema) as writer:
+            writer.write_table(value)
+        schema = {"columns": {f.name: str(f.type) for f in value.schema}, "num_rows": value.num_rows}
+        return fmt, sink.getvalue().to_pybytes(), schema
+    if fmt == SAFETENSORS:
+        bundle = value if isinstance(value, Tensors) else Tensors(value)
+        arrays = bundle.numpy()
+        bad = {k: type(v).__name__ for k, v in bundle.metadata.items() if not isinstance(v, str)}
+        if bad:
+            raise FormatError(f"Tensors.metadata values must be str (JSON-encode them): {bad}")
+        data = st_save(arrays, metadata=dict(bundle.metadata) or None)
+        schema = {"tensors": {k: {"dtype": str(a.dtype), "shape": list(a.shape)} for k, a in arrays.items()}}
+        return fmt, data, schema
+    return fmt, _json_bytes(value), {"type": type(value).__name__}
+
+
+def decode(fmt: str, data: bytes) -> Any:
+    """Decode bytes written by `encode`. Only call on bytes whose digest was verified."""
+    try:
+        if fmt == ARROW:
+            return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+        if fmt == SAFETENSORS:
+            return Tensors(st_load(data), _safetensors_metadata(data))
+        if fmt == JSON:
+            return json.loads(data)
+    except (pa.ArrowInvalid, ValueError, OSError) as exc:
+        raise FormatError(f"stored {fmt} bytes do not decode: {exc}") from exc
+    raise FormatError(f"unknown artifact format {fmt!r}; known formats: {', '.join(FORMATS)}")
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return dict(header.get("__metadata__", {}))

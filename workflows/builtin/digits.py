@@ -1,0 +1,186 @@
+"""The main job: scikit-learn digits -> preprocess (CPU) -> train (GPU, CPU fallback) -> evaluate
+(accuracy gate) -> serve (Ray Serve). The data set ships with scikit-learn: no download."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from actors.context import StageContext
+from storage import Tensors
+from workflows.errors import GateFailed
+from workflows.model import Workflow, stage
+
+N_FEATURES = 64
+
+
+def _features(table: pa.Table, split: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = table.filter(pc.equal(table["split"], split))
+    x = np.stack([rows[f"px{i:02d}"].to_numpy() for i in range(N_FEATURES)], axis=1).astype(np.float32)
+    return x, rows["label"].to_numpy().astype(np.int64)
+
+
+def _scaler(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    meta = table.schema.metadata or {}
+    return (
+        np.asarray(json.loads(meta[b"scaler_mean"]), np.float32),
+        np.asarray(json.loads(meta[b"scaler_scale"]), np.float32),
+    )
+
+
+@stage(cpus=1)
+def preprocess(ctx: StageContext, test_fraction: float = 0.2, seed: int = 0) -> pa.Table:
+    """Standardise the 8x8 images with statistics of the training split; keep a held-out split."""
+    from sklearn.datasets import load_digits  # noqa: PLC0415
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+    from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
+
+    x, y = load_digits(return_X_y=True)
+    raw = hashlib.sha256(np.ascontiguousarray(x).tobytes() + np.ascontiguousarray(y).tobytes()).hexdigest()
+    ctx.log_source("sklearn-digits", "sklearn.datasets.load_digits", raw, num_rows=len(y))
+    idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y)
+    scaler = StandardScaler().fit(x[idx_train])
+    order = np.concatenate([idx_train, idx_test])
+    scaled = scaler.transform(x[order]).astype(np.float32)
+    columns: dict[str, Any] = {f"px{i:02d}": scaled[:, i] for i in range(N_FEATURES)}
+    columns["label"] = y[order].astype(np.int64)
+    columns["split"] = ["train"] * len(idx_train) + ["test"] * len(idx_test)
+    table = pa.table(columns).replace_schema_metadata(
+        {
+            "scaler_mean": json.dumps(scaler.mean_.tolist()),
+            "scaler_scale": json.dumps(scaler.scale_.tolist()),
+            "source_sha256": raw,
+        }
+    )
+    ctx.log_metrics({"rows_train": len(idx_train), "rows_test": len(idx_test)})
+    return table
+
+
+@stage(cpus=1, gpus=1, fallback="cpu", register_model="tierflow-digits")
+def train(
+    ctx: StageContext,
+    preprocess: pa.Table,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    hidden: int = 128,
+    seed: int = 0,
+) -> Tensors:
+    """A small MLP; uses CUDA when the actor was given a GPU and torch can see it."""
+    import torch  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+
+    from serving.model import build_mlp, to_tensors  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    device = torch.device(ctx.device)
+    x, y = _features(preprocess, "train")
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    layers = [N_FEATURES, hidden, 10]
+    # The served model carries the scaler as its first layer; training sees already-scaled rows.
+    model = build_mlp(layers, standardize=True)
+    body = model[1:].to(device)
+    opt = torch.optim.Adam(body.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    for epoch in range(epochs):
+        perm = torch.randperm(len(xt), generator=gen).to(device)
+        correct = 0
+        for i in range(0, len(xt), batch_size):
+            batch = perm[i : i + batch_size]
+            opt.zero_grad()
+            logits = body(xt[batch])
+            loss = loss_fn(logits, yt[batch])
+            loss.backward()
+            opt.step()
+            correct += int((logits.argmax(1) == yt[batch]).sum())
+            ctx.log_metric("loss", loss.item(), step)
+            step += 1
+        ctx.log_metric("train_accuracy", correct / len(xt), epoch)
+    model.cpu()
+    mean, scale = _scaler(preprocess)
+    model[0].mean.copy_(torch.from_numpy(mean))
+    model[0].scale.copy_(torch.from_numpy(scale))
+    return to_tensors(
+        model,
+        {
+            "layers": layers,
+            "standardize": True,
+            "classes": list(range(10)),
+            "input": "64 raw pixel intensities (0-16) of an 8x8 digit",
+        },
+    )
+
+
+def _raw_test_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _features(table, "test")
+    mean, scale = _scaler(table)
+    return x * scale + mean, y
+
+
+@stage(cpus=1)
+def evaluate(ctx: StageContext, preprocess: pa.Table, train: Tensors, threshold: float = 0.9) -> dict[str, float]:
+    """Accuracy of the exact artifact that will be served, on the held-out split; a gate."""
+    from serving.model import from_tensors, predict_proba  # noqa: PLC0415
+
+    model, _ = from_tensors(train)
+    x, y = _raw_test_rows(preprocess)
+    accuracy = float((predict_proba(model, x).argmax(1) == y).mean())
+    ctx.log_metric("accuracy", accuracy)
+    if accuracy < threshold:
+        raise GateFailed(f"accuracy {accuracy:.4f} is below the threshold {threshold}; the model is not served")
+    return {"accuracy": accuracy, "threshold": threshold, "test_rows": len(y)}
+
+
+@stage(cpus=0.25, cache=False)
+def serve(
+    ctx: StageContext,
+    preprocess: pa.Table,
+    train: Tensors,
+    evaluate: dict[str, float],
+    app_name: str = "digits",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replica_cpus: float = 0.25,
+) -> dict[str, Any]:
+    """Deploy the evaluated model on Ray Serve; answer with the URL and an example request."""
+    from serving.app import deploy_classifier  # noqa: PLC0415
+
+    model_facts = ctx.upstream["train"]
+    lineage = {k.removeprefix("tierflow."): v for k, v in model_facts.items() if k.startswith("tierflow.model")}
+    lineage |= {"training_run": model_facts.get("run_id", ""), "tierflow_run": ctx.run_id}
+    url = deploy_classifier(
+        ctx.input_refs["train"],
+        ctx.store_config,
+        app_name=app_name,
+        route_prefix=f"/{app_name}",
+        host=host,
+        port=port,
+        num_cpus=replica_cpus,
+        lineage=lineage,
+    )
+    ctx.set_tag("tierflow.endpoint", url)
+    x, y = _raw_test_rows(preprocess)
+    return {
+        "url": url,
+        "predict_url": f"{url}/predict",
+        "app_name": app_name,
+        "accuracy": evaluate["accuracy"],
+        "model_digest": model_facts["digest"],
+        "example": {"instances": [x[0].round(4).tolist()]},
+        "example_label": int(y[0]),
+        **lineage,
+    }
+
+
+digits = Workflow(
+    "digits",
+    [preprocess, train, evaluate, serve],
+    description="scikit-learn digits: preprocess -> train (GPU or CPU) -> evaluate -> serve",
+)

@@ -1,0 +1,291 @@
+"""`tierflow` / `python -m workflows`: run and validate workflows.
+
+Exit codes: 0 success, 1 a stage failed, 2 the workflow or its request is invalid (nothing ran),
+130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from storage import StorageError, StoreConfig
+from workflows.errors import StageFailedError, TierflowError, ValidationError
+from workflows.hooks import RunInfo, StageRecord
+from workflows.loader import BUILTINS, load_workflow
+from workflows.model import Workflow
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 130
+
+console = Console(stderr=False, highlight=False)
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param {text!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    try:
+        value = json.loads(raw)  # numbers, booleans, lists; anything else stays a string
+    except json.JSONDecodeError:
+        value = raw
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tierflow", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("workflow", help=f"built-in ({', '.join(BUILTINS)}), file.py:obj or module:obj")
+        sp.add_argument(
+            "-p",
+            "--param",
+            action="append",
+            type=_parse_param,
+            default=[],
+            metavar="KEY=VALUE",
+            help="stage parameter: stage.param=value or param=value (repeatable)",
+        )
+        sp.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+
+    run = sub.add_parser("run", help="run a workflow")
+    common(run)
+    run.add_argument(
+        "--store",
+        help="comma-separated tier URLs, fastest first; last is durable "
+        "(default: $TIERFLOW_STORE, else memory://tierflow,./.tierflow/store)",
+    )
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    run.add_argument("--run-id", help="name this run (letters, digits, . _ -)")
+    run.add_argument("--no-cache", action="store_true", help="run every stage even if a verified output exists")
+    run.add_argument("--serve", action="store_true", help="keep deployed endpoints up until Ctrl-C")
+    run.add_argument("--num-cpus", type=float, help="CPUs of a locally started Ray (default: all)")
+    run.add_argument("--num-gpus", type=float, help="GPUs of a locally started Ray (default: detected)")
+    run.add_argument("--json", action="store_true", help="print the run summary as JSON")
+
+    val = sub.add_parser("validate", help="check a workflow without running anything")
+    common(val)
+    val.add_argument(
+        "--cluster-yaml",
+        type=Path,
+        help="check resources against this cluster.yaml's node types instead of the connected cluster",
+    )
+
+    sub.add_parser("list", help="list built-in workflows")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.command == "list":
+        for name, target in BUILTINS.items():
+            console.print(f"{name}\t{target}")
+        return EXIT_OK
+    try:
+        wf = load_workflow(args.workflow)
+        params = dict(args.param)
+        wf.resolve_params(params)  # parameter errors before Ray starts
+        if args.command == "validate":
+            return _validate(wf, params, args)
+        return _run(wf, params, args)
+    except ValidationError as exc:
+        console.print(f"[bold red]invalid:[/] {exc}", markup=True)
+        return EXIT_INVALID
+    except StorageError as exc:
+        console.print(f"[bold red]storage error:[/] {exc}", markup=True)
+        return EXIT_INVALID
+    except StageFailedError as exc:
+        console.print("[bold red]run failed:[/]", end=" ")
+        console.print(str(exc), markup=False)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        console.print("cancelled")
+        return EXIT_CANCELLED
+    except TierflowError as exc:
+        console.print(f"[bold red]error:[/] {exc}", markup=True)
+        return EXIT_FAILED
+
+
+def _validate(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
+    from actors.placement import nodes_from_cluster_yaml  # noqa: PLC0415
+    from workflows.engine import plan  # noqa: PLC0415
+
+    if args.cluster_yaml:
+        import yaml  # noqa: PLC0415
+
+        nodes = nodes_from_cluster_yaml(yaml.safe_load(args.cluster_yaml.read_text()))
+    else:
+        from actors.ray_api import cluster_nodes, connect  # noqa: PLC0415
+
+        connect(args.address)
+        nodes = cluster_nodes()
+    decisions = plan(wf, nodes)
+    for name, d in decisions.items():
+        console.print(f"{name}: {d.requested.describe()} -> {d.effective.describe()}  ({d.reason})")  # type: ignore[union-attr]
+    console.print(f"workflow {wf.name!r} is valid")
+    return EXIT_OK
+
+
+def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
+    import ray  # noqa: PLC0415
+
+    from actors.ray_api import connect  # noqa: PLC0415
+    from workflows.engine import run_workflow  # noqa: PLC0415
+    from workflows.lineage import MLflowHook  # noqa: PLC0415
+
+    store = StoreConfig.from_urls(args.store) if args.store else StoreConfig.default()
+    init_kwargs = {k: v for k, v in (("num_cpus", args.num_cpus), ("num_gpus", args.num_gpus)) if v is not None}
+    started_ray = connect(args.address, **init_kwargs)
+    mlflow_hook = MLflowHook(args.tracking_uri)
+    run: RunInfo | None = None
+    try:
+        run = run_workflow(
+            wf,
+            params=params,
+            run_id=args.run_id,
+            store_config=store,
+            hooks=[ProgressHook(), mlflow_hook],
+            use_cache=not args.no_cache,
+        )
+        answers = _smoke_requests(run)
+        if args.json:
+            print(json.dumps(_summary(run, mlflow_hook, answers), indent=1, default=str))
+        else:
+            _print_summary(run, mlflow_hook, answers)
+        if args.serve and answers:
+            console.print("serving; press Ctrl-C to stop")
+            while True:
+                time.sleep(3600)
+        return EXIT_OK
+    finally:
+        if run is not None and not args.serve:
+            _undeploy(run)
+        if started_ray:
+            ray.shutdown()
+
+
+class ProgressHook:
+    """One plain line per finished stage (a live table is the pipelining issue's)."""
+
+    def on_run_start(self, *, run: RunInfo) -> None:
+        console.print(f"run {run.run_id}: workflow {run.workflow.name} ({len(run.records)} stages)")
+
+    def on_stage_end(self, *, run: RunInfo, record: StageRecord) -> None:
+        res = record.result
+        where = f"on {res.node_ip} ({res.device}) in {res.duration_s:.2f}s" if res else "from cache"
+        console.print(f"  {record.status:<9} {record.name} {where if record.status != 'failed' else ''}")
+
+    def on_run_end(self, *, run: RunInfo, error: BaseException | None) -> None:
+        return None
+
+
+def _endpoints(run: RunInfo) -> list[tuple[StageRecord, dict[str, Any]]]:
+    from storage import ArtifactStore  # noqa: PLC0415
+
+    out = []
+    store = ArtifactStore(run.store_config)
+    for rec in run.records.values():
+        if rec.artifact is not None and rec.artifact.format == "json" and rec.status == "succeeded":
+            value = store.get(rec.artifact)
+            if isinstance(value, dict) and "predict_url" in value:
+                out.append((rec, value))
+    return out
+
+
+def _smoke_requests(run: RunInfo) -> list[dict[str, Any]]:
+    """Send each deployed endpoint its example request, as a user would."""
+    answers = []
+    for rec, info in _endpoints(run):
+        body = json.dumps(info.get("example", {})).encode()
+        headers = {"Content-Type": "application/json"}
+        req = urllib.request.Request(info["predict_url"], data=body, headers=headers)  # noqa: S310  # http(s) from our stage
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310  # our own loopback URL
+                answer = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            answer = {"error": f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}"}
+        except (urllib.error.URLError, TimeoutError) as exc:
+            answer = {"error": str(exc)}
+        answers.append(
+            {"stage": rec.name, "url": info["predict_url"], "expected": info.get("example_label"), "response": answer}
+        )
+    return answers
+
+
+def _undeploy(run: RunInfo) -> None:
+    apps = [info["app_name"] for _, info in _endpoints(run) if "app_name" in info]
+    if apps:
+        from serving.app import shutdown_app  # noqa: PLC0415
+
+        for app in apps:
+            shutdown_app(app)
+
+
+def _summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "workflow": run.workflow.name,
+        "status": run.status,
+        "duration_s": round(run.duration_s, 3),
+        "store": run.store_config.durable_url,
+        "mlflow": {
+            "tracking_uri": hook.tracking_uri,
+            "experiment_id": hook.experiment_id,
+            "run_id": hook.parent_run_id,
+        },
+        "stages": [
+            {
+                "stage": r.name,
+                "status": r.status,
+                "cache": r.cache,
+                "requested": r.decision.requested.describe(),
+                "placed": r.decision.effective.describe() if r.decision.effective else "",
+                "node": r.result.node_ip if r.result else "",
+                "node_id": r.result.node_id if r.result else "",
+                "device": r.result.device if r.result else "",
+                "duration_s": round(r.result.duration_s, 3) if r.result else 0.0,
+                "digest": r.artifact.digest if r.artifact else "",
+            }
+            for r in run.records.values()
+        ],
+        "endpoints": answers,
+    }
+
+
+def _print_summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> None:
+    from rich.table import Table  # noqa: PLC0415
+
+    data = _summary(run, hook, answers)
+    table = Table(title=f"tierflow run {run.run_id} ({run.workflow.name}) - {run.status} in {run.duration_s:.1f}s")
+    for col in ("stage", "resources", "node", "device", "duration", "cache"):
+        table.add_column(col)
+    for s in data["stages"]:
+        res = s["requested"] if s["requested"] == s["placed"] else f"{s['requested']} -> {s['placed']}"
+        node = s["node_id"][:8] or "-"
+        table.add_row(s["stage"], res, node, s["device"] or "-", f"{s['duration_s']:.2f}s", s["cache"])
+    console.print(table)
+    for a in answers:
+        console.print(f"endpoint: {a['url']}")
+        console.print(
+            f"  example request -> {json.dumps(a['response'].get('predictions', a['response']))} "
+            f"(true label {a['expected']})"
+        )
+    ml = data["mlflow"]
+    console.print(f"MLflow: {ml['tracking_uri']}  experiment {ml['experiment_id']}  run {ml['run_id']}")
+    if ml["tracking_uri"].startswith("sqlite:"):
+        console.print(f"  browse: mlflow ui --backend-store-uri {ml['tracking_uri']}")
+    console.print(f"artifacts: {data['store']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

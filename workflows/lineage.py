@@ -1,0 +1,237 @@
+"""MLflow as the system of record: one parent run per workflow run, one nested run per stage.
+
+Written from the driver only (actors return their metrics), so a sqlite backend sees one writer and
+an `mlflow server` sees ordinary REST calls. The schema is documented in README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+
+from storage import ArtifactRef, ArtifactStore
+from workflows.hooks import CACHED, FAILED, SUCCEEDED, RunInfo, StageRecord
+
+log = logging.getLogger(__name__)
+
+ENV_URI = "MLFLOW_TRACKING_URI"
+_PARENT_TAGS = ("tierflow.endpoint", "tierflow.model_name", "tierflow.model_version")
+_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
+_PYFUNC = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
+
+
+def default_tracking_uri() -> str:
+    """`$MLFLOW_TRACKING_URI`, else a sqlite file in the working directory."""
+    return os.environ.get(ENV_URI) or f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class MLflowHook:
+    """Records runs, stages, datasets and registered models in MLflow."""
+
+    def __init__(self, tracking_uri: str | None = None) -> None:
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.client = MlflowClient(self.tracking_uri)
+        self.experiment_id = ""
+        self.parent_run_id = ""
+
+    # -- run ------------------------------------------------------------------------------------
+    def on_run_start(self, *, run: RunInfo) -> None:
+        name = run.workflow.name
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                self.experiment_id = self.client.create_experiment(name)
+            except mlflow.exceptions.MlflowException:  # created concurrently
+                self.experiment_id = self.client.get_experiment_by_name(name).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+        parent = self.client.create_run(
+            self.experiment_id,
+            start_time=_ms(run.started_at),
+            run_name=run.run_id,
+            tags={
+                "tierflow.run_id": run.run_id,
+                "tierflow.workflow": name,
+                "tierflow.store": run.store_config.durable_url,
+                "mlflow.source.name": f"tierflow run {name}",
+            },
+        )
+        self.parent_run_id = parent.info.run_id
+        run.annotations["mlflow_run_id"] = self.parent_run_id
+        run.annotations["mlflow_experiment_id"] = self.experiment_id
+        flat = [Param(f"{s}.{k}", _param(v)) for s, ps in run.params.items() for k, v in ps.items()]
+        if flat:
+            self.client.log_batch(self.parent_run_id, params=flat)
+
+    def on_run_end(self, *, run: RunInfo, error: BaseException | None) -> None:
+        if not self.parent_run_id:
+            return
+        status = {SUCCEEDED: "FINISHED", "cancelled": "KILLED"}.get(run.status, "FAILED")
+        tags = [RunTag("tierflow.status", run.status)]
+        if error is not None:
+            tags.append(RunTag("tierflow.error", str(error)[:4000]))
+        self.client.log_batch(
+            self.parent_run_id,
+            metrics=[Metric("duration_s", run.duration_s, _ms(time.time()), 0)],
+            tags=tags,
+        )
+        self.client.set_terminated(self.parent_run_id, status, end_time=_ms(run.ended_at or time.time()))
+
+    # -- stages ---------------------------------------------------------------------------------
+    def on_stage_end(self, *, run: RunInfo, record: StageRecord) -> None:
+        stage = run.workflow.stages[record.name]
+        res = record.result
+        started = res.started_at if res else time.time()
+        child = self.client.create_run(
+            self.experiment_id,
+            start_time=_ms(started),
+            run_name=record.name,
+            tags={"mlflow.parentRunId": self.parent_run_id, **self._stage_tags(record)},
+        )
+        run_id = child.info.run_id
+        record.annotations["mlflow_run_id"] = run_id
+        now = _ms(time.time())
+        metrics = [Metric("duration_s", res.duration_s if res else 0.0, now, 0)]
+        if res:
+            metrics += [Metric(m.key, m.value, m.timestamp_ms, m.step) for m in res.metrics]
+        params = [Param(k, _param(v)) for k, v in _resource_params(record).items()]
+        params += [Param(f"param.{k}", _param(v)) for k, v in record.params.items()]
+        self.client.log_batch(run_id, params=params, metrics=metrics[:_BATCH])
+        for i in range(_BATCH, len(metrics), _BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
+        self._log_inputs(run_id, record)
+        if stage.register_model and record.status in (SUCCEEDED, CACHED) and record.artifact:
+            self._register(run, record, stage.register_model, run_id)
+        propagate = [RunTag(k, v) for k, v in record.annotations.items() if k in _PARENT_TAGS]
+        propagate += [RunTag(k, v) for k, v in (res.tags if res else {}).items() if k in _PARENT_TAGS]
+        if propagate:
+            self.client.log_batch(self.parent_run_id, tags=propagate)
+        end = _ms(started + (res.duration_s if res else 0.0))
+        self.client.set_terminated(run_id, "FAILED" if record.status == FAILED else "FINISHED", end_time=end)
+
+    def _stage_tags(self, record: StageRecord) -> dict[str, str]:
+        res = record.result
+        tags = {
+            "tierflow.stage": record.name,
+            "tierflow.status": record.status,
+            "tierflow.cache": record.cache,
+            "tierflow.cache_key": record.cache_key,
+            "tierflow.node_id": res.node_id if res else "-",
+            "tierflow.node_ip": res.node_ip if res else "-",
+            "tierflow.device": res.device if res else "-",
+            "tierflow.gpu_ids": json.dumps(res.gpu_ids) if res else "[]",
+            "tierflow.cuda_visible_devices": res.cuda_visible_devices if res else "",
+            "tierflow.fallback": str(record.decision.fallback_used).lower(),
+        }
+        if record.artifact:
+            tags |= {
+                "tierflow.artifact.digest": record.artifact.digest,
+                "tierflow.artifact.uri": record.artifact.uri,
+                "tierflow.artifact.format": record.artifact.format,
+                "tierflow.artifact.producer_run": record.artifact.run_id,
+            }
+        if record.error:
+            tags["tierflow.error"] = record.error[:4000]
+        if res:
+            tags |= res.tags
+        return tags
+
+    def _log_inputs(self, run_id: str, record: StageRecord) -> None:
+        datasets = [
+            _dataset(param, art.uri, art.digest, art.format, json.dumps(art.schema), "upstream")
+            for param, art in record.inputs.items()
+        ]
+        if record.result:
+            datasets += [
+                _dataset(s.name, s.source, s.digest, "source", json.dumps({"num_rows": s.num_rows}), "source")
+                for s in record.result.sources
+            ]
+        if datasets:
+            self.client.log_inputs(run_id, datasets=datasets)
+
+    # -- model registry -------------------------------------------------------------------------
+    def _register(self, run: RunInfo, record: StageRecord, model_name: str, stage_run_id: str) -> None:
+        art: ArtifactRef = record.artifact  # type: ignore[assignment]
+        existing = self.client.search_model_versions(
+            f"name = '{model_name}' and tags.`tierflow.digest` = '{art.digest}'"
+        )
+        # Same weights already registered (cache hit, resumed run): reuse, never a duplicate version.
+        version = existing[0] if existing else self._log_and_register(run, art, model_name, stage_run_id)
+        record.annotations |= {
+            "tierflow.model_name": model_name,
+            "tierflow.model_version": str(version.version),
+            "tierflow.model_run_id": version.run_id or "",
+        }
+        self.client.log_batch(
+            stage_run_id,
+            tags=[RunTag("tierflow.model_name", model_name), RunTag("tierflow.model_version", str(version.version))],
+        )
+
+    def _log_and_register(self, run: RunInfo, art: ArtifactRef, model_name: str, stage_run_id: str) -> Any:
+        import numpy as np  # noqa: PLC0415
+        from mlflow.models import infer_signature  # noqa: PLC0415
+
+        store = ArtifactStore(run.store_config)
+        tensors = store.get(art)
+        n_in = int(json.loads(tensors.metadata.get("config", "{}")).get("layers", [0])[0])
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = Path(tmp) / "model.safetensors"
+            weights.write_bytes(store.get_blob(art.digest))
+            mlflow.set_tracking_uri(self.tracking_uri)
+            with mlflow.start_run(run_id=stage_run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(_PYFUNC),
+                    artifacts={"weights": str(weights)},
+                    pip_requirements=["torch", "safetensors", "numpy"],
+                    signature=infer_signature(np.zeros((1, n_in), np.float32), np.zeros((1,), np.int64)),
+                )
+        version = mlflow.register_model(info.model_uri, model_name, tags={"tierflow.digest": art.digest})
+        return self.client.get_model_version(model_name, version.version)
+
+
+def _dataset(name: str, uri: str, digest: str, fmt: str, schema: str, context: str) -> DatasetInput:
+    # MLflow keeps 36 characters of digest; the full sha256 travels in the profile and a tag.
+    ds = Dataset(
+        name=name,
+        digest=digest[:32],
+        source_type=fmt,
+        source=json.dumps({"uri": uri}),
+        schema=schema,
+        profile=json.dumps({"sha256": digest}),
+    )
+    return DatasetInput(ds, tags=[InputTag("mlflow.data.context", context), InputTag("tierflow.digest", digest)])
+
+
+def _resource_params(record: StageRecord) -> dict[str, Any]:
+    req = record.decision.requested
+    out: dict[str, Any] = {"resources.cpus": req.cpus, "resources.gpus": req.gpus}
+    if req.memory_bytes:
+        out["resources.memory_bytes"] = req.memory_bytes
+    if req.accelerator_type:
+        out["resources.accelerator_type"] = req.accelerator_type
+    if req.fallback:
+        out["resources.fallback"] = req.fallback
+    out |= {f"resources.custom.{k}": v for k, v in req.custom.items()}
+    eff = record.decision.effective
+    if eff is not None:
+        out["placement.cpus"], out["placement.gpus"] = eff.cpus, eff.gpus
+    return out
+
+
+def _param(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=repr)
+    return text[:6000]
