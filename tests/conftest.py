@@ -1,0 +1,45 @@
+"""Shared fixtures. Ray instances are module-scoped: `ray.init` costs ~4 s here."""
+
+import socket
+import sys
+import time
+from collections.abc import Iterator
+
+import cloudpickle
+import pytest
+import ray
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ship_by_value(module_name: str) -> None:
+    """Stages defined in test modules are sent to Ray workers by value (workers cannot import tests)."""
+    cloudpickle.register_pickle_by_value(sys.modules[module_name])
+
+
+def start_local_ray(**kwargs) -> None:
+    # "local" never attaches to a cluster someone else started on this host.
+    ray.init("local", include_dashboard=False, log_to_driver=False, **kwargs)
+
+
+def wait_for_resources_released(timeout_s: float = 10.0) -> tuple[dict, dict]:
+    """Actor kills are asynchronous: poll until available == total (or time out)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total, avail = ray.cluster_resources(), ray.available_resources()
+        keys = [k for k in total if k in ("CPU", "GPU") or k.startswith("accelerator_type")]
+        if all(abs(avail.get(k, 0) - total[k]) < 1e-6 for k in keys) or time.monotonic() > deadline:
+            return {k: total[k] for k in keys}, {k: avail.get(k, 0) for k in keys}
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def ray_with_declared_gpu() -> Iterator[None]:
+    """One node with 4 CPUs and one declared T4 GPU (no real GPU on this machine)."""
+    start_local_ray(num_cpus=4, num_gpus=1, resources={"accelerator_type:T4": 1, "licence": 2})
+    yield
+    ray.shutdown()
