@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.console import Console
 
-from storage import StorageError, StoreConfig
+from storage import StorageError, StoreConfig, validate_name
 from workflows.errors import StageFailedError, TierflowError, ValidationError
 from workflows.hooks import RunInfo, StageRecord
 from workflows.loader import BUILTINS, load_workflow
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         wf = load_workflow(args.workflow)
         params = dict(args.param)
         wf.resolve_params(params)  # parameter errors before Ray starts
+        if getattr(args, "run_id", None):
+            validate_name(args.run_id, "run id")
         if args.command == "validate":
             return _validate(wf, params, args)
         return _run(wf, params, args)
