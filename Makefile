@@ -32,3 +32,6 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf .tierflow mlflow.db mlruns .pytest_cache
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/stage_overhead.py --write

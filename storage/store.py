@@ -106,6 +106,12 @@ def manifest_key(run_id: str, stage: str) -> str:
     return f"manifests/{validate_name(run_id, 'run id')}/{validate_name(stage, 'stage name')}.json"
 
 
+def _doc_key(parts: tuple[str, ...]) -> str:
+    if not parts:
+        raise StorageError("a document path needs at least one segment")
+    return "/".join(validate_name(p, "path segment") for p in parts) + ".json"
+
+
 def cache_key_path(key: str) -> str:
     return f"cache/{validate_digest(key)}.json"
 
@@ -200,6 +206,22 @@ class ArtifactStore:
     def manifests(self, run_id: str) -> list[ArtifactRef]:
         prefix = f"manifests/{validate_name(run_id, 'run id')}"
         return [ArtifactRef.from_json(self.durable.read(k)) for k in self.durable.list(prefix)]
+
+    # -- small documents (run journals) -------------------------------------------------------
+    def put_document(self, parts: tuple[str, ...], doc: dict[str, Any]) -> None:
+        """Atomically (re)write a JSON document on the durable tier under validated path segments."""
+        self.durable.write(_doc_key(parts), json.dumps(doc, sort_keys=True, indent=1).encode())
+
+    def get_document(self, parts: tuple[str, ...]) -> dict[str, Any]:
+        key = _doc_key(parts)
+        if not self.durable.exists(key):
+            raise ArtifactNotFoundError(f"no document {key} in {self.durable.url}")
+        return json.loads(self.durable.read(key))
+
+    def list_documents(self, prefix: str, name: str) -> list[tuple[str, ...]]:
+        """Path segments of every `<prefix>/*/<name>.json` document."""
+        found = self.durable.list(validate_name(prefix, "prefix"))
+        return [tuple(k.removesuffix(".json").split("/")) for k in found if k.endswith(f"/{name}.json")]
 
     # -- stage cache ---------------------------------------------------------------------------
     def record_cache(self, key: str, ref: ArtifactRef) -> None:

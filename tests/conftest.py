@@ -5,9 +5,9 @@ import sys
 import time
 from collections.abc import Iterator
 
-import cloudpickle
 import pytest
 import ray
+from ray import cloudpickle
 
 
 def free_port() -> int:

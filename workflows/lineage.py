@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,9 @@ class MLflowHook:
             weights = Path(tmp) / "model.safetensors"
             weights.write_bytes(store.get_blob(art.digest))
             mlflow.set_tracking_uri(self.tracking_uri)
-            with mlflow.start_run(run_id=stage_run_id):
+            with mlflow.start_run(run_id=stage_run_id), warnings.catch_warnings():
+                # MLflow nags about type hints / input examples; the explicit signature covers both.
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.pyfunc.*")
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=str(_PYFUNC),

@@ -8,7 +8,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import cloudpickle
+from ray import cloudpickle
 
 from workflows.errors import WorkflowLoadError
 from workflows.model import Workflow
