@@ -14,11 +14,12 @@ class ResourceSpecError(ActorsError, ValueError):
 class StageExecutionError(ActorsError):
     """User code raised inside a stage actor; carries the formatted user traceback."""
 
-    def __init__(self, stage: str, cause: str, traceback: str) -> None:
+    def __init__(self, stage: str, cause: str, traceback: str, cause_types: tuple[str, ...] = ()) -> None:
         self.stage = stage
         self.cause = cause
         self.traceback = traceback
-        super().__init__(stage, cause, traceback)
+        self.cause_types = cause_types  # qualified names along the user exception's MRO
+        super().__init__(stage, cause, traceback, cause_types)
 
     def __str__(self) -> str:
         return f"stage {self.stage!r} raised {self.cause}"

@@ -107,7 +107,10 @@ class StageActor:
             value = target(**kwargs)
             fmt, data, schema = encode(value)
         except Exception as exc:
-            raise StageExecutionError(call.stage, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from None
+            types = tuple(f"{t.__module__}.{t.__qualname__}" for t in type(exc).__mro__)
+            raise StageExecutionError(
+                call.stage, f"{type(exc).__name__}: {exc}", traceback.format_exc(), types
+            ) from None
         duration = time.perf_counter() - t0
         ref = self.store.put_encoded(fmt, data, schema, run_id=call.run_id, stage=call.stage)
         result = StageResult(

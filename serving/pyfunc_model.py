@@ -23,7 +23,8 @@ class TierflowClassifier(PythonModel):
             metadata = f.metadata() or {}
         self.model, self.config = from_tensors(Tensors(load_file(path), metadata))
 
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    # The np.ndarray hint tells MLflow not to infer a schema from type hints (the signature is explicit).
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # type: ignore[no-untyped-def]
         rows = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
         return predict_proba(self.model, rows.astype(np.float32)).argmax(axis=1)
 

@@ -60,8 +60,20 @@ class StoreConfig:
         return self.tiers[-1].url
 
 
+# Set by Ray's job supervisor for the driver of a `ray job submit` job, whose cwd is an unpacked,
+# temporary copy of the working dir: defaults there would vanish with the job.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def default_home() -> str:
+    """`./.tierflow` normally; `~/.tierflow` inside a submitted Ray job."""
+    if os.environ.get(RAY_JOB_ENV):
+        return os.path.join(os.path.expanduser("~"), ".tierflow")
+    return os.path.abspath(".tierflow")
+
+
 def default_durable_url() -> str:
-    return os.path.abspath(os.path.join(".tierflow", "store"))
+    return os.path.join(default_home(), "store")
 
 
 def _absolute(url: str) -> str:
@@ -210,7 +222,7 @@ class ArtifactStore:
     # -- small documents (run journals) -------------------------------------------------------
     def put_document(self, parts: tuple[str, ...], doc: dict[str, Any]) -> None:
         """Atomically (re)write a JSON document on the durable tier under validated path segments."""
-        self.durable.write(_doc_key(parts), json.dumps(doc, sort_keys=True, indent=1).encode())
+        self.durable.write(_doc_key(parts), json.dumps(doc, indent=1).encode())  # keep insertion order
 
     def get_document(self, parts: tuple[str, ...]) -> dict[str, Any]:
         key = _doc_key(parts)

@@ -1,9 +1,14 @@
 """Shared fixtures. Ray instances are module-scoped: `ray.init` costs ~4 s here."""
 
+import os
 import socket
 import sys
 import time
 from collections.abc import Iterator
+
+# Token auth on everywhere, as `ray start` does on 2.60. Ray reads this when it is imported, and a
+# client whose mode differs from its cluster's sees actors die "before they ran": set it first.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 import pytest
 import ray

@@ -26,7 +26,8 @@ from workflows.model import Workflow
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 130
 
-console = Console(stderr=False, highlight=False)
+# Wide enough off a terminal (CI logs, `ray job logs`) that run ids and tables are not cut.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _parse_param(text: str) -> tuple[str, Any]:
@@ -67,6 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     run.add_argument("--run-id", help="name this run (letters, digits, . _ -)")
     run.add_argument("--no-cache", action="store_true", help="run every stage even if a verified output exists")
+    run.add_argument(
+        "--rerun",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="skip the cache for STAGE and everything downstream of it (repeatable)",
+    )
+    run.add_argument(
+        "--resume", metavar="RUN_ID", help="continue a run whose driver stopped; committed stages are not run again"
+    )
     run.add_argument("--serve", action="store_true", help="keep deployed endpoints up until Ctrl-C")
     run.add_argument("--num-cpus", type=float, help="CPUs of a locally started Ray (default: all)")
     run.add_argument("--num-gpus", type=float, help="GPUs of a locally started Ray (default: detected)")
@@ -81,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("list", help="list built-in workflows")
+    runs = sub.add_parser("runs", help="list runs recorded in the store")
+    show = sub.add_parser("show", help="show one run's stages: state, attempts, cache, node, device, duration")
+    show.add_argument("run_id")
+    for sp in (runs, show):
+        sp.add_argument("--store", help="tier URLs (default: $TIERFLOW_STORE, else ./.tierflow/store)")
     return p
 
 
@@ -92,9 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{name}\t{target}")
         return EXIT_OK
     try:
+        if args.command in ("runs", "show"):
+            from workflows.runs import show_run, show_runs  # noqa: PLC0415
+
+            store = StoreConfig.from_urls(args.store) if args.store else StoreConfig.default()
+            return show_runs(store, console) if args.command == "runs" else show_run(store, args.run_id, console)
         wf = load_workflow(args.workflow)
         params = dict(args.param)
-        wf.resolve_params(params)  # parameter errors before Ray starts
+        if not getattr(args, "resume", None):
+            wf.resolve_params(params)  # parameter errors before Ray starts
         if getattr(args, "run_id", None):
             validate_name(args.run_id, "run id")
         if args.command == "validate":
@@ -147,6 +169,8 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
 
     store = StoreConfig.from_urls(args.store) if args.store else StoreConfig.default()
     init_kwargs = {k: v for k, v in (("num_cpus", args.num_cpus), ("num_gpus", args.num_gpus)) if v is not None}
+    if not args.resume:
+        _hint_unfinished(wf, store)
     started_ray = connect(args.address, **init_kwargs)
     mlflow_hook = MLflowHook(args.tracking_uri)
     run: RunInfo | None = None
@@ -158,6 +182,9 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
             store_config=store,
             hooks=[ProgressHook(), mlflow_hook],
             use_cache=not args.no_cache,
+            rerun=args.rerun,
+            resume=args.resume,
+            workflow_ref=args.workflow,
         )
         answers = _smoke_requests(run)
         if args.json:
@@ -174,6 +201,20 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
             _undeploy(run)
         if started_ray:
             ray.shutdown()
+
+
+def _hint_unfinished(wf: Workflow, store: StoreConfig) -> None:
+    from storage import ArtifactStore  # noqa: PLC0415
+    from workflows.journal import Journals  # noqa: PLC0415
+
+    for j in Journals(ArtifactStore(store)).unfinished(wf.name):
+        done = ", ".join(j.committed()) or "none"
+        console.print(
+            f"note: run {j.run_id} of {wf.name} stopped before finishing (its driver is gone; "
+            f"committed: {done}). Continue it with: tierflow run {j.workflow_ref} --resume {j.run_id}",
+            markup=False,
+            soft_wrap=True,  # one copyable line
+        )
 
 
 class ProgressHook:

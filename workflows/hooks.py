@@ -11,13 +11,15 @@ from actors.placement import PlacementDecision
 from actors.runner import StageResult
 from storage import ArtifactRef, StoreConfig
 
-PENDING, RUNNING, SUCCEEDED, CACHED, FAILED, NOT_RUN = (
+PENDING, RUNNING, RETRYING, SUCCEEDED, CACHED, FAILED, NOT_RUN, CANCELLED = (
     "pending",
     "running",
+    "retrying",
     "succeeded",
     "cached",
     "failed",
     "not_run",
+    "cancelled",
 )
 DONE = (SUCCEEDED, CACHED)
 
@@ -34,6 +36,8 @@ class StageRecord:
     inputs: dict[str, ArtifactRef] = field(default_factory=dict)
     error: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
+    attempts: int = 0
+    restored: bool = False  # committed by an earlier driver of this run (--resume)
 
     @property
     def cache(self) -> str:
@@ -51,6 +55,8 @@ class RunInfo:
     ended_at: float | None = None
     status: str = RUNNING
     annotations: dict[str, str] = field(default_factory=dict)
+    resumed: bool = False
+    workflow_ref: str = ""
 
     @property
     def duration_s(self) -> float:

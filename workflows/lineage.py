@@ -11,7 +11,6 @@ import logging
 import os
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from storage import ArtifactRef, ArtifactStore
+from storage.store import RAY_JOB_ENV, default_home
 from workflows.hooks import CACHED, FAILED, SUCCEEDED, RunInfo, StageRecord
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,12 @@ _PYFUNC = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
 
 
 def default_tracking_uri() -> str:
-    """`$MLFLOW_TRACKING_URI`, else a sqlite file in the working directory."""
-    return os.environ.get(ENV_URI) or f"sqlite:///{os.path.abspath('mlflow.db')}"
+    """`$MLFLOW_TRACKING_URI`, else `./mlflow.db` (`~/.tierflow/mlflow.db` inside a submitted Ray job)."""
+    if uri := os.environ.get(ENV_URI):
+        return uri
+    if os.environ.get(RAY_JOB_ENV):
+        return f"sqlite:///{os.path.join(default_home(), 'mlflow.db')}"
+    return f"sqlite:///{os.path.abspath('mlflow.db')}"
 
 
 def _ms(seconds: float) -> int:
@@ -44,12 +48,18 @@ class MLflowHook:
 
     def __init__(self, tracking_uri: str | None = None) -> None:
         self.tracking_uri = tracking_uri or default_tracking_uri()
+        if self.tracking_uri.startswith("sqlite:///"):  # sqlite will not create the directory
+            os.makedirs(os.path.dirname(self.tracking_uri.removeprefix("sqlite:///")) or ".", exist_ok=True)
         self.client = MlflowClient(self.tracking_uri)
         self.experiment_id = ""
         self.parent_run_id = ""
+        self.recorded: dict[str, str] = {}  # stage -> nested run id, for resumed runs
 
     # -- run ------------------------------------------------------------------------------------
     def on_run_start(self, *, run: RunInfo) -> None:
+        if run.resumed and run.annotations.get("mlflow_run_id"):
+            self._reopen(run)
+            return
         name = run.workflow.name
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
@@ -77,6 +87,21 @@ class MLflowHook:
         if flat:
             self.client.log_batch(self.parent_run_id, params=flat)
 
+    def _reopen(self, run: RunInfo) -> None:
+        """Continue the parent run of a resumed run; remember which stages it already records."""
+        self.parent_run_id = run.annotations["mlflow_run_id"]
+        self.experiment_id = run.annotations["mlflow_experiment_id"]
+        self.client.update_run(self.parent_run_id, status="RUNNING")
+        self.client.set_tag(self.parent_run_id, "tierflow.resumed", "true")
+        children = self.client.search_runs(
+            [self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'", max_results=10_000
+        )
+        self.recorded = {
+            c.data.tags["tierflow.stage"]: c.info.run_id
+            for c in children
+            if c.data.tags.get("tierflow.status") in (SUCCEEDED, CACHED)
+        }
+
     def on_run_end(self, *, run: RunInfo, error: BaseException | None) -> None:
         if not self.parent_run_id:
             return
@@ -93,6 +118,9 @@ class MLflowHook:
 
     # -- stages ---------------------------------------------------------------------------------
     def on_stage_end(self, *, run: RunInfo, record: StageRecord) -> None:
+        if record.restored and record.name in self.recorded:  # logged by the driver that committed it
+            record.annotations["mlflow_run_id"] = self.recorded[record.name]
+            return
         stage = run.workflow.stages[record.name]
         res = record.result
         started = res.started_at if res else time.time()
@@ -136,7 +164,10 @@ class MLflowHook:
             "tierflow.gpu_ids": json.dumps(res.gpu_ids) if res else "[]",
             "tierflow.cuda_visible_devices": res.cuda_visible_devices if res else "",
             "tierflow.fallback": str(record.decision.fallback_used).lower(),
+            "tierflow.attempts": str(record.attempts),
         }
+        if record.restored:
+            tags["tierflow.restored"] = "true"
         if record.artifact:
             tags |= {
                 "tierflow.artifact.digest": record.artifact.digest,
@@ -182,28 +213,34 @@ class MLflowHook:
         )
 
     def _log_and_register(self, run: RunInfo, art: ArtifactRef, model_name: str, stage_run_id: str) -> Any:
+        """Save a pyfunc locally, upload it to the stage run, register a version — all through our client,
+        so the caller's global MLflow state (tracking URI, active run) is never touched."""
         import numpy as np  # noqa: PLC0415
         from mlflow.models import infer_signature  # noqa: PLC0415
 
         store = ArtifactStore(run.store_config)
-        tensors = store.get(art)
-        n_in = int(json.loads(tensors.metadata.get("config", "{}")).get("layers", [0])[0])
+        n_in = int(json.loads(store.get(art).metadata.get("config", "{}")).get("layers", [0])[0])
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / "model.safetensors"
             weights.write_bytes(store.get_blob(art.digest))
-            mlflow.set_tracking_uri(self.tracking_uri)
-            with mlflow.start_run(run_id=stage_run_id), warnings.catch_warnings():
-                # MLflow nags about type hints / input examples; the explicit signature covers both.
-                warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.pyfunc.*")
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=str(_PYFUNC),
-                    artifacts={"weights": str(weights)},
-                    pip_requirements=["torch", "safetensors", "numpy"],
-                    signature=infer_signature(np.zeros((1, n_in), np.float32), np.zeros((1,), np.int64)),
-                )
-        version = mlflow.register_model(info.model_uri, model_name, tags={"tierflow.digest": art.digest})
-        return self.client.get_model_version(model_name, version.version)
+            model_dir = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(
+                path=str(model_dir),
+                python_model=str(_PYFUNC),
+                artifacts={"weights": str(weights)},
+                pip_requirements=["torch", "safetensors", "numpy"],
+                signature=infer_signature(np.zeros((1, n_in), np.float32), np.zeros((1,), np.int64)),
+            )
+            self.client.log_artifacts(stage_run_id, str(model_dir), artifact_path="model")
+        try:
+            self.client.create_registered_model(model_name)
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(stage_run_id).info.artifact_uri}/model"
+        return self.client.create_model_version(
+            model_name, source=source, run_id=stage_run_id, tags={"tierflow.digest": art.digest}
+        )
 
 
 def _dataset(name: str, uri: str, digest: str, fmt: str, schema: str, context: str) -> DatasetInput:

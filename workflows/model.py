@@ -16,6 +16,7 @@ from typing import Any
 
 from actors.resources import Resources, ResourceSpecError
 from workflows.errors import WorkflowDefinitionError
+from workflows.retry import DEFAULT_RETRIES, RetryPolicy
 
 CONTEXT_PARAM = "ctx"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -38,6 +39,7 @@ class Stage:
     cache: bool = True
     version: str | None = None
     register_model: str | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
         _check_name(self.name, "stage name")
@@ -104,8 +106,16 @@ def stage(
     cache: bool = True,
     version: str | None = None,
     register_model: str | None = None,
+    retries: int = DEFAULT_RETRIES,
+    retry_on: tuple[type[BaseException], ...] | type[BaseException] = (),
+    retry_backoff_s: float = 1.0,
+    timeout_s: float | None = None,
 ) -> Any:
-    """Declare a stage: `@stage(gpus=1, fallback="cpu")` or bare `@stage`."""
+    """Declare a stage: `@stage(gpus=1, fallback="cpu")` or bare `@stage`.
+
+    `retries` applies to infrastructure failures always and to user exceptions listed in `retry_on`;
+    `timeout_s` fails an attempt that runs longer (retried only with `retry_on=(TimeoutError,)`).
+    """
 
     def wrap(f: Callable[..., Any]) -> Stage:
         stage_name = name or getattr(f, "__name__", repr(f))
@@ -118,7 +128,8 @@ def stage(
                 custom=dict(resources or {}),
                 fallback=fallback,
             )
-        except ResourceSpecError as exc:
+            policy = RetryPolicy.build(retries, retry_on, retry_backoff_s, timeout_s)
+        except (ResourceSpecError, WorkflowDefinitionError) as exc:
             raise WorkflowDefinitionError(f"stage {stage_name!r}: {exc}") from exc
         return Stage(
             name=stage_name,
@@ -128,6 +139,7 @@ def stage(
             cache=cache,
             version=version,
             register_model=register_model,
+            retry=policy,
         )
 
     return wrap(fn) if fn is not None else wrap

@@ -169,3 +169,17 @@ def test_config_rules(tmp_path, monkeypatch):
     assert [t.role for t in cfg.tiers] == ["hot", "durable"] and cfg.durable_url == f"{tmp_path}/x"
     monkeypatch.chdir(tmp_path)
     assert StoreConfig.from_urls("rel/store").durable_url == str(tmp_path / "rel" / "store")
+
+
+def test_defaults_leave_a_ray_jobs_temporary_working_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("TIERFLOW_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    from workflows.lineage import default_tracking_uri
+
+    assert StoreConfig.default().durable_url == str(tmp_path / ".tierflow" / "store")
+    assert default_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets
+    assert StoreConfig.default().durable_url == str(tmp_path / "home" / ".tierflow" / "store")
+    assert default_tracking_uri() == f"sqlite:///{tmp_path / 'home' / '.tierflow' / 'mlflow.db'}"
