@@ -100,7 +100,7 @@ def run_workflow(
     else:
         values = workflow.resolve_params(params)
         run_id = validate_name(run_id or new_run_id(), "run id")
-        if run_id in {j.run_id for j in journals.list()}:
+        if journals.exists(run_id):
             raise ValidationError(f"run id {run_id!r} is taken; continue it with --resume {run_id} or pick another")
     decisions = plan(workflow, nodes if nodes is not None else cluster_nodes())
     run = RunInfo(

@@ -112,6 +112,13 @@ class Journals:
         self.store.put_document((PREFIX, run.run_id, NAME), asdict(journal))
         return journal
 
+    def exists(self, run_id: str) -> bool:
+        try:
+            self.store.get_document((PREFIX, run_id, NAME))
+        except ArtifactNotFoundError:
+            return False
+        return True
+
     def read(self, run_id: str) -> Journal:
         try:
             return Journal.from_dict(self.store.get_document((PREFIX, run_id, NAME)))

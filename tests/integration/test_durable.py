@@ -136,6 +136,9 @@ def test_lost_node_reschedules_the_stage_on_a_node_that_fits(cluster, tmp_path):
     assert rec.status == "succeeded" and rec.attempts >= 2
     assert rec.result.node_id == survivor
     assert ArtifactStore(store_at(tmp_path)).get(rec.artifact) == {"node": survivor}
+    assert no_partial_files(tmp_path / "store")
+    total_res, avail = wait_for_resources_released()
+    assert avail == total_res
 
 
 def test_always_failing_stage_fails_after_n_attempts(cluster, tmp_path):
@@ -190,6 +193,18 @@ def test_rerun_skips_the_cache_for_a_stage_and_what_depends_on_it(cluster, tmp_p
     run_workflow(wf, params=params, store_config=store_at(tmp_path))
     again = run_workflow(wf, params=params, store_config=store_at(tmp_path), rerun=["victim"])
     assert {n: r.cache for n, r in again.records.items()} == {"source": "hit", "victim": "miss", "total": "miss"}
+
+
+def test_a_cache_entry_whose_blob_was_deleted_is_not_a_hit(cluster, tmp_path):
+    (tmp_path / "victim.killed").write_text("x")
+    wf = Workflow("deleted_blob", [source, victim, total])
+    params = {"workdir": str(tmp_path)}
+    first = run_workflow(wf, params=params, store_config=store_at(tmp_path))
+    digest = first.records["victim"].artifact.digest
+    (tmp_path / "store" / "blobs" / digest[:2] / digest).unlink()  # someone cleaned the bucket
+    again = run_workflow(wf, params=params, store_config=store_at(tmp_path))
+    assert {n: r.cache for n, r in again.records.items()} == {"source": "hit", "victim": "miss", "total": "hit"}
+    assert (tmp_path / "store" / "blobs" / digest[:2] / digest).is_file()  # re-created, same content
 
 
 # -- the driver itself dies ----------------------------------------------------------------------
@@ -255,6 +270,25 @@ def test_sigkilled_driver_resumes_without_rerunning_committed_stages(cluster, tm
     assert MlflowClient(uri).get_run(parent_id).info.status == "FINISHED"
     assert len(MlflowClient(uri).search_model_versions("name = 'durable-model'")) == 1
     assert no_partial_files(tmp_path / "store")
+
+    runs = subprocess.run(
+        [sys.executable, "-m", "workflows", "runs", "--store", str(tmp_path / "store")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "crash-1" in runs and "succeeded" in runs and "3/3" in runs
+    show = subprocess.run(
+        [sys.executable, "-m", "workflows", "show", "crash-1", "--store", str(tmp_path / "store")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = {line.split()[1]: line.split() for line in show.splitlines() if line.startswith("│")}
+    assert rows["model"][2:5] == ["│", "succeeded", "│"] and rows["slow"][5] == "1"  # attempts in the resumed driver
+    assert "MLflow parent run: " + parent_id in show
 
 
 def test_ctrl_c_cancels_cleanly_and_the_run_can_be_resumed(cluster, tmp_path):
