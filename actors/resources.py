@@ -3,47 +3,24 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from actors.errors import ResourceSpecError
+from storage.units import parse_size
 
 FALLBACKS = ("cpu",)
 _RESERVED = {"CPU", "GPU", "memory", "object_store_memory"}
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_MEM = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*")
 
 
 def parse_memory(value: int | float | str | None, what: str = "memory") -> int | None:
     """Bytes from an int or a string such as '512MiB' or '2GB'."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ResourceSpecError(f"{what}={value!r} is a bool; give bytes or a string like '2GiB'")
-    if isinstance(value, int | float):
-        number, unit = float(value), ""
-    elif isinstance(value, str) and (m := _MEM.fullmatch(value)):
-        number, unit = float(m.group(1)), m.group(2).lower()
-    else:
-        raise ResourceSpecError(f"{what}={value!r} is not a size; give bytes or a string like '2GiB'")
-    if unit not in _UNITS:
-        raise ResourceSpecError(f"{what}={value!r}: unknown unit {unit!r}; use one of B, KB, MB, GB, KiB, MiB, GiB")
-    size = int(number * _UNITS[unit])
-    if size <= 0:
-        raise ResourceSpecError(f"{what}={value!r} must be positive")
-    return size
+    try:
+        return parse_size(value, what)
+    except ValueError as exc:
+        raise ResourceSpecError(str(exc)) from None
 
 
 def _number(name: str, value: Any, *, positive: bool) -> float:

@@ -84,6 +84,11 @@ class StageActor:
 
     @ray.method(num_returns=2)
     def run(self, call: StageCall, *inputs: Any) -> tuple[StageResult, Any]:
+        # The inputs' blobs stay in the cache tiers while the stage uses them.
+        with self.store.pinned(ref.digest for ref in call.input_refs.values()):
+            return self._run(call, inputs)
+
+    def _run(self, call: StageCall, inputs: tuple[Any, ...]) -> tuple[StageResult, Any]:
         info = self.info()
         kwargs = dict(call.params)
         for pname, value in zip(call.input_params, inputs, strict=True):
@@ -105,7 +110,7 @@ class StageActor:
         try:
             target = self._instance(call.fn) if call.is_class else call.fn
             value = target(**kwargs)
-            fmt, data, schema = encode(value)
+            fmt, data, schema = encode(value, allow_pickle=self.store.config.allow_pickle)
         except Exception as exc:
             types = tuple(f"{t.__module__}.{t.__qualname__}" for t in type(exc).__mro__)
             raise StageExecutionError(
@@ -129,7 +134,7 @@ class StageActor:
             sources=ctx.sources,
         )
         # Downstream stages get exactly what a cache hit would load from the store.
-        return result, decode(fmt, data)
+        return result, decode(fmt, data, allow_pickle=self.store.config.allow_pickle)
 
     def _instance(self, cls: type) -> Any:
         if cls not in self._instances:

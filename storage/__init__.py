@@ -1,9 +1,10 @@
 """Tiered, content-addressed artifact storage over fsspec."""
 
+from storage.config import StoreConfig
 from storage.errors import ArtifactNotFoundError, FormatError, IntegrityError, InvalidKeyError, StorageError
-from storage.formats import Tensors
+from storage.formats import Pickled, Tensors
 from storage.keys import validate_digest, validate_name
-from storage.store import ArtifactRef, ArtifactStore, StoreConfig, sha256
+from storage.store import ArtifactRef, ArtifactStore, sha256
 from storage.tiers import TierSpec
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "FormatError",
     "IntegrityError",
     "InvalidKeyError",
+    "Pickled",
     "StorageError",
     "StoreConfig",
     "Tensors",

@@ -21,7 +21,19 @@ from storage.errors import FormatError
 ARROW = "arrow-ipc"
 SAFETENSORS = "safetensors"
 JSON = "json"
-FORMATS = (ARROW, SAFETENSORS, JSON)
+PICKLE = "pickle"  # only with StoreConfig(allow_pickle=True) / TIERFLOW_ALLOW_PICKLE=1
+FORMATS = (ARROW, SAFETENSORS, JSON, PICKLE)
+_PICKLE_HINT = (
+    "pickle executes code when loaded, so tierflow refuses it unless the store opts in "
+    "(TIERFLOW_ALLOW_PICKLE=1 or allow_pickle = true in tierflow.toml)"
+)
+
+
+@dataclass(frozen=True)
+class Pickled:
+    """An explicit request to store `value` with pickle; refused unless the store allows pickle."""
+
+    value: Any
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,8 @@ def _is_tensor(value: Any) -> bool:
 
 def format_of(value: Any) -> str:
     """The storage format a stage output will be written in; raise `FormatError` if none fits."""
+    if isinstance(value, Pickled):
+        return PICKLE
     if isinstance(value, pa.Table):
         return ARROW
     if isinstance(value, Tensors):
@@ -63,7 +77,7 @@ def format_of(value: Any) -> str:
     except (TypeError, ValueError) as exc:
         raise FormatError(
             f"cannot store a {type(value).__name__}: return a pyarrow.Table, a dict of tensors / "
-            f"storage.Tensors, or JSON-serialisable data ({exc})"
+            f"storage.Tensors, JSON-serialisable data, or (opt-in) storage.Pickled ({exc})"
         ) from None
     return JSON
 
@@ -81,9 +95,15 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def encode(value: Any) -> tuple[str, bytes, dict[str, Any]]:
+def encode(value: Any, *, allow_pickle: bool = False) -> tuple[str, bytes, dict[str, Any]]:
     """Encode `value` to (format, bytes, schema summary)."""
     fmt = format_of(value)
+    if fmt == PICKLE:
+        if not allow_pickle:
+            raise FormatError(f"refusing to store a storage.Pickled value: {_PICKLE_HINT}")
+        import pickle  # noqa: PLC0415
+
+        return fmt, pickle.dumps(value.value, protocol=5), {"type": type(value.value).__name__}
     if fmt == ARROW:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, value.schema) as writer:
@@ -102,8 +122,14 @@ def encode(value: Any) -> tuple[str, bytes, dict[str, Any]]:
     return fmt, _json_bytes(value), {"type": type(value).__name__}
 
 
-def decode(fmt: str, data: bytes) -> Any:
+def decode(fmt: str, data: bytes, *, allow_pickle: bool = False) -> Any:
     """Decode bytes written by `encode`. Only call on bytes whose digest was verified."""
+    if fmt == PICKLE:
+        if not allow_pickle:
+            raise FormatError(f"refusing to load a pickled artifact: {_PICKLE_HINT}")
+        import pickle  # noqa: PLC0415
+
+        return pickle.loads(data)  # noqa: S301  # explicit opt-in, digest verified
     try:
         if fmt == ARROW:
             return pa.ipc.open_stream(pa.py_buffer(data)).read_all()

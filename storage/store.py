@@ -1,84 +1,33 @@
 """The artifact store: content-addressed blobs over ordered tiers, plus immutable manifests.
 
 Layout on every tier (Metaflow's datastore, re-hashing on read):
-    blobs/ab/abcdef...           the encoded bytes, named by their sha256
-    manifests/<run>/<stage>.json what an artifact is and who made it; written once, after the blob
-    cache/<key>.json             stage cache key -> manifest of a committed output
-An artifact is committed once its blob and manifest are on the durable (last) tier.
+    blobs/ab/abcdef...            the encoded bytes, named by the sha256 of their plaintext
+    manifests/<run>/<stage>.json  what an artifact is and who made it; written once, after the blob
+    cache/<key>.json              stage cache key -> manifest of a committed output
+    runs/<run>/journal.json       the run journal (workflows.journal)
+Blobs are written to the durable tier first (an artifact is committed only once it is durable),
+then to faster tiers within their capacity. Manifests, cache entries and journals live on the
+durable tier only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from storage import formats
+from storage.config import StoreConfig
 from storage.errors import ArtifactNotFoundError, IntegrityError, StorageError
 from storage.keys import validate_digest, validate_name
-from storage.tiers import DURABLE, HOT, Tier, TierSpec
+from storage.tiers import BLOBS, MemoryTier, Tier, open_tier
 
 log = logging.getLogger(__name__)
-
-ENV_TIERS = "TIERFLOW_STORE"
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """Tiers fastest first; the last one is durable. Plain data so it travels to Ray actors."""
-
-    tiers: tuple[TierSpec, ...]
-
-    def __post_init__(self) -> None:
-        if not self.tiers:
-            raise StorageError("a store needs at least one tier; the last one must be durable")
-        if self.tiers[-1].role != DURABLE:
-            raise StorageError(f"the last tier ({self.tiers[-1].url}) must have role 'durable'")
-
-    @classmethod
-    def from_urls(cls, urls: list[str] | str) -> StoreConfig:
-        """`memory://x,/data/store`: every URL but the last is hot, the last is durable."""
-        items = [u.strip() for u in (urls.split(",") if isinstance(urls, str) else urls) if u.strip()]
-        if not items:
-            raise StorageError(f"no tier URLs given; expected e.g. memory://tierflow,{default_durable_url()}")
-        items = [_absolute(u) for u in items]
-        roles = [HOT] * (len(items) - 1) + [DURABLE]
-        return cls(tuple(TierSpec(u, r) for u, r in zip(items, roles, strict=True)))
-
-    @classmethod
-    def default(cls) -> StoreConfig:
-        """`$TIERFLOW_STORE` if set, else memory + `./.tierflow/store` under the working directory."""
-        env = os.environ.get(ENV_TIERS)
-        return cls.from_urls(env) if env else cls.from_urls(["memory://tierflow", default_durable_url()])
-
-    @property
-    def durable_url(self) -> str:
-        return self.tiers[-1].url
-
-
-# Set by Ray's job supervisor for the driver of a `ray job submit` job, whose cwd is an unpacked,
-# temporary copy of the working dir: defaults there would vanish with the job.
-RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-
-
-def default_home() -> str:
-    """`./.tierflow` normally; `~/.tierflow` inside a submitted Ray job."""
-    if os.environ.get(RAY_JOB_ENV):
-        return os.path.join(os.path.expanduser("~"), ".tierflow")
-    return os.path.abspath(".tierflow")
-
-
-def default_durable_url() -> str:
-    return os.path.join(default_home(), "store")
-
-
-def _absolute(url: str) -> str:
-    # A relative local path must mean the driver's cwd, not each Ray worker's.
-    return url if "://" in url else os.path.abspath(url)
 
 
 @dataclass(frozen=True)
@@ -93,16 +42,26 @@ class ArtifactRef:
     uri: str
     schema: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
+    key_ids: dict[str, str] = field(default_factory=dict)  # tier role -> encryption key id
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> ArtifactRef:
-        raw = json.loads(data)
-        ref = cls(**raw)
+        try:
+            ref = cls(**json.loads(data))
+        except (ValueError, TypeError) as exc:
+            raise IntegrityError(f"a manifest does not parse: {exc}") from exc
         validate_digest(ref.digest)
         return ref
+
+
+@dataclass
+class Repair:
+    digest: str
+    tier: str
+    action: str  # "repaired" or "unrecoverable"
 
 
 def sha256(data: bytes) -> str:
@@ -111,11 +70,15 @@ def sha256(data: bytes) -> str:
 
 def blob_key(digest: str) -> str:
     validate_digest(digest)
-    return f"blobs/{digest[:2]}/{digest}"
+    return f"{BLOBS}/{digest[:2]}/{digest}"
 
 
 def manifest_key(run_id: str, stage: str) -> str:
     return f"manifests/{validate_name(run_id, 'run id')}/{validate_name(stage, 'stage name')}.json"
+
+
+def cache_key_path(key: str) -> str:
+    return f"cache/{validate_digest(key)}.json"
 
 
 def _doc_key(parts: tuple[str, ...]) -> str:
@@ -124,61 +87,101 @@ def _doc_key(parts: tuple[str, ...]) -> str:
     return "/".join(validate_name(p, "path segment") for p in parts) + ".json"
 
 
-def cache_key_path(key: str) -> str:
-    return f"cache/{validate_digest(key)}.json"
-
-
 class ArtifactStore:
-    """Write-through to the durable tier, read from the fastest verified copy."""
+    """Write-through to the durable tier, read from the fastest verified copy, repair what is corrupt."""
 
     def __init__(self, config: StoreConfig | None = None) -> None:
         self.config = config or StoreConfig.default()
-        self.tiers = [Tier(spec) for spec in self.config.tiers]
+        self.tiers: list[Tier] = [open_tier(spec) for spec in self.config.tiers]
+        self.repairs: list[Repair] = []  # what reads found and fixed, for `verify` and tests
 
     @property
     def durable(self) -> Tier:
         return self.tiers[-1]
 
+    @property
+    def caches(self) -> list[Tier]:
+        return self.tiers[:-1]
+
     # -- blobs ---------------------------------------------------------------------------------
     def put_blob(self, data: bytes) -> str:
         digest = sha256(data)
         key = blob_key(digest)
-        for tier in self.tiers:
-            if not tier.exists(key):  # same bytes are stored once
-                tier.write(key, data)
+        if not self.durable.exists(key):  # same bytes are stored once
+            self.durable.write(key, data)
+        for tier in reversed(self.caches):
+            if not tier.exists(key):
+                tier.put_cached(key, data)
         return digest
 
     def get_blob(self, digest: str) -> bytes:
-        """The verified bytes of `digest`; a corrupt copy is skipped and reported, never returned."""
+        """The verified bytes of `digest` from the fastest intact copy; corrupt copies are repaired.
+
+        Bad bytes are never returned (so never decoded). Hot (in-process) copies were verified on entry.
+        """
+        from storage.crypto import CryptoError, WrongKeyError  # noqa: PLC0415
+
         key = blob_key(digest)
-        problems = []
+        corrupt: list[Tier] = []
         for i, tier in enumerate(self.tiers):
             if not tier.exists(key):
                 continue
-            data = tier.read(key)
-            if sha256(data) != digest:
-                problems.append(f"corrupt copy in {tier.url}")
-                log.warning("blob %s in tier %s fails its sha256 check; trying the next tier", digest, tier.url)
+            try:
+                data = tier.read(key)
+            except WrongKeyError:
+                raise
+            except (CryptoError, OSError) as exc:
+                log.warning("blob %s in tier %s is unreadable (%s)", digest, tier.url, exc)
+                corrupt.append(tier)
                 continue
+            if not isinstance(tier, MemoryTier) and sha256(data) != digest:
+                log.warning("blob %s in tier %s fails its sha256 check; trying the next tier", digest, tier.url)
+                corrupt.append(tier)
+                continue
+            for bad in corrupt:  # repair from this good copy
+                bad.write(key, data)
+                self.repairs.append(Repair(digest, bad.url, "repaired"))
+                log.warning("repaired blob %s in tier %s", digest, bad.url)
             for faster in self.tiers[:i]:  # promote
-                faster.write(key, data)
+                if faster not in corrupt and not faster.exists(key):
+                    faster.put_cached(key, data)
+            tier.touch(key)
             return data
-        if problems:
-            raise IntegrityError(f"no intact copy of blob {digest}: {'; '.join(problems)}")
+        if corrupt:
+            for bad in corrupt:
+                self.repairs.append(Repair(digest, bad.url, "unrecoverable"))
+            where = ", ".join(t.url for t in corrupt)
+            raise IntegrityError(f"no intact copy of blob {digest}: corrupt in {where}; re-run the stage that made it")
         raise ArtifactNotFoundError(f"blob {digest} is in no tier ({', '.join(t.url for t in self.tiers)})")
 
     def verify_blob(self, digest: str) -> bool:
         """True if the durable tier holds an intact copy."""
+        from storage.crypto import CryptoError  # noqa: PLC0415
+
         key = blob_key(digest)
-        return self.durable.exists(key) and sha256(self.durable.read(key)) == digest
+        try:
+            return self.durable.exists(key) and sha256(self.durable.read(key)) == digest
+        except CryptoError:
+            return False
+
+    @contextlib.contextmanager
+    def pinned(self, digests: Iterable[str]) -> Iterator[None]:
+        """Keep these blobs from being evicted from any cache tier (e.g. a running stage's inputs)."""
+        tokens = [(tier, tier.pin(validate_digest(d))) for d in digests for tier in self.caches]
+        try:
+            yield
+        finally:
+            for tier, token in tokens:
+                tier.unpin(token)
 
     # -- artifacts -----------------------------------------------------------------------------
     def put(self, value: Any, *, run_id: str, stage: str) -> ArtifactRef:
         """Encode, store the blob, then publish the manifest: the artifact is committed on return."""
-        fmt, data, schema = formats.encode(value)
+        fmt, data, schema = formats.encode(value, allow_pickle=self.config.allow_pickle)
         return self.put_encoded(fmt, data, schema, run_id=run_id, stage=stage)
 
     def put_encoded(self, fmt: str, data: bytes, schema: dict[str, Any], *, run_id: str, stage: str) -> ArtifactRef:
+        key = manifest_key(run_id, stage)  # validate names before any byte is written
         digest = self.put_blob(data)
         ref = ArtifactRef(
             digest=digest,
@@ -189,8 +192,8 @@ class ArtifactStore:
             uri=self.durable.url.rstrip("/") + "/" + blob_key(digest),
             schema=schema,
             created_at=time.time(),
+            key_ids={t.role: t.key_id for t in self.tiers if t.key_id},
         )
-        key = manifest_key(run_id, stage)
         if self.durable.exists(key):
             old = ArtifactRef.from_json(self.durable.read(key))
             if old.digest != digest:
@@ -207,7 +210,7 @@ class ArtifactStore:
         return ref
 
     def get(self, ref: ArtifactRef) -> Any:
-        return formats.decode(ref.format, self.get_blob(ref.digest))
+        return formats.decode(ref.format, self.get_blob(ref.digest), allow_pickle=self.config.allow_pickle)
 
     def manifest(self, run_id: str, stage: str) -> ArtifactRef:
         key = manifest_key(run_id, stage)
@@ -215,9 +218,9 @@ class ArtifactStore:
             raise ArtifactNotFoundError(f"no committed artifact for stage {stage!r} of run {run_id!r}")
         return ArtifactRef.from_json(self.durable.read(key))
 
-    def manifests(self, run_id: str) -> list[ArtifactRef]:
-        prefix = f"manifests/{validate_name(run_id, 'run id')}"
-        return [ArtifactRef.from_json(self.durable.read(k)) for k in self.durable.list(prefix)]
+    def manifests(self, run_id: str | None = None) -> list[ArtifactRef]:
+        prefix = f"manifests/{validate_name(run_id, 'run id')}" if run_id else "manifests"
+        return [ArtifactRef.from_json(self.durable.read(k)) for k in self.durable.list(prefix) if k.endswith(".json")]
 
     # -- small documents (run journals) -------------------------------------------------------
     def put_document(self, parts: tuple[str, ...], doc: dict[str, Any]) -> None:

@@ -1,12 +1,20 @@
-"""One fsspec file system per tier: dumb byte I/O under a root, with atomic publish.
+"""Tiers: dumb byte stores under a root, with atomic publish, optional encryption, capacity and pins.
 
 A tier never decides keys or paths beyond its root; the store does (Dagster's UPathIOManager split).
+`memory://name` is a process-local hot tier that hands out the stored bytes without copying;
+every other URL goes through fsspec (local disk, s3://, gs://, ...).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import posixpath
+import socket
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,14 +24,20 @@ from storage.errors import StorageError
 
 HOT, WARM, DURABLE = "hot", "warm", "durable"
 ROLES = (HOT, WARM, DURABLE)
+BLOBS = "blobs"
+PINS = "pins"
+TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
 class TierSpec:
-    """A tier by URL and role. Unknown schemes fail when opened, naming the fsspec package to install."""
+    """A tier by URL and role. `capacity_bytes` bounds a non-durable tier (LRU eviction);
+    `encryption_key` (`env:NAME` or `file:/path`) turns on AES-256-GCM at rest for this tier."""
 
     url: str
     role: str = DURABLE
+    capacity_bytes: int | None = None
+    encryption_key: str | None = None
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -31,24 +45,198 @@ class TierSpec:
             raise StorageError(f"tier role {self.role!r} is not one of {', '.join(ROLES)}")
         if not self.url or "\x00" in self.url:
             raise StorageError(f"tier URL {self.url!r} is empty or contains NUL")
+        if self.role == DURABLE and self.capacity_bytes is not None:
+            raise StorageError(f"tier {self.url}: the durable tier has no capacity; nothing is evicted from it")
+        if self.capacity_bytes is not None and self.capacity_bytes <= 0:
+            raise StorageError(f"tier {self.url}: capacity must be positive")
+        if self.url.startswith("memory://") and self.role == DURABLE:
+            raise StorageError(f"tier {self.url}: memory:// lives and dies with one process; it cannot be durable")
+
+    def __repr__(self) -> str:  # storage_options may hold credentials
+        return f"TierSpec({self.url!r}, role={self.role!r}, capacity_bytes={self.capacity_bytes})"
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    size: int
+    last_used: float
+
+
+def plan_eviction(entries: list[Entry], capacity: int, pinned: set[str], incoming: int = 0) -> list[str]:
+    """Least recently used first, skipping pinned keys, until `incoming` more bytes fit in `capacity`."""
+    used = sum(e.size for e in entries)
+    victims = []
+    for e in sorted(entries, key=lambda e: e.last_used):
+        if used + incoming <= capacity:
+            break
+        if e.key in pinned:
+            continue
+        victims.append(e.key)
+        used -= e.size
+    return victims
 
 
 class Tier:
-    """Byte-level access to one tier's root directory."""
+    """Common behaviour: encryption at rest and capacity enforcement over raw byte operations."""
 
     def __init__(self, spec: TierSpec) -> None:
         self.spec = spec
+        self.key = None
+        if spec.encryption_key:
+            from storage.crypto import load_key  # noqa: PLC0415  # only encrypted tiers need it
+
+            self.key = load_key(spec.encryption_key)
+
+    url = property(lambda self: self.spec.url)
+    role = property(lambda self: self.spec.role)
+
+    @property
+    def key_id(self) -> str | None:
+        return self.key.key_id if self.key else None
+
+    # -- bytes in and out (plaintext never reaches an encrypted tier) ---------------------------
+    def read(self, key: str) -> bytes:
+        data = self._read(key)
+        if self.key is None:
+            return data
+        from storage.crypto import decrypt  # noqa: PLC0415
+
+        return decrypt(data, self.key, key.encode())
+
+    def write(self, key: str, data: bytes) -> None:
+        if self.key is not None:
+            from storage.crypto import encrypt  # noqa: PLC0415
+
+            data = encrypt(data, self.key, key.encode())
+        self._write(key, data)
+
+    def put_cached(self, key: str, data: bytes) -> bool:
+        """Write into a capacity-bounded tier, evicting LRU unpinned blobs first; False if it cannot fit."""
+        cap = self.spec.capacity_bytes
+        if cap is not None:
+            if len(data) > cap:
+                return False
+            victims = plan_eviction(self.entries(BLOBS), cap, self.pinned(), incoming=len(data))
+            for victim in victims:
+                self.delete(victim)
+            if sum(e.size for e in self.entries(BLOBS)) + len(data) > cap:
+                return False  # everything left is pinned
+        self.write(key, data)
+        return True
+
+    # -- subclasses implement ---------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def _read(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def _write(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> list[str]:
+        raise NotImplementedError
+
+    def entries(self, prefix: str) -> list[Entry]:
+        raise NotImplementedError
+
+    def touch(self, key: str) -> None:
+        """Record a use for LRU."""
+
+    def pin(self, digest: str) -> str:
+        raise NotImplementedError
+
+    def unpin(self, token: str) -> None:
+        raise NotImplementedError
+
+    def pinned(self) -> set[str]:
+        raise NotImplementedError
+
+
+class MemoryTier(Tier):
+    """Process-local hot tier: a dict of immutable bytes, so reads are zero-copy.
+
+    Blobs here were verified when they entered, and process memory is not shared storage,
+    so reads are not re-hashed.
+    """
+
+    _spaces: dict[str, OrderedDict[str, bytes]] = {}
+    _pins: dict[str, dict[str, str]] = {}
+    _lock = threading.RLock()
+
+    def __init__(self, spec: TierSpec) -> None:
+        super().__init__(spec)
+        name = spec.url.removeprefix("memory://").strip("/") or "default"
+        with self._lock:
+            self.space = self._spaces.setdefault(name, OrderedDict())
+            self.pins = self._pins.setdefault(name, {})
+
+    def exists(self, key: str) -> bool:
+        return key in self.space
+
+    def _read(self, key: str) -> bytes:
+        with self._lock:
+            try:
+                self.space.move_to_end(key)
+                return self.space[key]
+            except KeyError:
+                raise FileNotFoundError(key) from None
+
+    def _write(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self.space[key] = bytes(data)
+            self.space.move_to_end(key)
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self.space.pop(key, None)
+
+    def list(self, prefix: str) -> list[str]:
+        with self._lock:
+            return sorted(k for k in self.space if k.startswith(prefix.rstrip("/") + "/"))
+
+    def entries(self, prefix: str) -> list[Entry]:
+        with self._lock:  # OrderedDict order is the LRU order: use the position as the clock
+            return [Entry(k, len(v), i) for i, (k, v) in enumerate(self.space.items()) if k.startswith(prefix)]
+
+    def touch(self, key: str) -> None:
+        with self._lock:
+            if key in self.space:
+                self.space.move_to_end(key)
+
+    def pin(self, digest: str) -> str:
+        token = uuid.uuid4().hex
+        with self._lock:
+            self.pins[token] = digest
+        return token
+
+    def unpin(self, token: str) -> None:
+        with self._lock:
+            self.pins.pop(token, None)
+
+    def pinned(self) -> set[str]:
+        with self._lock:
+            return {f"{BLOBS}/{d[:2]}/{d}" for d in self.pins.values()}
+
+
+class FsspecTier(Tier):
+    """Any fsspec file system. Pins are marker files, so processes sharing a disk respect each other's."""
+
+    def __init__(self, spec: TierSpec) -> None:
+        super().__init__(spec)
         try:
             self.fs, root = fsspec.core.url_to_fs(spec.url, **spec.storage_options)
-        except (ImportError, ValueError) as exc:
+        except ImportError as exc:
+            raise StorageError(f"cannot open tier {spec.url!r}: {exc} (install the fsspec back-end it names)") from exc
+        except ValueError as exc:
             raise StorageError(f"cannot open tier {spec.url!r}: {exc}") from exc
         self.root = root.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        self._atomic_rename = "file" in protocols or "memory" in protocols
-
-    @property
-    def url(self) -> str:
-        return self.spec.url
+        self.local = "file" in protocols or "local" in protocols
 
     def path(self, key: str) -> str:
         return posixpath.join(self.root, key)
@@ -56,39 +244,92 @@ class Tier:
     def exists(self, key: str) -> bool:
         return bool(self.fs.exists(self.path(key)))
 
-    def read(self, key: str) -> bytes:
-        with self.fs.open(self.path(key), "rb") as f:
-            return f.read()
+    def _read(self, key: str) -> bytes:
+        return self.fs.cat_file(self.path(key))
 
-    def write(self, key: str, data: bytes) -> None:
-        """Publish `data` at `key` so readers see all of it or nothing.
-
-        File systems: write a uniquely named temp file beside the target, then rename (atomic on POSIX).
-        Object stores: a PUT is atomic per object, so write directly.
-        """
+    def _write(self, key: str, data: bytes) -> None:
+        """All or nothing: temp file + rename on file systems; a single PUT (atomic per object) elsewhere."""
         final = self.path(key)
         parent = posixpath.dirname(final)
-        self.fs.makedirs(parent, exist_ok=True)
-        if not self._atomic_rename:
-            with self.fs.open(final, "wb") as f:
-                f.write(data)
+        if not self.local:
+            self.fs.pipe_file(final, data)
             return
-        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}")
+        self.fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
         try:
-            with self.fs.open(tmp, "wb") as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
-            self.fs.mv(tmp, final)
+            os.replace(tmp, final)
         finally:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def delete(self, key: str) -> None:
-        if self.exists(key):
-            self.fs.rm(self.path(key))
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(key))
 
     def list(self, prefix: str) -> list[str]:
         base = self.path(prefix)
+        self.fs.invalidate_cache(base)  # object stores cache listings; other processes write too
         if not self.fs.exists(base):
             return []
         strip = len(self.root.lstrip("/")) + 1
         return sorted(p.lstrip("/")[strip:] for p in self.fs.find(base))
+
+    def entries(self, prefix: str) -> list[Entry]:
+        base = self.path(prefix)
+        self.fs.invalidate_cache(base)
+        if not self.fs.exists(base):
+            return []
+        strip = len(self.root.lstrip("/")) + 1
+        out = []
+        for p, info in self.fs.find(base, detail=True).items():
+            mtime = info.get("mtime") or info.get("LastModified") or 0
+            out.append(Entry(p.lstrip("/")[strip:], int(info.get("size") or 0), _timestamp(mtime)))
+        return out
+
+    def touch(self, key: str) -> None:
+        if self.local:  # the mtime is the LRU clock shared by every process using this disk
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.path(key))
+
+    def pin(self, digest: str) -> str:
+        token = f"{PINS}/{digest}/{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._write(token, b"")
+        return token
+
+    def unpin(self, token: str) -> None:
+        self.delete(token)
+
+    def pinned(self) -> set[str]:
+        out = set()
+        for marker in self.list(PINS):
+            _, digest, owner = marker.split("/", 2)
+            if _owner_alive(owner):
+                out.add(f"{BLOBS}/{digest[:2]}/{digest}")
+            else:
+                self.delete(marker)  # its process died without unpinning
+        return out
+
+
+def _timestamp(value: Any) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    return value.timestamp() if hasattr(value, "timestamp") else time.time()
+
+
+def _owner_alive(owner: str) -> bool:
+    parts = owner.rsplit("-", 2)  # host-pid-nonce; host names may contain '-'
+    if len(parts) != 3 or parts[0] != socket.gethostname():
+        return True  # another host's pin: we cannot tell, so respect it
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
+def open_tier(spec: TierSpec) -> Tier:
+    return MemoryTier(spec) if spec.url.startswith("memory://") else FsspecTier(spec)

@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from storage import StorageError, StoreConfig, validate_name
+from workflows import store_cli
 from workflows.errors import StageFailedError, TierflowError, ValidationError
 from workflows.hooks import RunInfo, StageRecord
 from workflows.loader import BUILTINS, load_workflow
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list runs recorded in the store")
     show = sub.add_parser("show", help="show one run's stages: state, attempts, cache, node, device, duration")
     show.add_argument("run_id")
+    store_cli.add_parser(sub)
     for sp in (runs, show):
         sp.add_argument("--store", help="tier URLs (default: $TIERFLOW_STORE, else ./.tierflow/store)")
     return p
@@ -108,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{name}\t{target}")
         return EXIT_OK
     try:
+        if args.command == "store":
+            return store_cli.run(args, console)
         if args.command in ("runs", "show"):
             from workflows.runs import show_run, show_runs  # noqa: PLC0415
 
-            store = StoreConfig.from_urls(args.store) if args.store else StoreConfig.default()
+            store = StoreConfig.resolve(args.store)
             return show_runs(store, console) if args.command == "runs" else show_run(store, args.run_id, console)
         wf = load_workflow(args.workflow)
         params = dict(args.param)
@@ -167,7 +171,7 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
     from workflows.engine import run_workflow  # noqa: PLC0415
     from workflows.lineage import MLflowHook  # noqa: PLC0415
 
-    store = StoreConfig.from_urls(args.store) if args.store else StoreConfig.default()
+    store = StoreConfig.resolve(args.store)
     init_kwargs = {k: v for k, v in (("num_cpus", args.num_cpus), ("num_gpus", args.num_gpus)) if v is not None}
     if not args.resume:
         _hint_unfinished(wf, store)

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
 from storage import ArtifactRef, ArtifactStore
-from storage.store import RAY_JOB_ENV, default_home
+from storage.config import RAY_JOB_ENV, default_home
 from workflows.hooks import CACHED, FAILED, SUCCEEDED, RunInfo, StageRecord
 
 log = logging.getLogger(__name__)

@@ -84,11 +84,14 @@ def test_corrupt_durable_blob_is_never_decoded(store, tmp_path):
     assert not fresh.verify_blob(ref.digest)
 
 
-def test_corrupt_hot_copy_falls_back_to_the_durable_tier(store):
+def test_corrupt_warm_copy_falls_back_to_the_durable_tier_and_is_repaired(tmp_path):
+    store = ArtifactStore(StoreConfig.from_urls([str(tmp_path / "warm"), str(tmp_path / "durable")]))
     ref = store.put({"a": 1}, run_id="r1", stage="s")
-    hot = store.tiers[0]
-    hot.write(blob_key(ref.digest), b"garbage")
+    warm = tmp_path / "warm" / blob_key(ref.digest)
+    warm.write_bytes(b"garbage")
     assert store.get(ref) == {"a": 1}
+    assert warm.read_bytes() == store.durable.read(blob_key(ref.digest))
+    assert [(r.tier, r.action) for r in store.repairs] == [(str(tmp_path / "warm"), "repaired")]
 
 
 def test_read_promotes_into_the_hot_tier(tmp_path):
@@ -125,12 +128,11 @@ def test_cache_entry_with_a_missing_blob_is_a_miss(store, tmp_path):
 
 def test_no_partial_file_is_left_by_a_failed_write(tmp_path, monkeypatch):
     store = ArtifactStore(StoreConfig.from_urls([str(tmp_path / "d")]))
-    tier = store.durable
 
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(tier.fs, "mv", boom)
+    monkeypatch.setattr("storage.tiers.os.replace", boom)
     with pytest.raises(OSError, match="disk full"):
         store.put({"a": 1}, run_id="r1", stage="s")
     assert [p for p in (tmp_path / "d").rglob("*") if p.is_file()] == []
@@ -164,9 +166,16 @@ def test_store_refuses_bad_run_ids(store):
 def test_config_rules(tmp_path, monkeypatch):
     with pytest.raises(StorageError, match="no tier URLs"):
         StoreConfig.from_urls(" , ")
-    monkeypatch.setenv("TIERFLOW_STORE", f"memory://a,{tmp_path}/x")
+    monkeypatch.setenv("TIERFLOW_STORE", f"memory://a,{tmp_path}/w#capacity=2MiB,{tmp_path}/x")
     cfg = StoreConfig.default()
-    assert [t.role for t in cfg.tiers] == ["hot", "durable"] and cfg.durable_url == f"{tmp_path}/x"
+    assert [t.role for t in cfg.tiers] == ["hot", "warm", "durable"] and cfg.durable_url == f"{tmp_path}/x"
+    assert [t.capacity_bytes for t in cfg.tiers] == [2**30, 2 * 2**20, None]
+    with pytest.raises(StorageError, match="cannot be durable"):
+        StoreConfig.from_urls("memory://only")
+    with pytest.raises(StorageError, match="unknown tier settings"):
+        StoreConfig.from_urls(f"{tmp_path}/w#capacty=1GB,{tmp_path}/x")
+    with pytest.raises(StorageError, match="not a size"):
+        StoreConfig.from_urls(f"{tmp_path}/w#capacity=lots,{tmp_path}/x")
     monkeypatch.chdir(tmp_path)
     assert StoreConfig.from_urls("rel/store").durable_url == str(tmp_path / "rel" / "store")
 
