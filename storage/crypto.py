@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import string
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from storage.errors import StorageError
+from storage.secrets import SecretFileError, read_secret_file
 
 MAGIC = b"TFENC1"
 KEY_BYTES = 32  # AES-256
@@ -92,25 +92,15 @@ def load_key(spec: str) -> TierKey:
 
 def _read_key_file(path: str, spec: str) -> bytes:
     try:
-        # fstat on the opened file: the mode checked is that of the file actually read (symlinks are
-        # followed, e.g. Kubernetes secret volumes, which need defaultMode 0400/0600 to pass).
-        f = open(path, "rb")  # noqa: SIM115 - closed by the `with` below, after the error mapping
+        data = read_secret_file(path, 4 * KEY_BYTES)
     except FileNotFoundError:
         raise MissingKeyError(
             f"key spec {spec!r}: {path} does not exist; create a key with `{_MAKE_KEY} > {path} && chmod 600 {path}`"
         ) from None
+    except SecretFileError as exc:
+        raise CryptoError(f"key spec {spec!r}: {exc}") from None
     except OSError as exc:
         raise CryptoError(f"key spec {spec!r}: cannot open {path}: {exc.strerror}") from None
-    with f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise CryptoError(f"key spec {spec!r}: {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise CryptoError(
-                f"key spec {spec!r}: {path} is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}`"
-            )
-        data = f.read(4 * KEY_BYTES + 1)  # a key file is tiny; never slurp a mistaken huge file
     if len(data) == KEY_BYTES:
         # 32 printable hex chars is a 128-bit hex key (token_hex(16)), not a raw key; a random raw
         # key is all-hex with probability ~1e-34, so refusing it never rejects a real raw key.

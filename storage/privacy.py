@@ -34,7 +34,6 @@ import hmac
 import json
 import os
 import re
-import stat
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.errors import StorageError
+from storage.secrets import SecretFileError, read_secret_file
 
 if TYPE_CHECKING:
     from actors.context import StageContext
@@ -104,26 +104,11 @@ def _key_from_hex(value: str, env: str) -> bytes:
 
 def _key_from_file(path: str, file_env: str) -> bytes:
     try:
-        # fstat the descriptor we read, not the path (which could be swapped in between); O_NONBLOCK
-        # so a FIFO or device is refused below instead of blocking the stage.
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        data = read_secret_file(path, _MAX_KEY_FILE_BYTES)
+    except SecretFileError as exc:
+        raise PrivacyError(f"key file named by {file_env}: {exc}") from None
     except OSError as exc:
         raise PrivacyError(f"{file_env} names {path!r}, which cannot be opened: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PrivacyError(f"{file_env} names {path!r}, which is not a regular file")
-        if st.st_mode & 0o077:
-            raise PrivacyError(
-                f"key file {path!r} ({file_env}) is accessible by group or others "
-                f"(mode {stat.S_IMODE(st.st_mode):03o}); run: chmod 600 {path}"
-            )
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(_MAX_KEY_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(data) > _MAX_KEY_FILE_BYTES:
-        raise PrivacyError(f"key file {path!r} ({file_env}) is larger than {_MAX_KEY_FILE_BYTES} bytes")
     if data.endswith(b"\n"):  # one trailing newline, as `echo` or an editor leaves it
         data = data[:-2] if data.endswith(b"\r\n") else data[:-1]
     if len(data) < MIN_KEY_BYTES:

@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -165,3 +166,23 @@ def test_warm_actors_are_reused_for_the_same_shape(store):
     assert out["pid"] == out["before"]
     total, avail = wait_for_resources_released()
     assert avail == total
+
+
+@stage(cpus=1)
+def produce() -> dict:
+    return {"payload": "x" * 1000}
+
+
+@stage(cpus=1)
+def consume(produce: dict, warm: str) -> dict:
+    pins = [p.name for p in (Path(warm) / "pins").iterdir()] if (Path(warm) / "pins").exists() else []
+    return {"pinned": pins}
+
+
+def test_a_running_stage_pins_its_inputs_in_the_cache_tiers(tmp_path):
+    warm = tmp_path / "warm"
+    store = StoreConfig.from_urls([f"{warm}#capacity=1MiB", str(tmp_path / "store")])
+    run = run_workflow(Workflow("pins", [produce, consume]), params={"warm": str(warm)}, store_config=store)
+    seen = ArtifactStore(store).get(run.records["consume"].artifact)["pinned"]
+    assert seen == [run.records["produce"].artifact.digest]  # pinned while consume ran
+    assert not list((warm / "pins").rglob("*-*"))  # and released afterwards
