@@ -1,29 +1,38 @@
 """Ray Serve applications for tierflow-trained models.
 
-`serving.app` (Ray Serve + FastAPI) is imported on first use so that loading a registered MLflow
-model needs only torch and safetensors.
+`serving.app` (Ray Serve + FastAPI) and `serving.rollout` are imported on first use, so that loading a
+registered MLflow model needs only torch and safetensors.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from serving.config import ModelSource, RolloutRefused, ServeConfig, ServingError
 from serving.model import build_mlp, from_tensors, predict_proba, to_tensors
 
 __all__ = [
-    "ClassifierDeployment",
+    "ModelServer",
+    "ModelSource",
+    "Rollout",
+    "RolloutRefused",
+    "ServeConfig",
+    "ServingError",
+    "build_app",
     "build_mlp",
-    "deploy_classifier",
     "from_tensors",
     "predict_proba",
-    "shutdown_app",
     "to_tensors",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("ClassifierDeployment", "deploy_classifier", "shutdown_app"):
+    if name in ("ModelServer", "build_app"):
         from serving import app  # noqa: PLC0415
 
         return getattr(app, name)
+    if name == "Rollout":
+        from serving.rollout import Rollout  # noqa: PLC0415
+
+        return Rollout
     raise AttributeError(name)

@@ -1,19 +1,26 @@
-"""The Ray Serve application for a classifier artifact: FastAPI ingress, pydantic validation.
+"""The Ray Serve application for a tierflow model: FastAPI ingress, pydantic validation, dynamic batching.
 
-Client mistakes (wrong JSON, types, shapes) answer 422 with a message; they never reach the model.
+Client mistakes (wrong JSON, types, shapes) answer 422, bodies over the limit 413; none reaches the
+model, and none is a 500. Past `max_ongoing_requests` + `max_queued_requests`, Serve answers 503.
 """
 
+import asyncio
+import random
+import time
+from collections import deque
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve import metrics
 
-from serving.model import from_tensors, predict_proba
-from storage import ArtifactRef, ArtifactStore, StoreConfig
+from serving.config import ModelSource, ServeConfig
+from serving.loading import load_model
+from serving.model import predict_proba
 
-MAX_ROWS = 1024
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 api = FastAPI(title="tierflow model endpoint", description="Predictions from a tierflow-trained model.")
@@ -21,70 +28,158 @@ api = FastAPI(title="tierflow model endpoint", description="Predictions from a t
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    instances: list[list[FiniteFloat]] = Field(
-        min_length=1, max_length=MAX_ROWS, description="Rows of features, one list per example."
-    )
+    instances: list[list[FiniteFloat]] = Field(min_length=1, description="Rows of features, one list per example.")
 
 
 class PredictResponse(BaseModel):
     predictions: list[int]
     probabilities: list[list[float]]
     model_digest: str
+    model_version: str
+    served_by: str
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25})
+@api.middleware("http")
+async def limit_body(request: Request, call_next: Any) -> Any:
+    """413 before a large body is read into memory (Content-Length), or as soon as it exceeds the limit."""
+    limit = getattr(api.state, "max_body_bytes", 1 << 20)
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        return JSONResponse({"detail": f"request body over {limit} bytes; send fewer rows per request"}, 413)
+    if length is None and request.method == "POST":
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return JSONResponse({"detail": f"request body over {limit} bytes; send fewer rows per request"}, 413)
+    return await call_next(request)
+
+
+class _Stats:
+    """Recent latencies and batch sizes, for `tierflow serve status` and the MLflow summary."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.latencies_ms: deque[float] = deque(maxlen=10_000)
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+        sizes = np.asarray(self.batch_sizes) if self.batch_sizes else np.zeros(1)
+        return {
+            "requests": self.requests,
+            "latency_ms_p50": float(np.percentile(lat, 50)),
+            "latency_ms_p95": float(np.percentile(lat, 95)),
+            "latency_ms_p99": float(np.percentile(lat, 99)),
+            "batch_size_mean": float(sizes.mean()),
+            "batch_size_max": int(sizes.max()),
+        }
+
+
+@serve.deployment
 @serve.ingress(api)
-class ClassifierDeployment:
-    """Loads verified weights from the artifact store; the digest ties each answer to its lineage."""
+class ModelServer:
+    """One model version. With a canary configured, a share of requests goes to the canary app."""
 
-    def __init__(self, store_config: StoreConfig, artifact: ArtifactRef, lineage: dict[str, str]) -> None:
-        bundle = ArtifactStore(store_config).get(artifact)
-        self.model, self.config = from_tensors(bundle)
-        self.n_features = int(self.config["layers"][0])
-        self.digest = artifact.digest
-        self.lineage = {"model_digest": artifact.digest, "artifact_uri": artifact.uri, **lineage}
+    def __init__(self, source: ModelSource, config: ServeConfig, canary_app: str | None = None) -> None:
+        self.model, self.model_config = load_model(source)
+        self.source = source
+        self.config = config
+        self.n_features = int(self.model_config["layers"][0])
+        api.state.max_body_bytes = config.max_body_bytes
+        self.canary = serve.get_deployment_handle("ModelServer", app_name=canary_app) if canary_app else None
+        self.canary_app = canary_app
+        self._predict_batch.set_max_batch_size(config.max_batch_size)
+        self._predict_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.stats = _Stats()
+        self.batch_hist = metrics.Histogram(
+            "tierflow_batch_size", description="rows per model call", boundaries=[1, 2, 4, 8, 16, 32, 64, 128]
+        )
+        self.request_counter = metrics.Counter("tierflow_requests", description="predictions served",
+                                               tag_keys=("served_by",))
+
+    def check_health(self) -> None:  # Serve restarts a replica whose check fails
+        if self.model is None:
+            raise RuntimeError("model not loaded")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _predict_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        rows = np.concatenate(batches)
+        self.batch_hist.observe(len(rows))
+        self.stats.batch_sizes.append(len(rows))
+        proba = await asyncio.to_thread(predict_proba, self.model, rows)
+        out, start = [], 0
+        for b in batches:
+            out.append(proba[start : start + len(b)])
+            start += len(b)
+        return out
+
+    async def infer(self, rows: np.ndarray) -> np.ndarray:
+        """Probabilities for rows; also the entry point a stable replica calls on its canary."""
+        return await self._predict_batch(rows)
 
     @api.post("/predict", response_model=PredictResponse)
-    def predict(self, request: PredictRequest) -> PredictResponse:
+    async def predict(self, request: PredictRequest) -> PredictResponse:
+        t0 = time.perf_counter()
         widths = {len(row) for row in request.instances}
         if widths != {self.n_features}:
             raise HTTPException(
                 status_code=422,
                 detail=f"each instance must have exactly {self.n_features} features; got lengths {sorted(widths)}",
             )
-        proba = predict_proba(self.model, np.asarray(request.instances, dtype=np.float32))
+        if len(request.instances) > self.config.max_rows:
+            raise HTTPException(status_code=413, detail=f"at most {self.config.max_rows} instances per request")
+        rows = np.asarray(request.instances, dtype=np.float32)
+        to_canary = self.canary is not None and random.random() < self.config.canary_share  # noqa: S311
+        if to_canary:
+            proba, info = await self.canary.infer.remote(rows), await self.canary.describe.remote()
+        else:
+            proba, info = await self.infer(rows), self.describe()
+        self.stats.requests += 1
+        self.stats.latencies_ms.append((time.perf_counter() - t0) * 1000)
+        self.request_counter.inc(tags={"served_by": "canary" if to_canary else "stable"})
         return PredictResponse(
             predictions=proba.argmax(axis=1).tolist(),
             probabilities=np.round(proba, 6).tolist(),
-            model_digest=self.digest,
+            model_digest=info["model_digest"],
+            model_version=info["model_version"],
+            served_by="canary" if to_canary else "stable",
         )
+
+    def describe(self) -> dict[str, Any]:
+        return {"model_digest": self.source.digest, "model_version": self.source.version,
+                "model_name": self.source.model_name, "n_features": self.n_features,
+                "compression": self.model_config.get("compression", {}).get("method", "none"),
+                "canary_app": self.canary_app or "", "canary_share": self.config.canary_share, **self.source.lineage}
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
+    @api.get("/readyz")
+    def readyz(self) -> dict[str, Any]:
+        return {"ready": self.model is not None, "model_version": self.source.version}
+
     @api.get("/info")
     def info(self) -> dict[str, Any]:
-        return {"n_features": self.n_features, **self.lineage}
+        return self.describe()
+
+    @api.get("/stats")
+    def stats_summary(self) -> dict[str, Any]:
+        return self.stats.summary()
 
 
-def deploy_classifier(
-    artifact: ArtifactRef,
-    store_config: StoreConfig,
-    *,
-    app_name: str,
-    route_prefix: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    num_cpus: float = 0.25,
-    lineage: dict[str, str] | None = None,
-) -> str:
-    """Deploy (or update) the app and return its base URL once it is healthy."""
-    serve.start(http_options={"host": host, "port": port})
-    deployment = ClassifierDeployment.options(ray_actor_options={"num_cpus": num_cpus})
-    serve.run(deployment.bind(store_config, artifact, lineage or {}), name=app_name, route_prefix=route_prefix)
-    return f"http://{host}:{port}{route_prefix}"
+def bind(source: ModelSource, config: ServeConfig, ray_actor_options: dict[str, Any],
+         canary_app: str | None = None) -> Any:
+    return ModelServer.options(**config.deployment_options(ray_actor_options)).bind(source, config, canary_app)
 
 
-def shutdown_app(app_name: str) -> None:
-    serve.delete(app_name)
+def build_app(args: dict[str, Any]) -> Any:
+    """Serve application builder: `import_path: serving.app:build_app` in a Serve config (`serve run`)."""
+    from serving.loading import registry_source  # noqa: PLC0415
+
+    args = dict(args)
+    source = registry_source(args.pop("model_uri"), args.pop("tracking_uri"))
+    actor_options = args.pop("ray_actor_options", {"num_cpus": args.get("num_cpus", 0.25)})
+    config = ServeConfig(**args)
+    return bind(source, config, actor_options)

@@ -272,11 +272,11 @@ def _smoke_requests(run: RunInfo) -> list[dict[str, Any]]:
 def _undeploy(run: RunInfo) -> None:
     apps = [info["app_name"] for _, info in _endpoints(run) if "app_name" in info]
     if apps:
-        from serving.app import shutdown_app  # noqa: PLC0415
+        from ray import serve  # noqa: PLC0415
 
         for app in apps:
-            shutdown_app(app)
-
+            for name in (app, f"{app}-canary"):
+                serve.delete(name)
 
 def _summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> dict[str, Any]:
     return {

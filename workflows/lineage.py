@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 _PARENT_TAGS = ("tierflow.endpoint", "tierflow.model_name", "tierflow.model_version")
+GATE_TAG = "tierflow.gate"
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
 _PYFUNC = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
 
@@ -144,6 +145,8 @@ class MLflowHook:
         self._log_inputs(run_id, record)
         if stage.register_model and record.status in (SUCCEEDED, CACHED) and record.artifact:
             self._register(run, record, stage.register_model, run_id)
+        if stage.gate and record.status in (SUCCEEDED, CACHED, FAILED):
+            self._tag_gate(run, record)
         propagate = [RunTag(k, v) for k, v in record.annotations.items() if k in _PARENT_TAGS]
         propagate += [RunTag(k, v) for k, v in (res.tags if res else {}).items() if k in _PARENT_TAGS]
         if propagate:
@@ -195,6 +198,19 @@ class MLflowHook:
             self.client.log_inputs(run_id, datasets=datasets)
 
     # -- model registry -------------------------------------------------------------------------
+    def _tag_gate(self, run: RunInfo, record: StageRecord) -> None:
+        """Mark the registered models this gate judged: only `passed` versions are served from the registry."""
+        if record.status == FAILED and not record.error.startswith("GateFailed"):
+            return  # it crashed: no verdict on the model
+        verdict = "failed" if record.status == FAILED else "passed"
+        for edge in run.workflow.upstream(record.name):
+            notes = run.records[edge.upstream].annotations
+            if "tierflow.model_version" in notes:
+                name, version = notes["tierflow.model_name"], notes["tierflow.model_version"]
+                self.client.set_model_version_tag(name, version, GATE_TAG, verdict)
+                self.client.set_model_version_tag(name, version, "tierflow.gate_run", run.run_id)
+
+
     def _register(self, run: RunInfo, record: StageRecord, model_name: str, stage_run_id: str) -> None:
         art: ArtifactRef = record.artifact  # type: ignore[assignment]
         existing = self.client.search_model_versions(

@@ -40,6 +40,7 @@ class Stage:
     version: str | None = None
     register_model: str | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    gate: bool = False  # an evaluation gate: its outcome is tagged on upstream registered models
 
     def __post_init__(self) -> None:
         _check_name(self.name, "stage name")
@@ -110,6 +111,7 @@ def stage(
     retry_on: tuple[type[BaseException], ...] | type[BaseException] = (),
     retry_backoff_s: float = 1.0,
     timeout_s: float | None = None,
+    gate: bool = False,
 ) -> Any:
     """Declare a stage: `@stage(gpus=1, fallback="cpu")` or bare `@stage`.
 
@@ -140,6 +142,7 @@ def stage(
             version=version,
             register_model=register_model,
             retry=policy,
+            gate=gate,
         )
 
     return wrap(fn) if fn is not None else wrap

@@ -124,7 +124,7 @@ def _raw_test_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return x * scale + mean, y
 
 
-@stage(cpus=1)
+@stage(cpus=1, gate=True)
 def evaluate(ctx: StageContext, preprocess: pa.Table, train: Tensors, threshold: float = 0.9) -> dict[str, float]:
     """Accuracy of the exact artifact that will be served, on the held-out split; a gate."""
     from serving.model import from_tensors, predict_proba  # noqa: PLC0415
@@ -148,23 +148,32 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     replica_cpus: float = 0.25,
+    min_replicas: int = 1,
+    max_replicas: int = 1,
+    max_batch_size: int = 32,
+    batch_wait_timeout_s: float = 0.005,
+    max_ongoing_requests: int = 16,
+    max_queued_requests: int = 64,
+    canary_share: float = 0.0,
 ) -> dict[str, Any]:
-    """Deploy the evaluated model on Ray Serve; answer with the URL and an example request."""
-    from serving.app import deploy_classifier  # noqa: PLC0415
+    """Roll the evaluated model out on Ray Serve (blue/green, optional canary); answer with the URL."""
+    from serving.config import ModelSource, ServeConfig  # noqa: PLC0415
+    from serving.rollout import Rollout  # noqa: PLC0415
 
-    model_facts = ctx.upstream["train"]
-    lineage = {k.removeprefix("tierflow."): v for k, v in model_facts.items() if k.startswith("tierflow.model")}
-    lineage |= {"training_run": model_facts.get("run_id", ""), "tierflow_run": ctx.run_id}
-    url = deploy_classifier(
-        ctx.input_refs["train"],
-        ctx.store_config,
-        app_name=app_name,
-        route_prefix=f"/{app_name}",
-        host=host,
-        port=port,
-        num_cpus=replica_cpus,
-        lineage=lineage,
+    facts = ctx.upstream["train"]
+    lineage = {k.removeprefix("tierflow."): v for k, v in facts.items() if k.startswith("tierflow.model")}
+    lineage |= {"training_run": facts.get("run_id", ""), "tierflow_run": ctx.run_id}
+    source = ModelSource(
+        digest=facts["digest"], version=facts.get("tierflow.model_version", ""),
+        model_name=facts.get("tierflow.model_name", ""), artifact=ctx.input_refs["train"],
+        store_config=ctx.store_config, lineage=lineage,
     )
+    config = ServeConfig(
+        app_name=app_name, host=host, port=port, num_cpus=replica_cpus, min_replicas=min_replicas,
+        max_replicas=max_replicas, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+        max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
+    )
+    url = Rollout(ctx.store_config, config).deploy(source, canary_share=canary_share)  # type: ignore[arg-type]
     ctx.set_tag("tierflow.endpoint", url)
     x, y = _raw_test_rows(preprocess)
     return {
@@ -172,7 +181,7 @@ def serve(
         "predict_url": f"{url}/predict",
         "app_name": app_name,
         "accuracy": evaluate["accuracy"],
-        "model_digest": model_facts["digest"],
+        "model_digest": facts["digest"],
         "example": {"instances": [x[0].round(4).tolist()]},
         "example_label": int(y[0]),
         **lineage,

@@ -1,0 +1,123 @@
+"""How a model is served: resources, scaling, batching, limits. Validated plain data (travels to replicas)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from actors.errors import ResourceSpecError
+from actors.resources import Resources
+from storage import ArtifactRef, StoreConfig
+
+_APP = re.compile(r"[a-z][a-z0-9-]{0,47}")
+
+
+class ServingError(Exception):
+    """Base of every error raised by `serving`."""
+
+
+class RolloutRefused(ServingError):
+    """A new version was not put in service; whatever served before keeps serving."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    app_name: str = "digits"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # replicas are pinned like stages, with the same CPU fallback
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0
+    accelerator_type: str | None = None
+    fallback: str | None = None
+    # scaling: a fixed count when min == max, else Serve autoscaling on ongoing requests
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 2.0
+    # overload: past these, Serve answers 503 at once instead of queueing without bound
+    max_ongoing_requests: int = 16
+    max_queued_requests: int = 64
+    # dynamic batching (max_batch_size=1 turns it off)
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.005
+    # request limits
+    max_body_bytes: int = 1 << 20
+    max_rows: int = 1024
+    canary_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not _APP.fullmatch(self.app_name):
+            raise ServingError(f"app_name {self.app_name!r}: use 1-48 lowercase letters, digits or '-'")
+        checks = {
+            "port": 0 < self.port < 65536,
+            "min_replicas": 0 < self.min_replicas <= self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests > 0,
+            "max_ongoing_requests": self.max_ongoing_requests >= 1,
+            "max_queued_requests": self.max_queued_requests >= -1,
+            "max_batch_size": self.max_batch_size >= 1,
+            "batch_wait_timeout_s": 0 <= self.batch_wait_timeout_s <= 10,
+            "max_body_bytes": self.max_body_bytes >= 1024,
+            "max_rows": self.max_rows >= 1,
+            "canary_share": 0.0 <= self.canary_share < 1.0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ServingError(f"invalid serving settings {bad}: {({k: getattr(self, k) for k in bad})}")
+        try:
+            self.resources()
+        except ResourceSpecError as exc:
+            raise ServingError(f"replica resources: {exc}") from None
+
+    @property
+    def route_prefix(self) -> str:
+        return f"/{self.app_name}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{self.route_prefix}"
+
+    def resources(self) -> Resources:
+        return Resources(cpus=self.num_cpus, gpus=self.num_gpus, accelerator_type=self.accelerator_type,
+                         fallback=self.fallback)
+
+    def deployment_options(self, ray_actor_options: dict[str, Any]) -> dict[str, Any]:
+        """Options for `Deployment.options(...)`."""
+        opts: dict[str, Any] = {
+            "ray_actor_options": ray_actor_options,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.max_replicas > self.min_replicas:
+            opts["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
+        else:
+            opts["num_replicas"] = self.min_replicas
+        return opts
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a replica loads verified weights from: a store artifact or a registered MLflow version."""
+
+    digest: str
+    version: str = ""  # registered model version, when known
+    model_name: str = ""
+    artifact: ArtifactRef | None = None
+    store_config: StoreConfig | None = None
+    tracking_uri: str = ""
+    lineage: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.artifact is None and not (self.model_name and self.version and self.tracking_uri):
+            raise ServingError("a model source needs a store artifact or an MLflow model name, version and URI")
+
+    @property
+    def label(self) -> str:
+        return f"{self.model_name} v{self.version}" if self.version else f"artifact {self.digest[:12]}"

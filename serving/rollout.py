@@ -1,0 +1,179 @@
+"""Versioned rollout on Ray Serve: blue/green with an optional canary, refusals, rollback.
+
+A new version is first started as its own application without a route and must load, pass health
+checks and answer a smoke prediction; only then does the public application switch to it (or send
+it a canary share). If anything fails, the candidate is removed and the old version keeps serving.
+The history lives on the durable tier (`serving/<app>/state.json`) so status and rollback work from
+any driver.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from actors.placement import decide, ray_options
+from actors.ray_api import cluster_nodes
+from serving.config import ModelSource, RolloutRefused, ServeConfig, ServingError
+from storage import ArtifactNotFoundError, ArtifactRef, ArtifactStore, StoreConfig
+
+STATE = "serving"
+
+
+def _candidate(app: str) -> str:
+    return f"{app}-candidate"
+
+
+def _canary(app: str) -> str:
+    return f"{app}-canary"
+
+
+def replica_options(config: ServeConfig) -> dict[str, Any]:
+    """Replicas are placed like stages: as declared if a node fits, else the CPU fallback, else refused."""
+    decision = decide(f"{config.app_name} replica", config.resources(), cluster_nodes())
+    if not decision.feasible:
+        raise RolloutRefused(decision.reason)
+    opts = ray_options(decision.effective)  # type: ignore[arg-type]
+    return {k: v for k, v in opts.items() if v or k == "num_cpus"}
+
+
+class Rollout:
+    def __init__(self, store_config: StoreConfig, config: ServeConfig) -> None:
+        self.store = ArtifactStore(store_config)
+        self.config = config
+        self.app = config.app_name
+
+    # -- state -----------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        try:
+            return self.store.get_document((STATE, self.app, "state"))
+        except ArtifactNotFoundError:
+            return {"app": self.app, "stable": None, "canary": None, "history": []}
+
+    def _save(self, state: dict[str, Any]) -> None:
+        self.store.put_document((STATE, self.app, "state"), state)
+
+    # -- operations ------------------------------------------------------------------------------
+    def deploy(self, source: ModelSource, *, canary_share: float | None = None) -> str:
+        """Put `source` in service (or behind a canary share). Raise RolloutRefused and keep the old on failure."""
+        share = self.config.canary_share if canary_share is None else canary_share
+        serve.start(http_options={"host": self.config.host, "port": self.config.port})
+        state = self.state()
+        actor_opts = replica_options(self.config)
+        target = _canary(self.app) if share > 0 and state["stable"] else _candidate(self.app)
+        self._start_checked(target, source, actor_opts)
+        entry = _entry(source, role="canary" if target == _canary(self.app) else "stable", share=share)
+        if target == _canary(self.app):
+            stable = _source(state["stable"], self.store.config)
+            cfg = _with(self.config, canary_share=share)
+            serve.run(_bind(stable, cfg, actor_opts, _canary(self.app)), name=self.app,
+                      route_prefix=self.config.route_prefix)
+            state["canary"] = entry
+        else:
+            serve.run(_bind(source, _with(self.config, canary_share=0.0), actor_opts), name=self.app,
+                      route_prefix=self.config.route_prefix)
+            serve.delete(_candidate(self.app))
+            self._drop_canary(state)
+            state["stable"] = entry
+        state["history"].append(entry)
+        self._save(state)
+        return self.config.url
+
+    def promote(self) -> str:
+        """The canary becomes the stable version."""
+        state = self.state()
+        if not state["canary"]:
+            raise ServingError(f"app {self.app!r} has no canary to promote")
+        source = _source(state["canary"], self.store.config)
+        serve.run(_bind(source, _with(self.config, canary_share=0.0), replica_options(self.config)), name=self.app,
+                  route_prefix=self.config.route_prefix)
+        self._drop_canary(state)
+        state["stable"] = {**state["canary"], "role": "stable", "deployed_at": time.time()}
+        state["history"].append(state["stable"])
+        self._save(state)
+        return self.config.url
+
+    def rollback(self) -> dict[str, Any]:
+        """Drop a canary if there is one; otherwise go back to the stable version before the current one."""
+        state = self.state()
+        if state["canary"]:
+            serve.run(_bind(_source(state["stable"], self.store.config), _with(self.config, canary_share=0.0),
+                            replica_options(self.config)), name=self.app, route_prefix=self.config.route_prefix)
+            self._drop_canary(state)
+            self._save(state)
+            return state["stable"]
+        stables = [h for h in state["history"] if h["role"] == "stable"]
+        current = state["stable"]
+        previous = next((h for h in reversed(stables) if current and h["digest"] != current["digest"]), None)
+        if previous is None:
+            raise ServingError(f"app {self.app!r} has no earlier version to roll back to")
+        self.deploy(_source(previous, self.store.config), canary_share=0.0)
+        return previous
+
+    def status(self) -> dict[str, Any]:
+        state = self.state()
+        apps = serve.status().applications
+        live = {name: str(a.status) for name, a in apps.items() if name.startswith(self.app)}
+        return {"app": self.app, "url": self.config.url, "applications": live,
+                "stable": state["stable"], "canary": state["canary"], "versions": len(state["history"])}
+
+    def shutdown(self) -> None:
+        for name in (self.app, _canary(self.app), _candidate(self.app)):
+            serve.delete(name)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _start_checked(self, name: str, source: ModelSource, actor_opts: dict[str, Any]) -> None:
+        cfg = _with(self.config, canary_share=0.0)
+        try:
+            handle = serve.run(_bind(source, cfg, actor_opts), name=name, route_prefix=None)
+            n = int(handle.describe.remote().result(timeout_s=60)["n_features"])
+            proba = handle.infer.remote(np.zeros((1, n), np.float32)).result(timeout_s=60)
+            if proba.shape[0] != 1 or not np.isfinite(proba).all():
+                raise ServingError(f"smoke prediction returned {proba!r}")
+        except Exception as exc:
+            serve.delete(name)
+            raise RolloutRefused(f"{source.label} did not become healthy ({type(exc).__name__}: {exc}); "
+                                 f"the current version keeps serving") from exc
+
+    def _drop_canary(self, state: dict[str, Any]) -> None:
+        serve.delete(_canary(self.app))
+        state["canary"] = None
+
+
+def _bind(source: ModelSource, config: ServeConfig, actor_opts: dict[str, Any], canary: str | None = None) -> Any:
+    from serving.app import bind  # noqa: PLC0415  # FastAPI app import only where Serve is used
+
+    return bind(source, config, actor_opts, canary)
+
+
+def _with(config: ServeConfig, **changes: Any) -> ServeConfig:
+    return ServeConfig(**{**config.to_dict(), **changes})
+
+
+def _entry(source: ModelSource, *, role: str, share: float) -> dict[str, Any]:
+    return {
+        "role": role,
+        "share": share,
+        "deployed_at": time.time(),
+        "digest": source.digest,
+        "version": source.version,
+        "model_name": source.model_name,
+        "tracking_uri": source.tracking_uri,
+        "artifact": asdict(source.artifact) if source.artifact else None,  # loaded via this store's tiers
+        "lineage": source.lineage,
+    }
+
+
+def _source(entry: dict[str, Any] | None, store: StoreConfig) -> ModelSource:
+    # Tier settings (which may hold credentials) are never written into the state: use the current ones.
+    if entry is None:
+        raise ServingError("nothing is deployed yet")
+    return ModelSource(
+        digest=entry["digest"], version=entry["version"], model_name=entry["model_name"],
+        artifact=ArtifactRef(**entry["artifact"]) if entry.get("artifact") else None, store_config=store,
+        tracking_uri=entry["tracking_uri"], lineage=entry.get("lineage", {}),
+    )
