@@ -1,19 +1,16 @@
 """Storage tiers: tierflow `ArtifactStore` put/get through each tier vs raw pyarrow + fsspec doing the same I/O.
 
-Both sides move the same Arrow table (16 float64 columns) encoded as an Arrow IPC stream, in one process:
-  hot    store.get from a `memory://` tier  vs  `pa.ipc.open_stream(pa.py_buffer(bytes)).read_all()`
-  local  store.put into a store whose only (durable) tier is a local dir  vs  `fs.open(path, "wb")` +
-         `pa.ipc.new_stream`; store.get through a `[warm, durable]` pair (warm is the fastest holder)
-         vs `fs.cat_file` + `open_stream`
-  s3     store.put/get on an s3:// durable tier (moto server on loopback, in this process)  vs
-         `fs.pipe_file(path, encoded bytes)` / `fs.cat_file` + `open_stream`
-tierflow also sha256-hashes every blob on put and on non-memory reads and writes a manifest; raw does not.
-Repetitions are interleaved (tierflow first on odd repetitions, raw first on even); medians are reported.
+One Arrow table (16 float64 columns) as an Arrow IPC stream, both sides in one process: hot = get from `memory://`
+vs `open_stream(py_buffer(bytes))`; local = put into a local-dir durable tier vs `fs.open` + `new_stream`, get via
+`[warm, durable]` vs `fs.cat_file` + `open_stream`; s3 (moto on loopback) = put/get vs `pipe_file` / `cat_file`.
+tierflow also sha256-hashes blobs (put; reads from non-memory tiers) and writes manifests; raw does not.
+Repetitions interleave the two sides (tierflow first on odd repetitions); medians are reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime as dt
 import gc
@@ -56,38 +53,34 @@ class Case:
     raw: Fn
     prep: dict[str, Fn] = field(default_factory=dict)  # untimed, before each timed call of that side
     note: str = ""
-    target: str = "ratio"  # "ratio": tierflow/raw >= 0.8; "hot": tierflow >= 5 GB/s
+    hot: bool = False  # target: tierflow >= 5 GB/s (else tierflow/raw >= 0.8x)
     times: dict[str, list[float]] = field(default_factory=lambda: {"tierflow": [], "raw": []})
 
 
-def make_table(gib: float) -> pa.Table:
-    rng = np.random.default_rng(0)
-    return pa.table({f"c{i:02d}": rng.random(int(gib * GIB) // (COLS * 8)) for i in range(COLS)})
+def write_stream(sink: Any, table: pa.Table) -> Any:
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink
 
 
 def encode(table: pa.Table) -> pa.Buffer:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
+    return write_stream(pa.BufferOutputStream(), table).getvalue()
 
 
 def decode(data: Any) -> pa.Table:
     return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
-def write_stream(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
-    with fs.open(path, "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
-        writer.write_table(table)
+def write_file(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    with fs.open(path, "wb") as f:
+        write_stream(f, table)
 
 
 def drop_caches() -> bool:
     os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        return False
-    return True
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/vm/drop_caches").write_text("3\n") > 0
+    return False
 
 
 def rm(fs: fsspec.AbstractFileSystem, path: str) -> Fn:
@@ -95,11 +88,9 @@ def rm(fs: fsspec.AbstractFileSystem, path: str) -> Fn:
 
 
 def zero_copy(store: ArtifactStore, ref: ArtifactRef) -> str:
-    """Do the table's buffers from a hot read point into the stored bytes, and did Arrow allocate nothing?"""
-    stored = pa.py_buffer(store.tiers[0].read(blob_key(ref.digest)))
-    lo, hi = stored.address, stored.address + stored.size
-    before = pa.total_allocated_bytes()
-    got = store.get(ref)
+    """Do a hot read's buffers point into the stored bytes, with no Arrow allocation?"""
+    stored, before = pa.py_buffer(store.tiers[0].read(blob_key(ref.digest))), pa.total_allocated_bytes()
+    got, lo, hi = store.get(ref), stored.address, stored.address + stored.size
     grew = pa.total_allocated_bytes() - before
     bufs = [b for col in got.columns for chunk in col.chunks for b in chunk.buffers() if b is not None]
     inside = sum(lo <= b.address and b.address + b.size <= hi for b in bufs)
@@ -111,15 +102,15 @@ def measure(cases: list[Case], repeats: int) -> None:
     for rep in range(repeats):
         for case in cases:
             for side in ("tierflow", "raw") if rep % 2 == 0 else ("raw", "tierflow"):
-                os.sync()
                 case.prep.get(side, lambda: None)()
+                os.sync()  # no write-back of an earlier case inside this timing
                 gc.collect()
                 t0 = time.perf_counter()
                 result = getattr(case, side)()
                 case.times[side].append(time.perf_counter() - t0)
                 del result
             tf, raw = case.times["tierflow"][-1], case.times["raw"][-1]
-            print(f"rep {rep + 1}/{repeats} {case.tier} {case.op}: tierflow {tf:.3f}s raw {raw:.3f}s", file=sys.stderr)
+            print(f"rep {rep + 1}/{repeats} {case.tier} {case.op}: tierflow {tf:.4f}s raw {raw:.4f}s", file=sys.stderr)
 
 
 def machine() -> str:
@@ -129,11 +120,45 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {kib / 2**20:.1f} GiB RAM, {model}"
 
 
+def cell(nbytes: int, times: list[float]) -> str:
+    med, lo, hi = statistics.median(times), min(times), max(times)
+    unit, k = ("ms", 1e3) if hi < 0.1 else ("s", 1)
+    return f"{nbytes / med / 1e9:,.2f} ({med * k:.3g} {unit}; {lo * k:.3g}-{hi * k:.3g})"
+
+
+def report(cases: list[Case], repeats: int, head: list[str], extra: list[str]) -> str:
+    rows, misses = [], []
+    for c in cases:
+        tf, raw = (statistics.median(c.times[s]) for s in ("tierflow", "raw"))
+        met = c.nbytes / tf / 1e9 >= 5 if c.hot else raw / tf >= 0.8
+        misses += [] if met else [f"{c.tier} {c.op}"]
+        rows.append(
+            f"| {c.tier} | {c.op} | {c.nbytes / 2**20:,.0f} | {cell(c.nbytes, c.times['tierflow'])} | "
+            f"{cell(c.nbytes, c.times['raw'])} | {raw / tf:.2f}x | {'>= 5 GB/s' if c.hot else '>= 0.8x'}: "
+            f"{'met' if met else '**missed**'} | {c.note} |"
+        )
+    return "\n".join(
+        [
+            *head,
+            f"- GB/s = Arrow IPC stream bytes / wall time (1 GB = 1e9 B), median of {repeats} repetition(s) (median "
+            "time; min-max), tierflow and raw interleaved; ratio = tierflow GB/s / raw GB/s. Reads include decoding "
+            "to a `pa.Table`, puts include encoding; tierflow also sha256-hashes (on put and on reads from "
+            "non-memory tiers) and writes a manifest.",
+            *extra,
+            "",
+            "| tier | op | MiB | tierflow GB/s (time) | raw GB/s (time) | ratio | target | notes |",
+            "|---|---|---:|---:|---:|---:|---|---|",
+            *rows,
+            "",
+            f"- Below target: {', '.join(misses)}." if misses else "- Every target met.",
+        ]
+    )
+
+
 def write_section(body: str) -> None:
     """Replace this script's block in BENCHMARKS.md (or append it); other sections are kept."""
     begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    block = f"{begin}\n{body}\n{end}"
-    text = BENCH_MD.read_text()
+    block, text = f"{begin}\n{body}\n{end}", BENCH_MD.read_text()
     if begin in text and end in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
@@ -141,65 +166,23 @@ def write_section(body: str) -> None:
     BENCH_MD.write_text(text)
 
 
-def profile(cases: list[Case], top: int) -> None:
-    for case in cases:
-        case.prep.get("tierflow", lambda: None)()
-        prof = cProfile.Profile()
-        prof.runcall(case.tierflow)
-        print(f"\n== cProfile: tierflow {case.tier} {case.op} (top {top} by tottime)", file=sys.stderr)
-        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(top)
-
-
-def report(cases: list[Case], repeats: int, command: str, gib: float, s3_gib: float, extra: list[str]) -> str:
-    rows, misses = [], []
-    for c in cases:
-        tf, raw = (statistics.median(c.times[s]) for s in ("tierflow", "raw"))
-        tf_gbs, raw_gbs, ratio = c.nbytes / tf / 1e9, c.nbytes / raw / 1e9, raw / tf
-        met = tf_gbs >= 5 if c.target == "hot" else ratio >= 0.8
-        goal = ">= 5 GB/s" if c.target == "hot" else ">= 0.8x"
-        misses += [] if met else [f"{c.tier} {c.op}"]
-        rows.append(
-            f"| {c.tier} | {c.op} | {c.nbytes / 2**20:,.0f} | {tf_gbs:.2f} ({tf:.3f} s) | {raw_gbs:.2f} ({raw:.3f} s)"
-            f" | {ratio:.2f}x | {goal}: {'met' if met else '**missed**'} | {c.note} |"
-        )
-    return "\n".join(
-        [
-            f"## Storage tiers: tierflow put/get vs raw pyarrow + fsspec ({gib:g} GiB table; S3 {s3_gib:g} GiB)",
-            "",
-            f"- Date: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
-            f"- Machine: {machine()}",
-            f"- Python {platform.python_version()}, pyarrow {pa.__version__}, fsspec {fsspec.__version__}",
-            f"- Command: `{command}`",
-            f"- Table: {COLS} float64 columns of random values, written as one Arrow IPC stream (size column, MiB). "
-            f"GB/s = stream bytes / wall time (1 GB = 1e9 B); median of {repeats} repetitions, tierflow and raw "
-            "interleaved; ratio = tierflow GB/s / raw GB/s. Reads include decoding to a `pa.Table`, puts include "
-            "encoding; tierflow also sha256-hashes (put, and reads from non-memory tiers) and writes a manifest.",
-            *extra,
-            "",
-            "| tier | op | MiB | tierflow GB/s (median) | raw GB/s (median) | ratio | target | notes |",
-            "|---|---|---:|---:|---:|---:|---|---|",
-            *rows,
-            "",
-            f"- Below target: {', '.join(misses)}" if misses else "- Every target met.",
-        ]
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--gib", type=float, default=1.0, help="table size for hot and local tiers (default 1.0)")
+    parser.add_argument("--gib", type=float, default=1.0, help="table size for the hot and local tiers (default 1.0)")
     parser.add_argument("--s3-gib", type=float, default=0.25, help="table size for the S3 tier (default 0.25)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (default 3)")
     parser.add_argument("--profile", type=int, metavar="N", default=0, help="then cProfile each tierflow op, top N")
-    parser.add_argument("--write", action="store_true", help="update the section in BENCHMARKS.md")
+    parser.add_argument("--write", action="store_true", help=f"update the section in {BENCH_MD.name}")
     args = parser.parse_args()
     if args.gib <= 0 or args.s3_gib <= 0 or args.repeats < 1:
         parser.error("need --gib > 0, --s3-gib > 0, --repeats >= 1")
     command = shlex.join(["cd", "/work/main"]) + " && " + shlex.join([".venv/bin/python", *sys.argv])
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    from moto.server import ThreadedMotoServer  # noqa: PLC0415  # slow import, only here
+    from moto.server import ThreadedMotoServer  # noqa: PLC0415  # slow import, only needed here
 
-    table = make_table(args.gib)
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    rng = np.random.default_rng(0)
+    table = pa.table({f"c{i:02d}": rng.random(int(args.gib * GIB) // (COLS * 8)) for i in range(COLS)})
     s3_table = table.slice(0, int(args.s3_gib * GIB) // (COLS * 8))
     raw_bytes = encode(table).to_pybytes()
     size, s3_size = len(raw_bytes), encode(s3_table).size
@@ -208,8 +191,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="tierflow-bench-tiers-")
     try:
         host, port = server.get_host_and_port()
-        opts = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
-        opts["use_listings_cache"] = False
+        opts = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing", "use_listings_cache": 0}
         s3, local = fsspec.filesystem("s3", **opts), fsspec.filesystem("file")
         s3.mkdir("bench")
         durable = TierSpec(f"{tmp}/durable", "durable")
@@ -219,12 +201,11 @@ def main() -> None:
         warm = ArtifactStore(StoreConfig((TierSpec(f"{tmp}/warm", "warm", capacity_bytes=4 * GIB), durable)))
         warm_ref = warm.put(table, run_id="bench", stage="warm")  # blob already durable: only the warm copy is new
         put_store = ArtifactStore(StoreConfig((TierSpec(f"{tmp}/put", "durable"),)))
-        s3_spec = TierSpec("s3://bench/tf", "durable", storage_options=opts)
-        s3_store = ArtifactStore(StoreConfig((s3_spec,)))
+        s3_store = ArtifactStore(StoreConfig((TierSpec("s3://bench/tf", "durable", storage_options=opts),)))
         s3_read = ArtifactStore(StoreConfig((TierSpec("s3://bench/tf-read", "durable", storage_options=opts),)))
         s3_ref = s3_read.put(s3_table, run_id="bench", stage="read")
         raw_path = f"{tmp}/raw.arrows"
-        write_stream(local, raw_path, table)
+        write_file(local, raw_path, table)
         assert decode(local.cat_file(raw_path)).equals(table)
         s3.pipe_file("bench/raw-read.arrows", encode(s3_table).to_pybytes())
         dropped = drop_caches()
@@ -232,9 +213,9 @@ def main() -> None:
         cache_note = "page cache dropped before each read" if dropped else "from the page cache (could not drop it)"
         cases = [
             Case("hot (`memory://`)", "read", size, lambda: hot.get(hot_ref), lambda: decode(raw_bytes),
-                 note="no hashing on hot reads; both sides zero-copy", target="hot"),
+                 note="zero-copy on both sides: time is per-call overhead, independent of size", hot=True),
             Case("durable (local dir)", "put", size, lambda: put_store.put(table, run_id="bench", stage="put"),
-                 lambda: write_stream(local, raw_path + ".w", table),
+                 lambda: write_file(local, raw_path + ".w", table),
                  {"tierflow": rm(local, f"{tmp}/put"), "raw": rm(local, raw_path + ".w")},
                  "into the page cache, no fsync on either side"),
             Case("warm (local dir)", "read", size, lambda: warm.get(warm_ref), lambda: decode(local.cat_file(raw_path)),
@@ -244,28 +225,41 @@ def main() -> None:
             Case("cold (S3, moto)", "put", s3_size, lambda: s3_store.put(s3_table, run_id="bench", stage="put"),
                  lambda: s3.pipe_file("bench/raw.arrows", encode(s3_table).to_pybytes()),
                  {"tierflow": rm(s3, "bench/tf"), "raw": rm(s3, "bench/raw.arrows")},
-                 "multipart PUT (50 MiB parts); raw also copies to `bytes` (botocore needs bytes)"),
+                 "multipart PUT, 50 MiB parts; raw also copies to `bytes` (botocore takes no memoryview)"),
             Case("cold (S3, moto)", "read", s3_size, lambda: s3_read.get(s3_ref),
-                 lambda: decode(s3.cat_file("bench/raw-read.arrows")), note="GET; tierflow also HEADs"),
+                 lambda: decode(s3.cat_file("bench/raw-read.arrows")), note="one GET; tierflow also HEADs"),
         ]  # fmt: skip
         extra = [
-            f"- Hot tier: {zero_copy(hot, hot_ref)} (checked once after the put).",
-            f"- Local tiers: files under {tempfile.gettempdir()} on the root disk; reads {cache_note}.",
-            "- S3: a moto `ThreadedMotoServer` on 127.0.0.1 in this process (shares the GIL and the 2 cores with the "
-            "client); it keeps objects in `SpooledTemporaryFile`s (RAM up to 5 MiB, then anonymous temp files), so "
-            "this measures HTTP + botocore + moto overhead, not a network or real S3.",
+            f"- Hot tier: {zero_copy(hot, hot_ref)} (checked once, outside the timings).",
+            f"- Local tiers: files under {tempfile.gettempdir()} on the root disk; cold reads: {cache_note}.",
+            "- S3: a moto `ThreadedMotoServer` on 127.0.0.1 inside this process (it shares the GIL and the cores with "
+            "the client) keeps objects in `SpooledTemporaryFile`s (RAM up to 5 MiB, then anonymous temp files), so "
+            "this measures HTTP + botocore + moto, not a network or real S3.",
         ]
         measure(cases, args.repeats)
-        if args.profile:
-            profile(cases, args.profile)
+        for case in cases if args.profile else []:  # where tierflow's time goes, after the timed runs
+            case.prep.get("tierflow", lambda: None)()
+            (prof := cProfile.Profile()).runcall(case.tierflow)
+            print(f"\n== cProfile: tierflow {case.tier} {case.op}, top {args.profile} by tottime", file=sys.stderr)
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         server.stop()
-    body = report(cases, args.repeats, command, args.gib, args.s3_gib, extra)
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    head = [
+        f"## Storage tiers: tierflow put/get vs raw pyarrow + fsspec ({args.gib:g} GiB table, S3 {args.s3_gib:g} GiB)",
+        "",
+        f"- Date: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        f"- Machine: {machine()}; load average (1/5/15 min) {' '.join(load_before)} before, "
+        f"{' '.join(load_after)} after",
+        f"- Python {platform.python_version()}, pyarrow {pa.__version__}, fsspec {fsspec.__version__}",
+        f"- Command: `{command}`",
+    ]
+    body = report(cases, args.repeats, head, extra)
     print(body)
     if args.write:
         write_section(body)
-        print(f"\nwrote section {SECTION!r} to BENCHMARKS.md", file=sys.stderr)
+        print(f"\nwrote section {SECTION!r} to {BENCH_MD}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Ray Serve applications for tierflow-trained models.
 
-`serving.app` (Ray Serve + FastAPI) and `serving.rollout` are imported on first use, so that loading a
-registered MLflow model needs only torch and safetensors.
+Submodules that pull in torch, FastAPI or Ray Serve are imported on first use, so the CLI starts fast
+and loading a registered MLflow model needs only torch and safetensors.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from serving.config import ModelSource, RolloutRefused, ServeConfig, ServingError
-from serving.model import build_mlp, from_tensors, predict_proba, to_tensors
 
 __all__ = [
     "ModelServer",
@@ -31,6 +30,10 @@ def __getattr__(name: str) -> Any:
         from serving import app  # noqa: PLC0415
 
         return getattr(app, name)
+    if name in ("build_mlp", "from_tensors", "predict_proba", "to_tensors"):
+        from serving import model  # noqa: PLC0415  # torch is imported only when a model is touched
+
+        return getattr(model, name)
     if name == "Rollout":
         from serving.rollout import Rollout  # noqa: PLC0415
 

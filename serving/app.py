@@ -95,8 +95,9 @@ class ModelServer:
         self.batch_hist = metrics.Histogram(
             "tierflow_batch_size", description="rows per model call", boundaries=[1, 2, 4, 8, 16, 32, 64, 128]
         )
-        self.request_counter = metrics.Counter("tierflow_requests", description="predictions served",
-                                               tag_keys=("served_by",))
+        self.request_counter = metrics.Counter(
+            "tierflow_requests", description="predictions served", tag_keys=("served_by",)
+        )
 
     def check_health(self) -> None:  # Serve restarts a replica whose check fails
         if self.model is None:
@@ -147,10 +148,16 @@ class ModelServer:
         )
 
     def describe(self) -> dict[str, Any]:
-        return {"model_digest": self.source.digest, "model_version": self.source.version,
-                "model_name": self.source.model_name, "n_features": self.n_features,
-                "compression": self.model_config.get("compression", {}).get("method", "none"),
-                "canary_app": self.canary_app or "", "canary_share": self.config.canary_share, **self.source.lineage}
+        return {
+            "model_digest": self.source.digest,
+            "model_version": self.source.version,
+            "model_name": self.source.model_name,
+            "n_features": self.n_features,
+            "compression": self.model_config.get("compression", {}).get("method", "none"),
+            "canary_app": self.canary_app or "",
+            "canary_share": self.config.canary_share,
+            **self.source.lineage,
+        }
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, str]:
@@ -169,8 +176,9 @@ class ModelServer:
         return self.stats.summary()
 
 
-def bind(source: ModelSource, config: ServeConfig, ray_actor_options: dict[str, Any],
-         canary_app: str | None = None) -> Any:
+def bind(
+    source: ModelSource, config: ServeConfig, ray_actor_options: dict[str, Any], canary_app: str | None = None
+) -> Any:
     return ModelServer.options(**config.deployment_options(ray_actor_options)).bind(source, config, canary_app)
 
 

@@ -43,7 +43,7 @@ METHOD = "dynamic-int8"
 
 @contextlib.contextmanager
 def _quantization_api() -> Iterator[None]:
-    """Silence torch's deprecation notices for the eager quantisation API (it still works; see README)."""
+    """Silence torch's deprecation notices for the eager quantisation API, which still works in torch 2.13."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated", category=Warning)
         warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions", category=Warning)

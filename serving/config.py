@@ -63,7 +63,7 @@ class ServeConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise ServingError(f"invalid serving settings {bad}: {({k: getattr(self, k) for k in bad})}")
+            raise ServingError(f"invalid serving settings {bad}: { ({k: getattr(self, k) for k in bad}) }")
         try:
             self.resources()
         except ResourceSpecError as exc:
@@ -78,8 +78,9 @@ class ServeConfig:
         return f"http://{self.host}:{self.port}{self.route_prefix}"
 
     def resources(self) -> Resources:
-        return Resources(cpus=self.num_cpus, gpus=self.num_gpus, accelerator_type=self.accelerator_type,
-                         fallback=self.fallback)
+        return Resources(
+            cpus=self.num_cpus, gpus=self.num_gpus, accelerator_type=self.accelerator_type, fallback=self.fallback
+        )
 
     def deployment_options(self, ray_actor_options: dict[str, Any]) -> dict[str, Any]:
         """Options for `Deployment.options(...)`."""

@@ -25,7 +25,8 @@ def load_bundle(source: ModelSource) -> Tensors:
     version = mlflow.MlflowClient(source.tracking_uri).get_model_version(source.model_name, source.version)
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{version.source}/artifacts/model.safetensors", dst_path=tmp,
+            artifact_uri=f"{version.source}/artifacts/model.safetensors",
+            dst_path=tmp,
             tracking_uri=source.tracking_uri,
         )
         data = Path(local).read_bytes()
@@ -64,6 +65,9 @@ def registry_source(model_uri: str, tracking_uri: str, *, require_gate: bool = T
     if require_gate and gate != "passed":
         raise RolloutRefused(f"{model_uri} has {GATE_TAG}={gate}: only versions that passed evaluation are served")
     return ModelSource(
-        digest=tags[DIGEST_TAG], version=str(mv.version), model_name=mv.name, tracking_uri=tracking_uri,
+        digest=tags[DIGEST_TAG],
+        version=str(mv.version),
+        model_name=mv.name,
+        tracking_uri=tracking_uri,
         lineage={"model_run_id": mv.run_id or "", "gate": gate, "source": json.dumps(model_uri)},
     )

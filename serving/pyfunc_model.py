@@ -12,7 +12,8 @@ from mlflow.pyfunc import PythonModel
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from serving.model import from_tensors, predict_proba
+from serving.compress import load_any
+from serving.model import predict_proba
 from storage import Tensors
 
 
@@ -21,7 +22,7 @@ class TierflowClassifier(PythonModel):
         path = context.artifacts["weights"]
         with safe_open(path, framework="numpy") as f:
             metadata = f.metadata() or {}
-        self.model, self.config = from_tensors(Tensors(load_file(path), metadata))
+        self.model, self.config = load_any(Tensors(load_file(path), metadata))  # float or int8-compressed
 
     # The np.ndarray hint tells MLflow not to infer a schema from type hints (the signature is explicit).
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # type: ignore[no-untyped-def]

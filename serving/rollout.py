@@ -70,12 +70,16 @@ class Rollout:
         if target == _canary(self.app):
             stable = _source(state["stable"], self.store.config)
             cfg = _with(self.config, canary_share=share)
-            serve.run(_bind(stable, cfg, actor_opts, _canary(self.app)), name=self.app,
-                      route_prefix=self.config.route_prefix)
+            serve.run(
+                _bind(stable, cfg, actor_opts, _canary(self.app)), name=self.app, route_prefix=self.config.route_prefix
+            )
             state["canary"] = entry
         else:
-            serve.run(_bind(source, _with(self.config, canary_share=0.0), actor_opts), name=self.app,
-                      route_prefix=self.config.route_prefix)
+            serve.run(
+                _bind(source, _with(self.config, canary_share=0.0), actor_opts),
+                name=self.app,
+                route_prefix=self.config.route_prefix,
+            )
             serve.delete(_candidate(self.app))
             self._drop_canary(state)
             state["stable"] = entry
@@ -89,10 +93,14 @@ class Rollout:
         if not state["canary"]:
             raise ServingError(f"app {self.app!r} has no canary to promote")
         source = _source(state["canary"], self.store.config)
-        serve.run(_bind(source, _with(self.config, canary_share=0.0), replica_options(self.config)), name=self.app,
-                  route_prefix=self.config.route_prefix)
+        serve.run(
+            _bind(source, _with(self.config, canary_share=0.0), replica_options(self.config)),
+            name=self.app,
+            route_prefix=self.config.route_prefix,
+        )
+        promoted = {**state["canary"], "role": "stable", "share": 0.0, "deployed_at": time.time()}
         self._drop_canary(state)
-        state["stable"] = {**state["canary"], "role": "stable", "deployed_at": time.time()}
+        state["stable"] = promoted
         state["history"].append(state["stable"])
         self._save(state)
         return self.config.url
@@ -101,8 +109,15 @@ class Rollout:
         """Drop a canary if there is one; otherwise go back to the stable version before the current one."""
         state = self.state()
         if state["canary"]:
-            serve.run(_bind(_source(state["stable"], self.store.config), _with(self.config, canary_share=0.0),
-                            replica_options(self.config)), name=self.app, route_prefix=self.config.route_prefix)
+            serve.run(
+                _bind(
+                    _source(state["stable"], self.store.config),
+                    _with(self.config, canary_share=0.0),
+                    replica_options(self.config),
+                ),
+                name=self.app,
+                route_prefix=self.config.route_prefix,
+            )
             self._drop_canary(state)
             self._save(state)
             return state["stable"]
@@ -118,8 +133,14 @@ class Rollout:
         state = self.state()
         apps = serve.status().applications
         live = {name: str(a.status) for name, a in apps.items() if name.startswith(self.app)}
-        return {"app": self.app, "url": self.config.url, "applications": live,
-                "stable": state["stable"], "canary": state["canary"], "versions": len(state["history"])}
+        return {
+            "app": self.app,
+            "url": self.config.url,
+            "applications": live,
+            "stable": state["stable"],
+            "canary": state["canary"],
+            "versions": len(state["history"]),
+        }
 
     def shutdown(self) -> None:
         for name in (self.app, _canary(self.app), _candidate(self.app)):
@@ -136,8 +157,10 @@ class Rollout:
                 raise ServingError(f"smoke prediction returned {proba!r}")
         except Exception as exc:
             serve.delete(name)
-            raise RolloutRefused(f"{source.label} did not become healthy ({type(exc).__name__}: {exc}); "
-                                 f"the current version keeps serving") from exc
+            raise RolloutRefused(
+                f"{source.label} did not become healthy ({type(exc).__name__}: {exc}); "
+                f"the current version keeps serving"
+            ) from exc
 
     def _drop_canary(self, state: dict[str, Any]) -> None:
         serve.delete(_canary(self.app))
@@ -173,7 +196,11 @@ def _source(entry: dict[str, Any] | None, store: StoreConfig) -> ModelSource:
     if entry is None:
         raise ServingError("nothing is deployed yet")
     return ModelSource(
-        digest=entry["digest"], version=entry["version"], model_name=entry["model_name"],
-        artifact=ArtifactRef(**entry["artifact"]) if entry.get("artifact") else None, store_config=store,
-        tracking_uri=entry["tracking_uri"], lineage=entry.get("lineage", {}),
+        digest=entry["digest"],
+        version=entry["version"],
+        model_name=entry["model_name"],
+        artifact=ArtifactRef(**entry["artifact"]) if entry.get("artifact") else None,
+        store_config=store,
+        tracking_uri=entry["tracking_uri"],
+        lineage=entry.get("lineage", {}),
     )

@@ -18,8 +18,9 @@ from typing import Any
 
 from rich.console import Console
 
+from serving.config import ServingError
 from storage import StorageError, StoreConfig, validate_name
-from workflows import store_cli
+from workflows import serve_cli, store_cli
 from workflows.errors import StageFailedError, TierflowError, ValidationError
 from workflows.hooks import RunInfo, StageRecord
 from workflows.loader import BUILTINS, load_workflow
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="show one run's stages: state, attempts, cache, node, device, duration")
     show.add_argument("run_id")
     store_cli.add_parser(sub)
+    serve_cli.add_parser(sub)
     for sp in (runs, show):
         sp.add_argument("--store", help="tier URLs (default: $TIERFLOW_STORE, else ./.tierflow/store)")
     return p
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "store":
             return store_cli.run(args, console)
+        if args.command == "serve":
+            return serve_cli.run(args, console)
         if args.command in ("runs", "show"):
             from workflows.runs import show_run, show_runs  # noqa: PLC0415
 
@@ -128,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(wf, params, args)
     except ValidationError as exc:
         console.print(f"[bold red]invalid:[/] {exc}", markup=True)
+        return EXIT_INVALID
+    except ServingError as exc:
+        console.print("[bold red]serving:[/]", end=" ")
+        console.print(str(exc), markup=False)
         return EXIT_INVALID
     except StorageError as exc:
         console.print(f"[bold red]storage error:[/] {exc}", markup=True)
@@ -277,6 +285,7 @@ def _undeploy(run: RunInfo) -> None:
         for app in apps:
             for name in (app, f"{app}-canary"):
                 serve.delete(name)
+
 
 def _summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> dict[str, Any]:
     return {

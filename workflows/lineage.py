@@ -203,13 +203,13 @@ class MLflowHook:
         if record.status == FAILED and not record.error.startswith("GateFailed"):
             return  # it crashed: no verdict on the model
         verdict = "failed" if record.status == FAILED else "passed"
-        for edge in run.workflow.upstream(record.name):
-            notes = run.records[edge.upstream].annotations
+        judged = [run.records[e.upstream] for e in run.workflow.upstream(record.name)] + [record]
+        for rec in judged:  # the upstream models it evaluated, and its own if it registers one
+            notes = rec.annotations
             if "tierflow.model_version" in notes:
                 name, version = notes["tierflow.model_name"], notes["tierflow.model_version"]
                 self.client.set_model_version_tag(name, version, GATE_TAG, verdict)
                 self.client.set_model_version_tag(name, version, "tierflow.gate_run", run.run_id)
-
 
     def _register(self, run: RunInfo, record: StageRecord, model_name: str, stage_run_id: str) -> None:
         art: ArtifactRef = record.artifact  # type: ignore[assignment]

@@ -14,7 +14,7 @@ from workflows.engine import run_workflow
 from workflows.lineage import MLflowHook
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_with_declared_gpu")]
-STAGES = ["preprocess", "train", "evaluate", "serve"]
+STAGES = ["preprocess", "train", "evaluate", "compress", "serve"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def digits_run(tmp_path_factory):
 def test_every_stage_ran_where_it_was_pinned(digits_run):
     run = digits_run["run"]
     assert run.status == "succeeded"
-    assert [r.status for r in run.records.values()] == ["succeeded"] * 4
+    assert [r.status for r in run.records.values()] == ["succeeded"] * 5
     train = run.records["train"]
     assert not train.decision.fallback_used  # the declared GPU exists, so no fallback
     assert train.result.gpu_ids == [0] and train.result.cuda_visible_devices == "0"
@@ -88,14 +88,25 @@ def test_inputs_are_logged_as_datasets_back_to_the_raw_data(digits_run):
     assert {t.key: t.value for t in eval_inputs["train"].tags}["tierflow.digest"] == train_art.digest
 
 
-def test_model_is_registered_and_linked_to_its_training_run(digits_run):
+def test_models_are_registered_gated_and_linked_to_their_runs(digits_run):
     run, client = digits_run["run"], MlflowClient(digits_run["uri"])
-    versions = client.search_model_versions("name = 'tierflow-digits'")
-    assert len(versions) == 1
-    v = versions[0]
-    assert v.run_id == run.records["train"].annotations["mlflow_run_id"]
-    assert v.tags["tierflow.digest"] == run.records["train"].artifact.digest
-    assert digits_run["serve"]["model_version"] == str(v.version)
+    versions = {v.run_id: v for v in client.search_model_versions("name = 'tierflow-digits'")}
+    train, compress = run.records["train"], run.records["compress"]
+    assert set(versions) == {train.annotations["mlflow_run_id"], compress.annotations["mlflow_run_id"]}
+    float_v, int8_v = versions[train.annotations["mlflow_run_id"]], versions[compress.annotations["mlflow_run_id"]]
+    assert float_v.tags["tierflow.digest"] == train.artifact.digest
+    assert int8_v.tags["tierflow.digest"] == compress.artifact.digest != train.artifact.digest
+    assert float_v.tags["tierflow.gate"] == int8_v.tags["tierflow.gate"] == "passed"
+    assert digits_run["serve"]["model_version"] == str(int8_v.version)  # the compressed model is what serves
+
+
+def test_compression_is_measured_and_within_one_point(digits_run):
+    run, client = digits_run["run"], MlflowClient(digits_run["uri"])
+    metrics = client.get_run(run.records["compress"].annotations["mlflow_run_id"]).data
+    assert metrics.tags["tierflow.compression"] == "applied"
+    m = metrics.metrics
+    assert m["accuracy_drop"] <= 0.01 and m["size_bytes_after"] < 0.5 * m["size_bytes_before"]
+    assert {"latency_ms_before", "latency_ms_after", "accuracy_after"} <= set(m)
 
 
 def test_endpoint_predicts_and_reports_its_lineage(digits_run):
@@ -106,7 +117,8 @@ def test_endpoint_predicts_and_reports_its_lineage(digits_run):
     assert body["predictions"] == [out["example_label"]]
     assert abs(sum(body["probabilities"][0]) - 1) < 1e-3
     info = httpx.get(f"{out['url']}/info", timeout=30).json()
-    assert info["model_digest"] == digits_run["run"].records["train"].artifact.digest
+    assert info["model_digest"] == digits_run["run"].records["compress"].artifact.digest
+    assert info["compression"] == "dynamic-int8"
     assert info["model_version"] == out["model_version"] and info["tierflow_run"] == digits_run["run"].run_id
     assert httpx.get(f"{out['url']}/healthz", timeout=30).json() == {"status": "ok"}
     assert httpx.get(f"{out['url']}/openapi.json", timeout=30).status_code == 200

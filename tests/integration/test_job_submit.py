@@ -41,7 +41,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # not resolved: a venv's python is a symlink to the base interpreter
 RAY = str(VENV_BIN / "ray")
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
-STAGES = ["preprocess", "train", "evaluate", "serve"]
+STAGES = ["preprocess", "train", "evaluate", "compress", "serve"]
 # Variables that would point the head, the CLI or the job somewhere other than where this module says
 # (a token from the environment would also differ from the one in TOKEN_FILE that the tests send).
 _FOREIGN_ENV = (
@@ -367,7 +367,8 @@ def test_submitted_digits_job_trains_serves_and_records_lineage(ray_head: RayHea
     assert endpoint["url"] == f"http://127.0.0.1:{ray_head.serve_port}/digits/predict"
     assert isinstance(endpoint["expected"], int)
     assert endpoint["response"].get("predictions") == [endpoint["expected"]], endpoint
-    assert endpoint["response"]["model_digest"] == summary["stages"][1]["digest"]
+    served = next(s for s in summary["stages"] if s["stage"] == "compress")  # what serve deployed
+    assert endpoint["response"]["model_digest"] == served["digest"]
     # ... and the app was deleted when the job ended (the proxy may still answer, but not this route).
     try:
         req = urllib.request.Request(endpoint["url"], data=b'{"instances": [[0]]}', method="POST")

@@ -1,5 +1,6 @@
 """The main job: scikit-learn digits -> preprocess (CPU) -> train (GPU, CPU fallback) -> evaluate
-(accuracy gate) -> serve (Ray Serve). The data set ships with scikit-learn: no download."""
+(accuracy gate) -> compress (int8, accuracy-drop gate) -> serve (Ray Serve). The data set ships with
+scikit-learn: no download."""
 
 from __future__ import annotations
 
@@ -127,9 +128,10 @@ def _raw_test_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 @stage(cpus=1, gate=True)
 def evaluate(ctx: StageContext, preprocess: pa.Table, train: Tensors, threshold: float = 0.9) -> dict[str, float]:
     """Accuracy of the exact artifact that will be served, on the held-out split; a gate."""
-    from serving.model import from_tensors, predict_proba  # noqa: PLC0415
+    from serving.compress import load_any  # noqa: PLC0415
+    from serving.model import predict_proba  # noqa: PLC0415
 
-    model, _ = from_tensors(train)
+    model, _ = load_any(train)
     x, y = _raw_test_rows(preprocess)
     accuracy = float((predict_proba(model, x).argmax(1) == y).mean())
     ctx.log_metric("accuracy", accuracy)
@@ -138,11 +140,49 @@ def evaluate(ctx: StageContext, preprocess: pa.Table, train: Tensors, threshold:
     return {"accuracy": accuracy, "threshold": threshold, "test_rows": len(y)}
 
 
-@stage(cpus=0.25, cache=False)
-def serve(
+@stage(cpus=1, register_model="tierflow-digits", gate=True)
+def compress(
     ctx: StageContext,
     preprocess: pa.Table,
     train: Tensors,
+    evaluate: dict[str, float],
+    prune_amount: float = 0.3,
+    max_accuracy_drop: float = 0.01,
+) -> Tensors:
+    """Prune + int8-quantise the evaluated model; keep it only if held-out accuracy drops by <= max_accuracy_drop.
+
+    Otherwise the original weights pass through unchanged (same digest, so no new registry version).
+    """
+    import torch  # noqa: PLC0415
+
+    from serving.compress import compress as compress_bundle  # noqa: PLC0415
+    from serving.compress import measure  # noqa: PLC0415
+
+    if max_accuracy_drop < 0:
+        raise ValueError(f"max_accuracy_drop={max_accuracy_drop!r} must be >= 0")
+    candidate = compress_bundle(train, prune_amount=prune_amount)
+    x, y = _raw_test_rows(preprocess)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # comparable latencies; restored because the actor may run other stages
+    try:
+        before, after = measure(train, x, y), measure(candidate, x, y)
+    finally:
+        torch.set_num_threads(threads)
+    drop = before["accuracy"] - after["accuracy"]
+    for key in ("accuracy", "size_bytes", "latency_ms"):
+        ctx.log_metric(f"{key}_before", before[key])
+        ctx.log_metric(f"{key}_after", after[key])
+    ctx.log_metrics({"accuracy_drop": drop, "size_ratio": after["size_bytes"] / before["size_bytes"]})
+    applied = drop <= max_accuracy_drop + 1e-9  # accuracies are multiples of 1/len(y)
+    ctx.set_tag("tierflow.compression", "applied" if applied else "rejected")
+    return candidate if applied else train
+
+
+@stage(cpus=0.25, cache=False, inputs={"model": "compress"})
+def serve(
+    ctx: StageContext,
+    preprocess: pa.Table,
+    model: Tensors,
     evaluate: dict[str, float],
     app_name: str = "digits",
     host: str = "127.0.0.1",
@@ -160,18 +200,28 @@ def serve(
     from serving.config import ModelSource, ServeConfig  # noqa: PLC0415
     from serving.rollout import Rollout  # noqa: PLC0415
 
-    facts = ctx.upstream["train"]
+    facts = ctx.upstream["model"]
     lineage = {k.removeprefix("tierflow."): v for k, v in facts.items() if k.startswith("tierflow.model")}
     lineage |= {"training_run": facts.get("run_id", ""), "tierflow_run": ctx.run_id}
     source = ModelSource(
-        digest=facts["digest"], version=facts.get("tierflow.model_version", ""),
-        model_name=facts.get("tierflow.model_name", ""), artifact=ctx.input_refs["train"],
-        store_config=ctx.store_config, lineage=lineage,
+        digest=facts["digest"],
+        version=facts.get("tierflow.model_version", ""),
+        model_name=facts.get("tierflow.model_name", ""),
+        artifact=ctx.input_refs["model"],
+        store_config=ctx.store_config,
+        lineage=lineage,
     )
     config = ServeConfig(
-        app_name=app_name, host=host, port=port, num_cpus=replica_cpus, min_replicas=min_replicas,
-        max_replicas=max_replicas, max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
-        max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
+        app_name=app_name,
+        host=host,
+        port=port,
+        num_cpus=replica_cpus,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_timeout_s,
+        max_ongoing_requests=max_ongoing_requests,
+        max_queued_requests=max_queued_requests,
     )
     url = Rollout(ctx.store_config, config).deploy(source, canary_share=canary_share)  # type: ignore[arg-type]
     ctx.set_tag("tierflow.endpoint", url)
@@ -190,6 +240,6 @@ def serve(
 
 digits = Workflow(
     "digits",
-    [preprocess, train, evaluate, serve],
-    description="scikit-learn digits: preprocess -> train (GPU or CPU) -> evaluate -> serve",
+    [preprocess, train, evaluate, compress, serve],
+    description="scikit-learn digits: preprocess -> train (GPU or CPU) -> evaluate -> compress (int8) -> serve",
 )

@@ -1,0 +1,217 @@
+"""Production serving on real Ray Serve over HTTP: rollout from the MLflow registry, bad input, overload."""
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from mlflow import MlflowClient
+from ray import serve
+
+from serving.config import ModelSource, RolloutRefused, ServeConfig
+from serving.loading import registry_source
+from serving.rollout import Rollout
+from storage import StoreConfig
+from tests.conftest import free_port, start_local_ray
+from workflows import StageFailedError, Workflow
+from workflows.builtin.digits import _raw_test_rows, evaluate, preprocess, train
+from workflows.engine import run_workflow
+from workflows.lineage import MLflowHook
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "tierflow-digits"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import ray
+
+    tmp = tmp_path_factory.mktemp("serving")
+    start_local_ray(num_cpus=4)
+    store = StoreConfig.from_urls([str(tmp / "store")])
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    wf = Workflow("serving_models", [preprocess, train, evaluate])
+    for seed in (0, 1):
+        run_workflow(wf, params={"train.epochs": 8, "train.seed": seed}, store_config=store, hooks=[MLflowHook(uri)])
+    with pytest.raises(StageFailedError, match="GateFailed"):
+        run_workflow(
+            wf,
+            params={"train.epochs": 1, "train.seed": 2, "evaluate.threshold": 0.999},
+            store_config=store,
+            hooks=[MLflowHook(uri)],
+        )
+    port = free_port()
+    table = None
+    from storage import ArtifactStore
+
+    prep = next(m for m in ArtifactStore(store).manifests() if m.stage == "preprocess")
+    table = ArtifactStore(store).get(prep)
+    x, y = _raw_test_rows(table)
+    yield {"store": store, "uri": uri, "port": port, "x": x, "y": y, "tmp": tmp}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def cfg(env, **kw) -> ServeConfig:
+    return ServeConfig(port=env["port"], **kw)
+
+
+def predict(env, app="digits", rows=None, timeout=30):
+    rows = env["x"][:4].tolist() if rows is None else rows
+    return httpx.post(f"http://127.0.0.1:{env['port']}/{app}/predict", json={"instances": rows}, timeout=timeout)
+
+
+def test_registry_versions_carry_their_gate_verdict(env):
+    client = MlflowClient(env["uri"])
+    gates = {int(v.version): v.tags.get("tierflow.gate") for v in client.search_model_versions(f"name = '{MODEL}'")}
+    assert gates == {1: "passed", 2: "passed", 3: "failed"}
+
+
+def test_deploy_from_the_registry_and_predict(env):
+    url = Rollout(env["store"], cfg(env)).deploy(registry_source(f"models:/{MODEL}/1", env["uri"]))
+    r = predict(env)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model_version"] == "1" and body["served_by"] == "stable"
+    assert sum(p == t for p, t in zip(body["predictions"], env["y"][:4], strict=True)) >= 3
+    info = httpx.get(f"{url}/info", timeout=10).json()
+    assert info["model_name"] == MODEL and info["gate"] == "passed"
+    assert httpx.get(f"{url}/readyz", timeout=10).json()["ready"] is True
+    assert "/predict" in httpx.get(f"{url}/openapi.json", timeout=10).text
+
+
+@pytest.mark.parametrize(
+    ("content", "headers", "status"),
+    [
+        ('{"instances": [[1, 2,', None, 422),
+        (json.dumps({"instances": [["a"] * 64]}), None, 422),
+        (json.dumps({"instances": [[1.0] * 63]}), None, 422),
+        (json.dumps({"instances": [[[1.0]] * 64]}), None, 422),
+        (json.dumps({"instances": None}), None, 422),
+        (json.dumps([1, 2, 3]), None, 422),
+        ("instances=1", {"content-type": "text/plain"}, 422),
+        (json.dumps({"instances": [[0.5] * 64] * 2000}), None, 413),  # ~1.3 MB: over the 1 MiB body limit
+        (json.dumps({"instances": [[1] * 64] * 1025}), None, 413),  # under the byte limit, over max_rows
+    ],
+)
+def test_bad_input_is_a_4xx_and_the_replica_stays_healthy(env, content, headers, status):
+    url = f"http://127.0.0.1:{env['port']}/digits/predict"
+    r = httpx.post(url, content=content, headers=headers or {"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    assert "detail" in r.json()
+    assert predict(env).status_code == 200
+
+
+def test_a_chunked_oversized_body_is_refused(env):
+    def chunks():
+        for _ in range(40):
+            yield b"[" + b"0.5," * 10_000 + b"0.5]"
+
+    url = f"http://127.0.0.1:{env['port']}/digits/predict"
+    r = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413
+    assert predict(env).status_code == 200
+
+
+def test_a_version_that_failed_its_gate_is_refused_and_the_old_keeps_serving(env):
+    with pytest.raises(RolloutRefused, match=r"tierflow\.gate=failed"):
+        registry_source(f"models:/{MODEL}/3", env["uri"])
+    assert predict(env).json()["model_version"] == "1"
+
+
+def test_an_unhealthy_version_is_refused_and_the_old_keeps_serving(env):
+    good = registry_source(f"models:/{MODEL}/2", env["uri"])
+    broken = ModelSource(digest="0" * 64, version="2", model_name=MODEL, tracking_uri=env["uri"])
+    assert good.digest != broken.digest
+    with pytest.raises(RolloutRefused, match=r"did not become healthy.*keeps serving"):
+        Rollout(env["store"], cfg(env)).deploy(broken)
+    assert predict(env).json()["model_version"] == "1"
+    assert "digits-candidate" not in serve.status().applications
+
+
+def test_canary_then_promote_then_rollback(env):
+    rollout = Rollout(env["store"], cfg(env))
+    rollout.deploy(registry_source(f"models:/{MODEL}/2", env["uri"]), canary_share=0.5)
+    seen = {(b["served_by"], b["model_version"]) for b in (predict(env).json() for _ in range(40))}
+    assert seen == {("stable", "1"), ("canary", "2")}
+    assert rollout.status()["canary"]["version"] == "2"
+    rollout.promote()
+    assert {predict(env).json()["model_version"] for _ in range(10)} == {"2"}
+    assert "digits-canary" not in serve.status().applications
+    back = rollout.rollback()
+    assert back["version"] == "1"
+    assert {predict(env).json()["model_version"] for _ in range(10)} == {"1"}
+
+
+async def _burst(url: str, n: int) -> list[tuple[int, float]]:
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def one() -> tuple[int, float]:
+            t0 = time.perf_counter()
+            r = await client.post(url, json={"instances": [[0.0] * 64]})
+            return r.status_code, time.perf_counter() - t0
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+def test_overload_answers_503_fast_and_recovers(env):
+    # Each request waits ~1 s for its batch to fill: 2 in flight + 2 queued, the rest are refused.
+    slow = cfg(
+        env, app_name="slow", max_ongoing_requests=2, max_queued_requests=2, max_batch_size=64, batch_wait_timeout_s=1.0
+    )
+    Rollout(env["store"], slow).deploy(registry_source(f"models:/{MODEL}/1", env["uri"]))
+    results = asyncio.run(_burst(f"http://127.0.0.1:{env['port']}/slow/predict", 20))
+    codes = [c for c, _ in results]
+    assert codes.count(503) >= 10 and codes.count(200) >= 2, codes
+    assert max(t for c, t in results if c == 503) < 1.0  # refused at once, not after a timeout
+    assert max(t for c, t in results if c == 200) < 5.0  # accepted requests keep bounded latency
+    time.sleep(1.5)
+    assert predict(env, app="slow").status_code == 200  # recovered once the burst is over
+    stats = httpx.get(f"http://127.0.0.1:{env['port']}/slow/stats", timeout=10).json()
+    assert stats["requests"] >= 3 and stats["batch_size_max"] >= 2  # concurrent requests were batched
+    Rollout(env["store"], slow).shutdown()
+
+
+def test_serve_build_writes_a_config_serve_can_run(env, tmp_path):
+    out = tmp_path / "serve_config.yaml"
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "workflows",
+            "serve",
+            "build",
+            f"models:/{MODEL}/2",
+            "--app",
+            "built",
+            "--port",
+            str(env["port"]),
+            "--tracking-uri",
+            env["uri"],
+            "-o",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = yaml.safe_load(out.read_text())
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(doc)
+    assert schema.http_options.host == "127.0.0.1"
+    app = schema.applications[0]
+    assert app.import_path == "serving.app:build_app" and app.route_prefix == "/built"
+    from serving.app import build_app
+
+    serve.run(build_app(app.args), name=app.name, route_prefix=app.route_prefix)
+    assert predict(env, app="built").json()["model_version"] == "2"
+    serve.delete("built")

@@ -1,0 +1,113 @@
+"""`tierflow serve deploy | status | promote | rollback | build`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from serving.config import ServeConfig
+
+_SETTINGS = (
+    "num_cpus",
+    "min_replicas",
+    "max_replicas",
+    "max_batch_size",
+    "batch_wait_timeout_s",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "max_body_bytes",
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    serve_p = sub.add_parser("serve", help="deploy and manage model endpoints on Ray Serve")
+    ops = serve_p.add_subparsers(dest="serve_command", required=True)
+    deploy = ops.add_parser("deploy", help="roll out a registered model version (blue/green, optional canary)")
+    deploy.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    deploy.add_argument("--canary-share", type=float, default=0.0, help="send this share to the new version")
+    ops.add_parser("status", help="what is serving, canary, history, and the replica's request statistics")
+    ops.add_parser("promote", help="make the canary the stable version")
+    ops.add_parser("rollback", help="drop the canary, or go back to the previous stable version")
+    build = ops.add_parser("build", help="write a Serve config YAML for `serve run` / `serve deploy`")
+    build.add_argument("model_uri")
+    build.add_argument("-o", "--output", type=Path, default=Path("serve_config.yaml"))
+    for p in ops.choices.values():
+        p.add_argument("--app", default="digits", help="application name (route /APP)")
+        p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you mean it)")
+        p.add_argument("--port", type=int, default=8000)
+        p.add_argument("--address", help="Ray cluster (default: $RAY_ADDRESS)")
+        p.add_argument("--store", help="tier URLs or a .toml file (rollout state lives on the durable tier)")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+        for name in _SETTINGS:
+            p.add_argument(f"--{name.replace('_', '-')}", type=float if "timeout" in name or "cpus" in name else int)
+
+
+def _config(args: argparse.Namespace) -> ServeConfig:
+    extra = {k: getattr(args, k) for k in _SETTINGS if getattr(args, k) is not None}
+    return ServeConfig(app_name=args.app, host=args.host, port=args.port, **extra)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    from storage import StoreConfig  # noqa: PLC0415
+    from workflows.lineage import default_tracking_uri  # noqa: PLC0415
+
+    config = _config(args)
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    if args.serve_command == "build":
+        _build(args, config, tracking_uri, console)
+        return 0
+    from actors.ray_api import connect  # noqa: PLC0415
+    from serving.loading import registry_source  # noqa: PLC0415
+    from serving.rollout import Rollout  # noqa: PLC0415
+
+    connect(args.address)
+    rollout = Rollout(StoreConfig.resolve(args.store), config)
+    if args.serve_command == "deploy":
+        url = rollout.deploy(registry_source(args.model_uri, tracking_uri), canary_share=args.canary_share)
+        console.print(
+            f"serving {args.model_uri} at {url}" + (f" (canary {args.canary_share:.0%})" if args.canary_share else "")
+        )
+    elif args.serve_command == "promote":
+        console.print(f"canary promoted; serving at {rollout.promote()}")
+    elif args.serve_command == "rollback":
+        back = rollout.rollback()
+        console.print(f"rolled back to {back['model_name']} v{back['version']} ({back['digest'][:12]})")
+    else:
+        console.print_json(json.dumps(_status(rollout), default=str))
+    return 0
+
+
+def _status(rollout: Any) -> dict[str, Any]:
+    import urllib.request  # noqa: PLC0415
+
+    status = rollout.status()
+    try:
+        with urllib.request.urlopen(f"{status['url']}/stats", timeout=5) as resp:  # noqa: S310  # our loopback URL
+            status["stats"] = json.loads(resp.read())
+    except OSError as exc:
+        status["stats"] = {"error": str(exc)}
+    return status
+
+
+def _build(args: argparse.Namespace, config: ServeConfig, tracking_uri: str, console: Console) -> None:
+    """A Serve config whose application is built by `serving.app:build_app` from the registry version."""
+    app_args = {k: v for k, v in config.to_dict().items() if k not in ("host", "port", "canary_share")}
+    doc = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": config.host, "port": config.port},
+        "applications": [
+            {
+                "name": config.app_name,
+                "route_prefix": config.route_prefix,
+                "import_path": "serving.app:build_app",
+                "args": {"model_uri": args.model_uri, "tracking_uri": tracking_uri, **app_args},
+            }
+        ],
+    }
+    args.output.write_text(yaml.safe_dump(doc, sort_keys=False))
+    console.print(f"wrote {args.output}; run it with: serve run {args.output}  (or serve deploy {args.output})")
