@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from actors.placement import decide, ray_options
+from actors.placement import NodeInfo, decide, ray_options
 from actors.ray_api import cluster_nodes
 from serving.config import ModelSource, RolloutRefused, ServeConfig, ServingError
 from storage import ArtifactNotFoundError, ArtifactRef, ArtifactStore, StoreConfig
@@ -32,9 +32,9 @@ def _canary(app: str) -> str:
     return f"{app}-canary"
 
 
-def replica_options(config: ServeConfig) -> dict[str, Any]:
+def replica_options(config: ServeConfig, nodes: list[NodeInfo] | None = None) -> dict[str, Any]:
     """Replicas are placed like stages: as declared if a node fits, else the CPU fallback, else refused."""
-    decision = decide(f"{config.app_name} replica", config.resources(), cluster_nodes())
+    decision = decide(f"{config.app_name} replica", config.resources(), cluster_nodes() if nodes is None else nodes)
     if not decision.feasible:
         raise RolloutRefused(decision.reason)
     opts = ray_options(decision.effective)  # type: ignore[arg-type]
@@ -132,7 +132,9 @@ class Rollout:
     def status(self) -> dict[str, Any]:
         state = self.state()
         apps = serve.status().applications
-        live = {name: str(a.status) for name, a in apps.items() if name.startswith(self.app)}
+        live = {
+            name: getattr(a.status, "value", str(a.status)) for name, a in apps.items() if name.startswith(self.app)
+        }
         return {
             "app": self.app,
             "url": self.config.url,
@@ -141,6 +143,30 @@ class Rollout:
             "canary": state["canary"],
             "versions": len(state["history"]),
         }
+
+    def log_stats(self, tracking_uri: str, stats: dict[str, Any]) -> str:
+        """Summarise the endpoint's request statistics in MLflow: one run per app in `tierflow-serving`."""
+        from mlflow import MlflowClient  # noqa: PLC0415
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        client = MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name("tierflow-serving")
+        exp_id = exp.experiment_id if exp else client.create_experiment("tierflow-serving")
+        found = client.search_runs([exp_id], f"tags.`tierflow.app` = '{self.app}'", max_results=1)
+        run_id = found[0].info.run_id if found else client.create_run(exp_id, run_name=f"serve-{self.app}").info.run_id
+        stable = self.state()["stable"] or {}
+        for key, value in {
+            "tierflow.app": self.app,
+            "tierflow.model_name": stable.get("model_name", ""),
+            "tierflow.model_version": stable.get("version", ""),
+            "tierflow.model_digest": stable.get("digest", ""),
+        }.items():
+            client.set_tag(run_id, key, value)
+        now = int(time.time() * 1000)
+        step = len(client.get_metric_history(run_id, "requests"))
+        numeric = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
+        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in numeric.items()])
+        return run_id
 
     def shutdown(self) -> None:
         for name in (self.app, _canary(self.app), _candidate(self.app)):

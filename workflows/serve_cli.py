@@ -30,7 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     deploy = ops.add_parser("deploy", help="roll out a registered model version (blue/green, optional canary)")
     deploy.add_argument("model_uri", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     deploy.add_argument("--canary-share", type=float, default=0.0, help="send this share to the new version")
-    ops.add_parser("status", help="what is serving, canary, history, and the replica's request statistics")
+    status = ops.add_parser("status", help="what is serving, canary, history, and the replica's request statistics")
+    status.add_argument(
+        "--log-mlflow",
+        action="store_true",
+        help="also record the request statistics in MLflow (experiment tierflow-serving)",
+    )
     ops.add_parser("promote", help="make the canary the stable version")
     ops.add_parser("rollback", help="drop the canary, or go back to the previous stable version")
     build = ops.add_parser("build", help="write a Serve config YAML for `serve run` / `serve deploy`")
@@ -78,7 +83,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
         back = rollout.rollback()
         console.print(f"rolled back to {back['model_name']} v{back['version']} ({back['digest'][:12]})")
     else:
-        console.print_json(json.dumps(_status(rollout), default=str))
+        status = _status(rollout)
+        if args.log_mlflow and "error" not in status["stats"]:
+            status["mlflow_run_id"] = rollout.log_stats(tracking_uri, status["stats"])
+        console.print_json(json.dumps(status, default=str))
     return 0
 
 

@@ -215,3 +215,32 @@ def test_serve_build_writes_a_config_serve_can_run(env, tmp_path):
     serve.run(build_app(app.args), name=app.name, route_prefix=app.route_prefix)
     assert predict(env, app="built").json()["model_version"] == "2"
     serve.delete("built")
+
+
+def serve_cli(env, *args: str) -> subprocess.CompletedProcess:
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "workflows", "serve", *args, "--address", address, "--port", str(env["port"]),
+           "--store", str(env["store"].durable_url), "--tracking-uri", env["uri"]]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=180)
+
+
+def test_cli_deploy_status_with_mlflow_summary_and_rollback(env):
+    refused = serve_cli(env, "deploy", f"models:/{MODEL}/3")
+    assert refused.returncode == 2 and "tierflow.gate=failed" in refused.stdout
+    ok = serve_cli(env, "deploy", f"models:/{MODEL}/2")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for _ in range(5):
+        assert predict(env).json()["model_version"] == "2"
+    status = serve_cli(env, "status", "--log-mlflow")
+    assert status.returncode == 0, status.stdout + status.stderr
+    doc = json.loads(status.stdout[status.stdout.index("{"):])
+    assert doc["stable"]["version"] == "2" and doc["applications"]["digits"] == "RUNNING"
+    assert doc["stats"]["requests"] >= 5 and doc["stats"]["latency_ms_p99"] >= doc["stats"]["latency_ms_p50"] > 0
+    run = MlflowClient(env["uri"]).get_run(doc["mlflow_run_id"])
+    assert run.data.tags["tierflow.model_version"] == "2" and run.data.metrics["requests"] >= 5
+    assert {"latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "batch_size_mean"} <= set(run.data.metrics)
+    back = serve_cli(env, "rollback")
+    assert back.returncode == 0 and "v1" in back.stdout
+    assert predict(env).json()["model_version"] == "1"

@@ -1,0 +1,51 @@
+"""Serving settings and replica placement are plain data and pure decisions: no Ray needed."""
+
+import pytest
+
+from actors.placement import NodeInfo
+from serving.config import ModelSource, RolloutRefused, ServeConfig, ServingError
+from serving.rollout import replica_options
+
+CPU = NodeInfo("cpu", {"CPU": 4.0})
+GPU = NodeInfo("gpu", {"CPU": 4.0, "GPU": 1.0, "accelerator_type:T4": 1.0})
+
+
+def test_fixed_replicas_or_autoscaling():
+    assert ServeConfig().deployment_options({"num_cpus": 1})["num_replicas"] == 1
+    opts = ServeConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=3).deployment_options({})
+    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
+    assert "num_replicas" not in opts
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (16, 64)
+
+
+def test_replicas_are_placed_like_stages():
+    gpu = ServeConfig(num_cpus=0.5, num_gpus=0.5, accelerator_type="T4", fallback="cpu")
+    assert replica_options(gpu, [CPU, GPU]) == {"num_cpus": 0.5, "num_gpus": 0.5, "accelerator_type": "T4"}
+    assert replica_options(gpu, [CPU]) == {"num_cpus": 0.5}  # CPU fallback
+    with pytest.raises(RolloutRefused, match=r"asks for .*GPU=0\.5.* no node can satisfy it"):
+        replica_options(ServeConfig(num_gpus=0.5), [CPU])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"app_name": "Digits!"}, "app_name"),
+        ({"port": 0}, "port"),
+        ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_queued_requests": -2}, "max_queued_requests"),
+        ({"canary_share": 1.0}, "canary_share"),
+        ({"max_body_bytes": 10}, "max_body_bytes"),
+        ({"num_gpus": 1.5}, "fractions are allowed below 1 only"),
+        ({"accelerator_type": "A100"}, "needs gpus > 0"),
+    ],
+)
+def test_bad_settings_name_the_problem(kwargs, needle):
+    with pytest.raises(ServingError, match=needle):
+        ServeConfig(**kwargs)
+
+
+def test_a_model_source_needs_an_artifact_or_a_registry_version():
+    with pytest.raises(ServingError, match="needs a store artifact or an MLflow model"):
+        ModelSource(digest="0" * 64)
+    assert ModelSource(digest="0" * 64, version="3", model_name="m", tracking_uri="sqlite:///x").label == "m v3"
