@@ -1,4 +1,4 @@
-"""Serving under load: tierflow's Serve app (batching on / off) vs a bare Ray Serve deployment, open-loop.
+"""Serving under load: tierflow's Serve app (batching on / off) vs a bare Ray Serve deployment, open loop.
 
 Peers, each 1 replica with the same `num_cpus`, `max_ongoing_requests` and `max_queued_requests`:
   tierflow batching on   `Rollout.deploy` of `serving.app` (FastAPI + pydantic), max_batch_size=32, wait 5 ms
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 os.environ["RAY_AUTH_MODE"] = "token"  # before Ray is imported (tierflow's clusters run token auth)
+os.environ["RAY_SERVE_LOG_TO_STDERR"] = "0"  # access logs to files only: not streamed into this process
 
 import argparse
 import asyncio
@@ -52,6 +53,7 @@ from workflows.builtin.digits import _raw_test_rows, preprocess, train
 BENCH_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 SECTION = "serving_load"
 PEERS = {"tf-batch": "tierflow, batching on", "tf-nobatch": "tierflow, batching off", "bare": "bare Ray Serve"}
+ROLES = ("client", "proxy", "replica", "ray", "outside")
 
 
 @serve.deployment
@@ -71,37 +73,54 @@ class Run:
     mode: str  # "0.5xC" ... or "closed 64"
     duration: float
     offered: float = 0.0  # req/s scheduled (open loop)
-    sent: int = 0
-    lag_ms: list[float] = field(default_factory=list)  # actual - scheduled send time
+    lag_ms: list[float] = field(default_factory=lambda: [0.0])  # actual - scheduled send time
     recs: list[tuple[float, int]] = field(default_factory=list)  # (latency s, status; -1 = exception)
-    ok_in_window: int = 0
-    client_cpu: float = 0.0  # this process (load generator + idle Ray driver), % of one core
-    machine_cpu: float = 0.0  # both cores, %
+    ok_in_window: int = 0  # 200s completed before the end of the sending window
+    cpu: dict[str, float] = field(default_factory=dict)  # % of one core by role
 
     def lat(self, q: float) -> float:
         ok = [t for t, s in self.recs if s == 200]
         return float(np.percentile(ok, q)) * 1e3 if ok else float("nan")
 
-    @property
-    def codes(self) -> Counter[int]:
-        return Counter(s for _, s in self.recs)
+    def cells(self) -> str:
+        c = Counter(s for _, s in self.recs)
+        cpu = " / ".join(f"{self.cpu[k]:.0f}" for k in ROLES)
+        return (
+            f"{self.ok_in_window / self.duration:,.1f} | {self.lat(50):.1f} | {self.lat(99):.1f} | {c[503]} | "
+            f"{sum(c.values()) - c[200] - c[503]} | {cpu} |"
+        )
 
-    @property
-    def throughput(self) -> float:
-        return self.ok_in_window / self.duration
 
-
-def cpu_busy() -> tuple[float, float]:
-    vals = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return sum(vals) - vals[3] - vals[4], sum(vals)  # busy, total jiffies (idle + iowait excluded)
+def cpu_seconds(peer: str) -> dict[str, float]:
+    """CPU seconds so far: this process, the Serve proxy, the peer's replica, the rest of our Ray, the rest."""
+    tick, procs = os.sysconf("SC_CLK_TCK"), {}
+    for d in Path("/proc").iterdir():
+        try:
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            procs[int(d.name)] = (int(f[1]), (int(f[11]) + int(f[12])) / tick, (d / "cmdline").read_bytes())
+        except (OSError, ValueError, IndexError):
+            continue
+    ours, grew = {os.getpid()}, True
+    while grew:  # Ray's processes descend from this driver (ray.init("local") starts them)
+        new = {p for p, (pp, _, _) in procs.items() if pp in ours} - ours
+        ours, grew = ours | new, bool(new)
+    out = dict.fromkeys(ROLES, 0.0)
+    for pid in ours & procs.keys():
+        cmd = procs[pid][2]
+        role = "client" if pid == os.getpid() else "proxy" if b"ProxyActor" in cmd else "ray"
+        role = "replica" if f"ServeReplica:{peer}:".encode() in cmd else role
+        out[role] += procs[pid][1]
+    stat = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    out["outside"] = (sum(stat) - stat[3] - stat[4]) / tick - sum(out.values())  # machine busy - ours
+    return out
 
 
 async def measured(run: Run, work: Any) -> Run:
-    b0, t0, c0, w0 = *cpu_busy(), time.process_time(), time.perf_counter()
+    c0, w0 = cpu_seconds(run.peer), time.perf_counter()
     await work
-    b1, t1 = cpu_busy()
-    run.machine_cpu = 100 * (b1 - b0) / max(t1 - t0, 1)
-    run.client_cpu = 100 * (time.process_time() - c0) / (time.perf_counter() - w0)
+    c1, wall = cpu_seconds(run.peer), time.perf_counter() - w0
+    run.cpu = {k: 100 * (c1[k] - c0[k]) / wall for k in ROLES}
+    print(f"{run.peer:10} {run.mode:9} {run.cells()}", file=sys.stderr)
     return run
 
 
@@ -116,16 +135,13 @@ async def post(client: httpx.AsyncClient, url: str, body: bytes, start: float, e
 
 
 async def open_loop(client: httpx.AsyncClient, url: str, bodies: list[bytes], run: Run) -> None:
-    n = int(run.offered * run.duration)
-    t0 = time.perf_counter() + 0.05
-    end, tasks = t0 + run.duration, []
-    for i in range(n):
+    t0, tasks = time.perf_counter() + 0.05, []
+    for i in range(int(run.offered * run.duration)):
         sched = t0 + i / run.offered
         if (delay := sched - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
         run.lag_ms.append((time.perf_counter() - sched) * 1e3)
-        tasks.append(asyncio.create_task(post(client, url, bodies[i % len(bodies)], sched, end, run)))
-    run.sent = n
+        tasks.append(asyncio.create_task(post(client, url, bodies[i % len(bodies)], sched, t0 + run.duration, run)))
     await asyncio.gather(*tasks)
 
 
@@ -134,20 +150,9 @@ async def closed_loop(client: httpx.AsyncClient, url: str, bodies: list[bytes], 
 
     async def worker(k: int) -> None:
         while (now := time.perf_counter()) < end:
-            await post(client, url, bodies[(k + run.sent) % len(bodies)], now, end, run)
-            run.sent += 1
+            await post(client, url, bodies[(k + len(run.recs)) % len(bodies)], now, end, run)
 
     await asyncio.gather(*(worker(k) for k in range(conc)))
-
-
-def progress(run: Run) -> None:
-    c = run.codes
-    print(
-        f"{run.peer:10} {run.mode:10} {run.throughput:7.1f} ok/s p50 {run.lat(50):7.1f} ms p99 {run.lat(99):7.1f} ms "
-        f"503={c[503]} other={sum(c.values()) - c[200] - c[503]} client {run.client_cpu:.0f}% machine "
-        f"{run.machine_cpu:.0f}%",
-        file=sys.stderr,
-    )
 
 
 async def bench(base: str, bodies: list[bytes], duration: float) -> tuple[Run, list[Run], list[Run], dict]:
@@ -157,21 +162,17 @@ async def bench(base: str, bodies: list[bytes], duration: float) -> tuple[Run, l
             await closed_loop(client, f"{base}/{peer}/predict", bodies, Run(peer, "warm-up", 1.0), 16)
         cap = Run("tf-batch", "closed 32", duration)
         await measured(cap, closed_loop(client, f"{base}/tf-batch/predict", bodies, cap, 32))
-        progress(cap)
-        capacity = cap.throughput
         runs: list[Run] = []
         for mult in (0.5, 1.0, 2.0):
             for peer in PEERS:
                 await asyncio.sleep(1.0)  # let queues drain
-                run = Run(peer, f"{mult:g}xC", duration, offered=mult * capacity)
+                run = Run(peer, f"{mult:g}xC", duration, offered=mult * cap.ok_in_window / duration)
                 runs.append(await measured(run, open_loop(client, f"{base}/{peer}/predict", bodies, run)))
-                progress(run)
         sat: list[Run] = []
         for peer in PEERS:
             await asyncio.sleep(1.0)
             run = Run(peer, "closed 64", duration)
             sat.append(await measured(run, closed_loop(client, f"{base}/{peer}/predict", bodies, run, 64)))
-            progress(run)
         stats = (await client.get(f"{base}/tf-batch/stats")).json()
     return cap, runs, sat, stats
 
@@ -197,10 +198,8 @@ def deploy(store_cfg: StoreConfig, source: ModelSource, port: int, ongoing: int,
     on = ServeConfig(app_name="tf-batch", max_batch_size=32, batch_wait_timeout_s=0.005, **common)
     Rollout(store_cfg, on).deploy(source)
     Rollout(store_cfg, ServeConfig(app_name="tf-nobatch", max_batch_size=1, **common)).deploy(source)
-    bare = Bare.options(
-        ray_actor_options=replica_options(on), num_replicas=1, max_ongoing_requests=ongoing, max_queued_requests=queued
-    )
-    serve.run(bare.bind(source), name="bare", route_prefix="/bare")
+    opts = {"ray_actor_options": replica_options(on), "max_ongoing_requests": ongoing, "max_queued_requests": queued}
+    serve.run(Bare.options(num_replicas=1, **opts).bind(source), name="bare", route_prefix="/bare")
     return on
 
 
@@ -211,53 +210,42 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {kib / 2**20:.1f} GiB RAM, {model}"
 
 
-def row(r: Run, *cells: str) -> str:
-    c = r.codes
-    other = sum(c.values()) - c[200] - c[503]
-    return (
-        f"| {' | '.join(cells)} | {r.throughput:,.1f} | {r.lat(50):.1f} | {r.lat(99):.1f} | {c[503]} | {other} "
-        f"| {r.client_cpu:.0f} | {r.machine_cpu:.0f} |"
-    )
-
-
-def verdict(ok: bool) -> str:
-    return "met" if ok else "**missed**"
-
-
-def report(cap_run: Run, runs: list[Run], sat: list[Run], stats: dict, head: list[str]) -> str:
-    capacity = cap_run.throughput
-    tail = "p50 ms | p99 ms | 503 | other errors | client CPU % | machine CPU % |"
-    open_rows = [row(r, r.mode, PEERS[r.peer], f"{r.offered:,.0f}", f"{np.percentile(r.lag_ms, 99):.1f}") for r in runs]
-    sat_by = {r.peer: r for r in sat}
-    half = {r.peer: r for r in runs if r.mode == "0.5xC"}
-    batch_x = sat_by["tf-batch"].throughput / sat_by["tf-nobatch"].throughput
-    p50_x = half["tf-batch"].lat(50) / half["bare"].lat(50)
-    bare_sat = sat_by["bare"].throughput
+def report(cap: Run, runs: list[Run], sat: list[Run], stats: dict, head: list[str]) -> str:
+    tail = "p50 ms | p99 ms | 503 | other errors | CPU % client / proxy / replica / rest of Ray / outside |"
+    sat_by, half = {r.peer: r for r in sat}, {r.peer: r for r in runs if r.mode == "0.5xC"}
+    batch_x = sat_by["tf-batch"].ok_in_window / sat_by["tf-nobatch"].ok_in_window
+    p50_x, p50_off = (half[p].lat(50) / half["bare"].lat(50) for p in ("tf-batch", "tf-nobatch"))
+    on_bare, off_bare = (sat_by[p].ok_in_window / sat_by["bare"].ok_in_window for p in ("tf-batch", "tf-nobatch"))
     return "\n".join(
         [
             *head,
             "",
-            f"Capacity C = **{capacity:,.0f} req/s**: closed-loop, concurrency 32, tierflow batching on "
-            f"(p50 {cap_run.lat(50):.1f} ms, p99 {cap_run.lat(99):.1f} ms).",
+            f"Capacity C = **{cap.ok_in_window / cap.duration:,.0f} req/s** (closed loop, concurrency 32, tierflow "
+            f"batching on): | throughput (200/s) | {tail}",
+            "|---:|---:|---:|---:|---:|---|",
+            f"| {cap.cells()}",
             "",
             "Open loop (fixed interval; latency from the scheduled send time, so generator lag counts against it):",
             "",
             f"| load | peer | offered req/s | send lag p99 ms | throughput (200/s) | {tail}",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-            *open_rows,
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            *(
+                f"| {r.mode} | {PEERS[r.peer]} | {r.offered:,.0f} | {np.percentile(r.lag_ms, 99):.1f} | {r.cells()}"
+                for r in runs
+            ),
             "",
             "Saturation (closed loop, concurrency 64):",
             "",
             f"| peer | throughput (200/s) | {tail}",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-            *(row(r, PEERS[r.peer]) for r in sat),
+            "|---|---:|---:|---:|---:|---:|---|",
+            *(f"| {PEERS[r.peer]} | {r.cells()}" for r in sat),
             "",
-            f"- **Batching on / off at saturation: {batch_x:.2f}x** (target >= 3x: {verdict(batch_x >= 3)})",
+            f"- **Batching on / off at saturation: {batch_x:.2f}x** (target >= 3x: "
+            f"{'met' if batch_x >= 3 else '**missed**'})",
             f"- **tierflow (batching on) p50 / bare p50 at 0.5xC: {p50_x:.2f}x** (target <= 1.2x: "
-            f"{verdict(p50_x <= 1.2)}); batching off / bare: {half['tf-nobatch'].lat(50) / half['bare'].lat(50):.2f}x",
-            f"- Saturation throughput vs bare: batching on {sat_by['tf-batch'].throughput / bare_sat:.2f}x"
-            f", batching off {sat_by['tf-nobatch'].throughput / bare_sat:.2f}x",
-            f"- tierflow batching-on replica `/stats` after the runs (last <= 10,000 batches): mean batch "
+            f"{'met' if p50_x <= 1.2 else '**missed**'}); batching off / bare: {p50_off:.2f}x",
+            f"- Saturation throughput vs bare: batching on {on_bare:.2f}x, batching off {off_bare:.2f}x",
+            f"- Batching-on replica `/stats` after all runs (last <= 10,000 batches): mean batch "
             f"{stats['batch_size_mean']:.2f} rows, max {stats['batch_size_max']}",
         ]
     )
@@ -265,8 +253,7 @@ def report(cap_run: Run, runs: list[Run], sat: list[Run], stats: dict, head: lis
 
 def write_section(body: str) -> None:
     begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    block = f"{begin}\n{body}\n{end}"
-    text = BENCH_MD.read_text()
+    block, text = f"{begin}\n{body}\n{end}", BENCH_MD.read_text()
     if begin in text and end in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
@@ -275,12 +262,12 @@ def write_section(body: str) -> None:
 
 
 def main() -> None:
-    defaults = ServeConfig()
+    dflt = ServeConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--duration-s", type=float, default=10.0, help="seconds per measured run (default 10)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s per run, 3 training epochs")
-    parser.add_argument("--max-ongoing-requests", type=int, default=defaults.max_ongoing_requests)
-    parser.add_argument("--max-queued-requests", type=int, default=defaults.max_queued_requests)
+    parser.add_argument("--max-ongoing-requests", type=int, default=dflt.max_ongoing_requests, help="all peers")
+    parser.add_argument("--max-queued-requests", type=int, default=dflt.max_queued_requests, help="all peers")
     parser.add_argument("--write", action="store_true", help=f"update the section in {BENCH_MD.name}")
     args = parser.parse_args()
     duration = 2.0 if args.quick else args.duration_s
@@ -305,18 +292,18 @@ def main() -> None:
         f"- Date: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         f"- Machine: {machine()}; load average (1/5/15 min) {' '.join(load_before)} before, "
         f"{' '.join(load_after)} after",
-        f"- Python {platform.python_version()}, Ray {ray.__version__}, torch {torch.__version__}, "
-        f"FastAPI {fastapi.__version__}, pydantic {pydantic.__version__}, httpx {httpx.__version__}; "
-        "local Ray started in-process with `num_cpus=2`",
+        f"- Python {platform.python_version()}, Ray {ray.__version__}, torch {torch.__version__}, FastAPI "
+        f"{fastapi.__version__}, pydantic {pydantic.__version__}, httpx {httpx.__version__}; local Ray started "
+        "in-process with `num_cpus=2`; `RAY_SERVE_LOG_TO_STDERR=0` (Serve access logs go to files only)",
         f"- Command: `{command}`",
         f"- Each peer: 1 replica, `num_cpus={cfg.num_cpus}`, `max_ongoing_requests={ongoing}`, "
-        f"`max_queued_requests={queued}` (ServeConfig defaults: {defaults.max_ongoing_requests}/"
-        f"{defaults.max_queued_requests}); batching on = `max_batch_size=32, batch_wait_timeout_s=0.005`, "
-        "off = `max_batch_size=1`. Bare: plain `@serve.deployment`, `await request.json()`, `predict_proba`, "
-        "JSON out; no validation, no batching.",
-        f"- One digits row (64 floats) per POST; {duration:g} s per run; peers interleaved at each load. The load "
-        "generator (one asyncio loop, httpx) runs in the driver process and **shares the 2 cores** with the Serve "
-        "proxy and replicas: client CPU % is this process (100 = one core), machine CPU % is both cores.",
+        f"`max_queued_requests={queued}` (ServeConfig defaults: {dflt.max_ongoing_requests} / "
+        f"{dflt.max_queued_requests}). Batching on: `max_batch_size=32, batch_wait_timeout_s=0.005`; off: "
+        "`max_batch_size=1`. Bare: plain `@serve.deployment`, `await request.json()`, `predict_proba`, JSON out.",
+        f"- One digits row (64 floats) per POST, {duration:g} s per run, peers interleaved at each load. The load "
+        "generator (one asyncio loop, httpx, in the driver process) **shares the 2 cores** with the Serve proxy and "
+        "replicas. CPU % = % of one core (200 = the whole machine) per process group during the run; "
+        "`outside` = machine busy time not in this benchmark's processes (other jobs, kernel).",
     ]
     body = report(cap, runs, sat, stats, head)
     print(body)

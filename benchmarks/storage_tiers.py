@@ -74,6 +74,9 @@ def decode(data: Any) -> pa.Table:
 def write_file(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
     with fs.open(path, "wb") as f:
         write_stream(f, table)
+        if fs.protocol in ("file", ("file", "local")):  # the same durability tierflow's durable tier pays
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def drop_caches() -> bool:

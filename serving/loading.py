@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 from serving.config import ModelSource, RolloutRefused, ServingError
 from storage import ArtifactStore, Tensors
 from storage.formats import SAFETENSORS, decode
+from storage.hashing import content_digest
 
 GATE_TAG = "tierflow.gate"
 DIGEST_TAG = "tierflow.digest"
@@ -30,7 +30,7 @@ def load_bundle(source: ModelSource) -> Tensors:
             tracking_uri=source.tracking_uri,
         )
         data = Path(local).read_bytes()
-    if hashlib.sha256(data).hexdigest() != source.digest:
+    if content_digest(data) != source.digest:
         raise ServingError(f"{source.label}: downloaded weights do not match digest {source.digest}; refusing them")
     return decode(SAFETENSORS, data)
 

@@ -143,8 +143,10 @@ def envelope_key_id(data: bytes) -> str:
     return raw.decode("ascii")
 
 
-def encrypt(plaintext: bytes, key: TierKey, aad: bytes) -> bytes:
+def encrypt(plaintext: bytes | memoryview, key: TierKey, aad: bytes) -> bytes:
     """Seal one blob under `key`, bound to `aad` (the plaintext's address)."""
+    if not isinstance(plaintext, bytes):
+        plaintext = memoryview(plaintext).cast("B")  # e.g. an Arrow buffer's view, which may be typed
     if len(plaintext) > MAX_PLAINTEXT_BYTES:
         raise CryptoError(
             f"blob of {len(plaintext)} bytes is too large to encrypt: AES-GCM here takes at most "

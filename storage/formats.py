@@ -95,7 +95,7 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def encode(value: Any, *, allow_pickle: bool = False) -> tuple[str, bytes, dict[str, Any]]:
+def encode(value: Any, *, allow_pickle: bool = False) -> tuple[str, bytes | memoryview, dict[str, Any]]:
     """Encode `value` to (format, bytes, schema summary)."""
     fmt = format_of(value)
     if fmt == PICKLE:
@@ -105,11 +105,8 @@ def encode(value: Any, *, allow_pickle: bool = False) -> tuple[str, bytes, dict[
 
         return fmt, pickle.dumps(value.value, protocol=5), {"type": type(value.value).__name__}
     if fmt == ARROW:
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, value.schema) as writer:
-            writer.write_table(value)
         schema = {"columns": {f.name: str(f.type) for f in value.schema}, "num_rows": value.num_rows}
-        return fmt, sink.getvalue().to_pybytes(), schema
+        return fmt, _arrow_stream(value), schema
     if fmt == SAFETENSORS:
         bundle = value if isinstance(value, Tensors) else Tensors(value)
         arrays = bundle.numpy()
@@ -122,8 +119,22 @@ def encode(value: Any, *, allow_pickle: bool = False) -> tuple[str, bytes, dict[
     return fmt, _json_bytes(value), {"type": type(value).__name__}
 
 
-def decode(fmt: str, data: bytes, *, allow_pickle: bool = False) -> Any:
+def _arrow_stream(table: pa.Table) -> memoryview:
+    """IPC stream bytes written once into an exactly sized buffer (a growing buffer plus `to_pybytes`
+    would copy a large table twice)."""
+    mock = pa.MockOutputStream()
+    with pa.ipc.new_stream(mock, table.schema) as writer:
+        writer.write_table(table)
+    buf = pa.allocate_buffer(mock.size())
+    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(buf), table.schema) as writer:
+        writer.write_table(table)
+    return memoryview(buf)
+
+
+def decode(fmt: str, data: bytes | memoryview, *, allow_pickle: bool = False) -> Any:
     """Decode bytes written by `encode`. Only call on bytes whose digest was verified."""
+    if fmt != ARROW and not isinstance(data, bytes):
+        data = bytes(data)  # small formats; Arrow alone decodes zero-copy from any buffer
     if fmt == PICKLE:
         if not allow_pickle:
             raise FormatError(f"refusing to load a pickled artifact: {_PICKLE_HINT}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from storage.errors import ArtifactNotFoundError, InvalidKeyError
 from storage.keys import validate_name
-from storage.store import ArtifactRef, ArtifactStore, Repair, blob_key, sha256
+from storage.store import ArtifactRef, ArtifactStore, Repair, blob_key
 from storage.tiers import BLOBS, TMP_PREFIX, MemoryTier, Tier
 
 DEFAULT_GC_MIN_AGE_S = 3600.0  # a blob written moments ago may be waiting for its manifest
@@ -24,16 +24,16 @@ class VerifyReport:
         return not self.missing and all(r.action == "repaired" for r in self.repairs)
 
 
-def _read_ok(tier: Tier, key: str, digest: str) -> bytes | None:
+def _read_ok(tier: Tier, key: str, digest: str) -> bytes | memoryview | None:
     from storage.crypto import WrongKeyError  # noqa: PLC0415
 
     try:
-        data = tier.read(key)
+        data, found = tier.read_with_digest(key)
     except WrongKeyError:
         raise
     except Exception:  # unreadable = corrupt, for verification purposes
         return None
-    return data if sha256(data) == digest else None
+    return data if found == digest else None
 
 
 def verify(store: ArtifactStore) -> VerifyReport:
@@ -47,7 +47,7 @@ def verify(store: ArtifactStore) -> VerifyReport:
             digests.setdefault(key.rsplit("/", 1)[-1], []).append(tier)
     for digest, holders in sorted(digests.items()):
         key = blob_key(digest)
-        good: bytes | None = None
+        good: bytes | memoryview | None = None
         bad: list[Tier] = []
         for tier in holders:
             report.checked += 1

@@ -13,7 +13,6 @@ durable tier only.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -24,8 +23,9 @@ from typing import Any
 from storage import formats
 from storage.config import StoreConfig
 from storage.errors import ArtifactNotFoundError, IntegrityError, StorageError
+from storage.hashing import content_digest
 from storage.keys import validate_digest, validate_name
-from storage.tiers import BLOBS, MemoryTier, Tier, open_tier
+from storage.tiers import BLOBS, Tier, open_tier
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,9 @@ class Repair:
     action: str  # "repaired" or "unrecoverable"
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def sha256(data: bytes | memoryview) -> str:
+    """The content digest blobs are named by (plain sha256 up to 16 MiB; see storage.hashing)."""
+    return content_digest(data)
 
 
 def blob_key(digest: str) -> str:
@@ -127,14 +128,14 @@ class ArtifactStore:
             if not tier.exists(key):
                 continue
             try:
-                data = tier.read(key)
+                data, found = tier.read_with_digest(key)
             except WrongKeyError:
                 raise
             except (CryptoError, OSError) as exc:
                 log.warning("blob %s in tier %s is unreadable (%s)", digest, tier.url, exc)
                 corrupt.append(tier)
                 continue
-            if not isinstance(tier, MemoryTier) and sha256(data) != digest:
+            if found != digest:
                 log.warning("blob %s in tier %s fails its sha256 check; trying the next tier", digest, tier.url)
                 corrupt.append(tier)
                 continue
@@ -160,7 +161,7 @@ class ArtifactStore:
 
         key = blob_key(digest)
         try:
-            return self.durable.exists(key) and sha256(self.durable.read(key)) == digest
+            return self.durable.exists(key) and self.durable.read_with_digest(key)[1] == digest
         except CryptoError:
             return False
 

@@ -104,7 +104,14 @@ class Tier:
 
         return decrypt(data, self.key, key.encode())
 
-    def write(self, key: str, data: bytes) -> None:
+    def read_with_digest(self, key: str) -> tuple[bytes | memoryview, str]:
+        """The plaintext and its content digest (overridden where hashing can overlap the read)."""
+        from storage.hashing import content_digest  # noqa: PLC0415
+
+        data = self.read(key)
+        return data, content_digest(data)
+
+    def write(self, key: str, data: bytes | memoryview) -> None:
         if self.key is not None:
             from storage.crypto import encrypt  # noqa: PLC0415
 
@@ -178,6 +185,10 @@ class MemoryTier(Tier):
     def exists(self, key: str) -> bool:
         return key in self.space
 
+    def read_with_digest(self, key: str) -> tuple[bytes | memoryview, str]:
+        # Verified when it entered this process's memory; not shared storage, so not re-hashed.
+        return self.read(key), key.rsplit("/", 1)[-1]
+
     def _read(self, key: str) -> bytes:
         with self._lock:
             try:
@@ -186,9 +197,9 @@ class MemoryTier(Tier):
             except KeyError:
                 raise FileNotFoundError(key) from None
 
-    def _write(self, key: str, data: bytes) -> None:
+    def _write(self, key: str, data: bytes | memoryview) -> None:
         with self._lock:
-            self.space[key] = bytes(data)
+            self.space[key] = data if isinstance(data, bytes | memoryview) else bytes(data)  # no copy
             self.space.move_to_end(key)
 
     def delete(self, key: str) -> None:
@@ -247,18 +258,28 @@ class FsspecTier(Tier):
     def _read(self, key: str) -> bytes:
         return self.fs.cat_file(self.path(key))
 
+    def read_with_digest(self, key: str) -> tuple[bytes | memoryview, str]:
+        if self.local and self.key is None:
+            from storage.hashing import read_file_with_digest  # noqa: PLC0415
+
+            return read_file_with_digest(self.path(key))
+        return super().read_with_digest(key)
+
     def _write(self, key: str, data: bytes) -> None:
         """All or nothing: temp file + rename on file systems; a single PUT (atomic per object) elsewhere."""
         final = self.path(key)
         parent = posixpath.dirname(final)
         if not self.local:
-            self.fs.pipe_file(final, data)
+            self.fs.pipe_file(final, bytes(data))  # botocore wants bytes
             return
         self.fs.makedirs(parent, exist_ok=True)
         tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
+                if self.role == DURABLE:  # committed must survive a machine crash, not only a killed process
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, final)
         finally:
             if os.path.exists(tmp):

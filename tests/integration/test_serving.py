@@ -221,8 +221,21 @@ def serve_cli(env, *args: str) -> subprocess.CompletedProcess:
     import ray
 
     address = ray.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "workflows", "serve", *args, "--address", address, "--port", str(env["port"]),
-           "--store", str(env["store"].durable_url), "--tracking-uri", env["uri"]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "workflows",
+        "serve",
+        *args,
+        "--address",
+        address,
+        "--port",
+        str(env["port"]),
+        "--store",
+        str(env["store"].durable_url),
+        "--tracking-uri",
+        env["uri"],
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=180)
 
 
@@ -235,7 +248,7 @@ def test_cli_deploy_status_with_mlflow_summary_and_rollback(env):
         assert predict(env).json()["model_version"] == "2"
     status = serve_cli(env, "status", "--log-mlflow")
     assert status.returncode == 0, status.stdout + status.stderr
-    doc = json.loads(status.stdout[status.stdout.index("{"):])
+    doc = json.loads(status.stdout[status.stdout.index("{") :])
     assert doc["stable"]["version"] == "2" and doc["applications"]["digits"] == "RUNNING"
     assert doc["stats"]["requests"] >= 5 and doc["stats"]["latency_ms_p99"] >= doc["stats"]["latency_ms_p50"] > 0
     run = MlflowClient(env["uri"]).get_run(doc["mlflow_run_id"])
