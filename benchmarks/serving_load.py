@@ -18,6 +18,7 @@ os.environ["RAY_SERVE_LOG_TO_STDERR"] = "0"  # access logs to files only: not st
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import platform
@@ -53,6 +54,7 @@ from workflows.builtin.digits import _raw_test_rows, preprocess, train
 BENCH_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 SECTION = "serving_load"
 PEERS = {"tf-batch": "tierflow, batching on", "tf-nobatch": "tierflow, batching off", "bare": "bare Ray Serve"}
+CLIENTS = 8  # httpx clients, requests spread round-robin
 ROLES = ("client", "proxy", "replica", "ray", "outside")
 
 
@@ -134,46 +136,48 @@ async def post(client: httpx.AsyncClient, url: str, body: bytes, start: float, e
     run.ok_in_window += status == 200 and done <= end
 
 
-async def open_loop(client: httpx.AsyncClient, url: str, bodies: list[bytes], run: Run) -> None:
+async def open_loop(clients: list[httpx.AsyncClient], url: str, bodies: list[bytes], run: Run) -> None:
     t0, tasks = time.perf_counter() + 0.05, []
     for i in range(int(run.offered * run.duration)):
         sched = t0 + i / run.offered
         if (delay := sched - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
         run.lag_ms.append((time.perf_counter() - sched) * 1e3)
+        client = clients[i % len(clients)]
         tasks.append(asyncio.create_task(post(client, url, bodies[i % len(bodies)], sched, t0 + run.duration, run)))
     await asyncio.gather(*tasks)
 
 
-async def closed_loop(client: httpx.AsyncClient, url: str, bodies: list[bytes], run: Run, conc: int) -> None:
+async def closed_loop(clients: list[httpx.AsyncClient], url: str, bodies: list[bytes], run: Run, conc: int) -> None:
     end = time.perf_counter() + run.duration
 
     async def worker(k: int) -> None:
         while (now := time.perf_counter()) < end:
-            await post(client, url, bodies[(k + len(run.recs)) % len(bodies)], now, end, run)
+            await post(clients[k % len(clients)], url, bodies[(k + len(run.recs)) % len(bodies)], now, end, run)
 
     await asyncio.gather(*(worker(k) for k in range(conc)))
 
 
 async def bench(base: str, bodies: list[bytes], duration: float) -> tuple[Run, list[Run], list[Run], dict]:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+    # several small pools: one httpx pool slows down with many connections in flight (encode/httpx#3215)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(timeout=30)) for _ in range(CLIENTS)]
         for peer in PEERS:  # warm-up: connections, replica code paths
-            await closed_loop(client, f"{base}/{peer}/predict", bodies, Run(peer, "warm-up", 1.0), 16)
+            await closed_loop(clients, f"{base}/{peer}/predict", bodies, Run(peer, "warm-up", 1.0), 16)
         cap = Run("tf-batch", "closed 32", duration)
-        await measured(cap, closed_loop(client, f"{base}/tf-batch/predict", bodies, cap, 32))
+        await measured(cap, closed_loop(clients, f"{base}/tf-batch/predict", bodies, cap, 32))
         runs: list[Run] = []
         for mult in (0.5, 1.0, 2.0):
             for peer in PEERS:
                 await asyncio.sleep(1.0)  # let queues drain
                 run = Run(peer, f"{mult:g}xC", duration, offered=mult * cap.ok_in_window / duration)
-                runs.append(await measured(run, open_loop(client, f"{base}/{peer}/predict", bodies, run)))
+                runs.append(await measured(run, open_loop(clients, f"{base}/{peer}/predict", bodies, run)))
         sat: list[Run] = []
         for peer in PEERS:
             await asyncio.sleep(1.0)
             run = Run(peer, "closed 64", duration)
-            sat.append(await measured(run, closed_loop(client, f"{base}/{peer}/predict", bodies, run, 64)))
-        stats = (await client.get(f"{base}/tf-batch/stats")).json()
+            sat.append(await measured(run, closed_loop(clients, f"{base}/{peer}/predict", bodies, run, 64)))
+        stats = (await clients[0].get(f"{base}/tf-batch/stats")).json()
     return cap, runs, sat, stats
 
 

@@ -16,6 +16,7 @@ from workflows.model import Stage, Workflow, stage
 
 __all__ = [
     "GateFailed",
+    "MLflowHook",
     "Resources",
     "Stage",
     "StageContext",
@@ -27,5 +28,19 @@ __all__ = [
     "Workflow",
     "WorkflowDefinitionError",
     "WorkflowLoadError",
+    "run_workflow",
     "stage",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # The engine and the MLflow hook import Ray and MLflow: load them only when used.
+    if name == "run_workflow":
+        from workflows.engine import run_workflow  # noqa: PLC0415
+
+        return run_workflow
+    if name == "MLflowHook":
+        from workflows.lineage import MLflowHook  # noqa: PLC0415
+
+        return MLflowHook
+    raise AttributeError(name)
