@@ -1,12 +1,6 @@
 """Serving under load: tierflow's Serve app (batching on / off) vs a bare Ray Serve deployment, open loop.
 
-Peers, each 1 replica with the same `num_cpus`, `max_ongoing_requests` and `max_queued_requests`:
-  tierflow batching on   `Rollout.deploy` of `serving.app` (FastAPI + pydantic), max_batch_size=32, wait 5 ms
-  tierflow batching off  the same app with max_batch_size=1
-  bare Serve             a plain `@serve.deployment` whose `__call__` parses JSON and runs `predict_proba`
-Capacity C = closed-loop throughput at concurrency 32 against tierflow batching on; then open-loop runs at
-0.5/1/2 x C (requests sent on a fixed schedule whatever the completions; latency counted from the scheduled
-send time), then closed-loop saturation at concurrency 64. One 64-feature row per request.
+Per limits setting: capacity C, open loop at 0.5/1/2 x C per peer, closed-loop saturation (see the report).
 """
 
 from __future__ import annotations
@@ -71,6 +65,7 @@ class Bare:
 
 @dataclass
 class Run:
+    limits: str  # "max_ongoing_requests/max_queued_requests"
     peer: str
     mode: str  # "0.5xC" ... or "closed 64"
     duration: float
@@ -79,6 +74,7 @@ class Run:
     recs: list[tuple[float, int]] = field(default_factory=list)  # (latency s, status; -1 = exception)
     ok_in_window: int = 0  # 200s completed before the end of the sending window
     cpu: dict[str, float] = field(default_factory=dict)  # % of one core by role
+    stats: dict[str, Any] = field(default_factory=dict)  # tierflow's /stats after a limits setting
 
     def lat(self, q: float) -> float:
         ok = [t for t, s in self.recs if s == 200]
@@ -108,10 +104,9 @@ def cpu_seconds(peer: str) -> dict[str, float]:
         ours, grew = ours | new, bool(new)
     out = dict.fromkeys(ROLES, 0.0)
     for pid in ours & procs.keys():
-        cmd = procs[pid][2]
+        _, cpu, cmd = procs[pid]
         role = "client" if pid == os.getpid() else "proxy" if b"ProxyActor" in cmd else "ray"
-        role = "replica" if f"ServeReplica:{peer}:".encode() in cmd else role
-        out[role] += procs[pid][1]
+        out["replica" if f"ServeReplica:{peer}:".encode() in cmd else role] += cpu
     stat = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     out["outside"] = (sum(stat) - stat[3] - stat[4]) / tick - sum(out.values())  # machine busy - ours
     return out
@@ -121,8 +116,8 @@ async def measured(run: Run, work: Any) -> Run:
     c0, w0 = cpu_seconds(run.peer), time.perf_counter()
     await work
     c1, wall = cpu_seconds(run.peer), time.perf_counter() - w0
-    run.cpu = {k: 100 * (c1[k] - c0[k]) / wall for k in ROLES}
-    print(f"{run.peer:10} {run.mode:9} {run.cells()}", file=sys.stderr)
+    run.cpu = {k: 100 * (c1[k] - c0[k]) / wall for k in ROLES}  # % of one core
+    print(f"{run.limits:7} {run.peer:10} {run.mode:9} {run.cells()}", file=sys.stderr)
     return run
 
 
@@ -143,8 +138,8 @@ async def open_loop(clients: list[httpx.AsyncClient], url: str, bodies: list[byt
         if (delay := sched - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
         run.lag_ms.append((time.perf_counter() - sched) * 1e3)
-        client = clients[i % len(clients)]
-        tasks.append(asyncio.create_task(post(client, url, bodies[i % len(bodies)], sched, t0 + run.duration, run)))
+        work = post(clients[i % len(clients)], url, bodies[i % len(bodies)], sched, t0 + run.duration, run)
+        tasks.append(asyncio.create_task(work))
     await asyncio.gather(*tasks)
 
 
@@ -158,33 +153,26 @@ async def closed_loop(clients: list[httpx.AsyncClient], url: str, bodies: list[b
     await asyncio.gather(*(worker(k) for k in range(conc)))
 
 
-async def bench(base: str, bodies: list[bytes], duration: float) -> tuple[Run, list[Run], list[Run], dict]:
+async def bench(base: str, bodies: list[bytes], duration: float, tag: str) -> list[Run]:
+    """Capacity, then open loop at 0.5/1/2 x C for each peer (interleaved), then closed-loop saturation."""
     # several small pools: one httpx pool slows down with many connections in flight (encode/httpx#3215)
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(httpx.AsyncClient(timeout=30)) for _ in range(CLIENTS)]
+
+        async def one(peer: str, mode: str, conc: int = 0, offered: float = 0.0) -> Run:
+            await asyncio.sleep(1.0)  # let queues drain
+            run, url = Run(tag, peer, mode, duration, offered), f"{base}/{peer}/predict"
+            work = closed_loop(clients, url, bodies, run, conc) if conc else open_loop(clients, url, bodies, run)
+            return await measured(run, work)
+
         for peer in PEERS:  # warm-up: connections, replica code paths
-            await closed_loop(clients, f"{base}/{peer}/predict", bodies, Run(peer, "warm-up", 1.0), 16)
-        cap = Run("tf-batch", "closed 32", duration)
-        await measured(cap, closed_loop(clients, f"{base}/tf-batch/predict", bodies, cap, 32))
-        runs: list[Run] = []
-        for mult in (0.5, 1.0, 2.0):
-            for peer in PEERS:
-                await asyncio.sleep(1.0)  # let queues drain
-                run = Run(peer, f"{mult:g}xC", duration, offered=mult * cap.ok_in_window / duration)
-                runs.append(await measured(run, open_loop(clients, f"{base}/{peer}/predict", bodies, run)))
-        sat: list[Run] = []
-        for peer in PEERS:
-            await asyncio.sleep(1.0)
-            run = Run(peer, "closed 64", duration)
-            sat.append(await measured(run, closed_loop(clients, f"{base}/{peer}/predict", bodies, run, 64)))
-        stats = (await clients[0].get(f"{base}/tf-batch/stats")).json()
-    return cap, runs, sat, stats
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            await closed_loop(clients, f"{base}/{peer}/predict", bodies, Run(tag, peer, "warm-up", 1.0), 16)
+        runs = [await one("tf-batch", "capacity", conc=32)]
+        cap = runs[0].ok_in_window / duration
+        runs += [await one(p, f"{m:g}xC", offered=m * cap) for m in (0.5, 1.0, 2.0) for p in PEERS]
+        runs += [await one(p, "closed 64", conc=64) for p in PEERS]
+        runs[0].stats = (await clients[0].get(f"{base}/tf-batch/stats")).json()
+    return runs
 
 
 def build_model(tmp: str, epochs: int) -> tuple[StoreConfig, ModelSource, np.ndarray]:
@@ -197,14 +185,13 @@ def build_model(tmp: str, epochs: int) -> tuple[StoreConfig, ModelSource, np.nda
     return store_cfg, ModelSource(digest=ref.digest, artifact=ref, store_config=store_cfg), _raw_test_rows(table)[0]
 
 
-def deploy(store_cfg: StoreConfig, source: ModelSource, port: int, ongoing: int, queued: int) -> ServeConfig:
+def deploy(store_cfg: StoreConfig, source: ModelSource, port: int, ongoing: int, queued: int) -> None:
     common: dict[str, Any] = {"port": port, "max_ongoing_requests": ongoing, "max_queued_requests": queued}
     on = ServeConfig(app_name="tf-batch", max_batch_size=32, batch_wait_timeout_s=0.005, **common)
     Rollout(store_cfg, on).deploy(source)
     Rollout(store_cfg, ServeConfig(app_name="tf-nobatch", max_batch_size=1, **common)).deploy(source)
     opts = {"ray_actor_options": replica_options(on), "max_ongoing_requests": ongoing, "max_queued_requests": queued}
     serve.run(Bare.options(num_replicas=1, **opts).bind(source), name="bare", route_prefix="/bare")
-    return on
 
 
 def machine() -> str:
@@ -214,55 +201,40 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {kib / 2**20:.1f} GiB RAM, {model}"
 
 
-def report(cap: Run, runs: list[Run], sat: list[Run], stats: dict, head: list[str]) -> str:
+def report(runs: list[Run], head: list[str]) -> str:
     tail = "p50 ms | p99 ms | 503 | other errors | CPU % client / proxy / replica / rest of Ray / outside |"
-    sat_by, half = {r.peer: r for r in sat}, {r.peer: r for r in runs if r.mode == "0.5xC"}
-    batch_x = sat_by["tf-batch"].ok_in_window / sat_by["tf-nobatch"].ok_in_window
-    p50_x, p50_off = (half[p].lat(50) / half["bare"].lat(50) for p in ("tf-batch", "tf-nobatch"))
-    on_bare, off_bare = (sat_by[p].ok_in_window / sat_by["bare"].ok_in_window for p in ("tf-batch", "tf-nobatch"))
-    return "\n".join(
-        [
-            *head,
-            "",
-            f"Capacity C = **{cap.ok_in_window / cap.duration:,.0f} req/s** (closed loop, concurrency 32, tierflow "
-            f"batching on): | throughput (200/s) | {tail}",
-            "|---:|---:|---:|---:|---:|---|",
-            f"| {cap.cells()}",
-            "",
-            "Open loop (fixed interval; latency from the scheduled send time, so generator lag counts against it):",
-            "",
-            f"| load | peer | offered req/s | send lag p99 ms | throughput (200/s) | {tail}",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
-            *(
-                f"| {r.mode} | {PEERS[r.peer]} | {r.offered:,.0f} | {np.percentile(r.lag_ms, 99):.1f} | {r.cells()}"
-                for r in runs
-            ),
-            "",
-            "Saturation (closed loop, concurrency 64):",
-            "",
-            f"| peer | throughput (200/s) | {tail}",
-            "|---|---:|---:|---:|---:|---:|---|",
-            *(f"| {PEERS[r.peer]} | {r.cells()}" for r in sat),
-            "",
-            f"- **Batching on / off at saturation: {batch_x:.2f}x** (target >= 3x: "
-            f"{'met' if batch_x >= 3 else '**missed**'})",
-            f"- **tierflow (batching on) p50 / bare p50 at 0.5xC: {p50_x:.2f}x** (target <= 1.2x: "
-            f"{'met' if p50_x <= 1.2 else '**missed**'}); batching off / bare: {p50_off:.2f}x",
-            f"- Saturation throughput vs bare: batching on {on_bare:.2f}x, batching off {off_bare:.2f}x",
-            f"- Batching-on replica `/stats` after all runs (last <= 10,000 batches): mean batch "
-            f"{stats['batch_size_mean']:.2f} rows, max {stats['batch_size_max']}",
+    lines = [*head, "", f"| limits | load | peer | offered req/s | send lag p99 ms | throughput (200/s) | {tail}"]
+    lines += ["|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in runs:
+        offered = f"{r.offered:,.0f} | {np.percentile(r.lag_ms, 99):.1f}" if r.offered else "closed loop | -"
+        lines.append(f"| {r.limits} | {r.mode} | {PEERS[r.peer]} | {offered} | {r.cells()}")
+    lines.append("")
+    for limits in dict.fromkeys(r.limits for r in runs):
+        by = {(r.mode, r.peer): r for r in runs if r.limits == limits}
+        sat = {p: by["closed 64", p].ok_in_window for p in PEERS}
+        half = {p: by["0.5xC", p].lat(50) for p in PEERS}
+        batch_x, p50_x = sat["tf-batch"] / sat["tf-nobatch"], half["tf-batch"] / half["bare"]
+        cap = by["capacity", "tf-batch"]
+        lines += [
+            f"- `{limits}`: C = {cap.ok_in_window / cap.duration:,.0f} "
+            f"req/s. **Batching on / off at saturation: {batch_x:.2f}x** (target >= 3x: "
+            f"{'met' if batch_x >= 3 else '**missed**'}); **tierflow (batching on) p50 / bare p50 at 0.5xC: "
+            f"{p50_x:.2f}x** (target <= 1.2x: {'met' if p50_x <= 1.2 else '**missed**'}); batching off / bare "
+            f"p50: {half['tf-nobatch'] / half['bare']:.2f}x; saturation throughput vs bare: batching on "
+            f"{sat['tf-batch'] / sat['bare']:.2f}x, off {sat['tf-nobatch'] / sat['bare']:.2f}x; batching-on "
+            f"replica `/stats` (last <= 10,000 batches): mean batch {cap.stats['batch_size_mean']:.2f} rows, max "
+            f"{cap.stats['batch_size_max']}",
         ]
-    )
+    return "\n".join(lines)
 
 
 def write_section(body: str) -> None:
     begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
     block, text = f"{begin}\n{body}\n{end}", BENCH_MD.read_text()
     if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+        BENCH_MD.write_text(text[: text.index(begin)] + block + text[text.index(end) + len(end) :])
     else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    BENCH_MD.write_text(text)
+        BENCH_MD.write_text(text.rstrip("\n") + "\n\n" + block + "\n")
 
 
 def main() -> None:
@@ -270,22 +242,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--duration-s", type=float, default=10.0, help="seconds per measured run (default 10)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s per run, 3 training epochs")
-    parser.add_argument("--max-ongoing-requests", type=int, default=dflt.max_ongoing_requests, help="all peers")
-    parser.add_argument("--max-queued-requests", type=int, default=dflt.max_queued_requests, help="all peers")
+    defaults = f"{dflt.max_ongoing_requests}/{dflt.max_queued_requests}"
+    parser.add_argument("--limits", nargs="+", default=[defaults, "64/256"], help="ONGOING/QUEUED, one pass each")
     parser.add_argument("--write", action="store_true", help=f"update the section in {BENCH_MD.name}")
     args = parser.parse_args()
     duration = 2.0 if args.quick else args.duration_s
-    ongoing, queued = args.max_ongoing_requests, args.max_queued_requests
     command = shlex.join(["cd", "/work/main"]) + " && " + shlex.join([".venv/bin/python", *sys.argv])
-    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    load_before, runs = Path("/proc/loadavg").read_text().split()[:3], []
     ray.init("local", num_cpus=2, include_dashboard=False)
     try:
         with tempfile.TemporaryDirectory(prefix="tierflow-bench-") as tmp:
             store_cfg, source, x = build_model(tmp, epochs=3 if args.quick else 10)
-            port = free_port()
-            cfg = deploy(store_cfg, source, port, ongoing, queued)
             bodies = [json.dumps({"instances": [r.round(4).tolist()]}).encode() for r in x]
-            cap, runs, sat, stats = asyncio.run(bench(f"http://127.0.0.1:{port}", bodies, duration))
+            with socket.create_server(("127.0.0.1", 0)) as sock:  # a free loopback port for Serve
+                port = sock.getsockname()[1]
+            for limits in args.limits:
+                ongoing, queued = (int(v) for v in limits.split("/"))
+                deploy(store_cfg, source, port, ongoing, queued)
+                runs += asyncio.run(bench(f"http://127.0.0.1:{port}", bodies, duration, limits))
+                for app in PEERS:
+                    serve.delete(app)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -300,16 +276,18 @@ def main() -> None:
         f"{fastapi.__version__}, pydantic {pydantic.__version__}, httpx {httpx.__version__}; local Ray started "
         "in-process with `num_cpus=2`; `RAY_SERVE_LOG_TO_STDERR=0` (Serve access logs go to files only)",
         f"- Command: `{command}`",
-        f"- Each peer: 1 replica, `num_cpus={cfg.num_cpus}`, `max_ongoing_requests={ongoing}`, "
-        f"`max_queued_requests={queued}` (ServeConfig defaults: {dflt.max_ongoing_requests} / "
-        f"{dflt.max_queued_requests}). Batching on: `max_batch_size=32, batch_wait_timeout_s=0.005`; off: "
-        "`max_batch_size=1`. Bare: plain `@serve.deployment`, `await request.json()`, `predict_proba`, JSON out.",
-        f"- One digits row (64 floats) per POST, {duration:g} s per run, peers interleaved at each load. The load "
-        "generator (one asyncio loop, httpx, in the driver process) **shares the 2 cores** with the Serve proxy and "
-        "replicas. CPU % = % of one core (200 = the whole machine) per process group during the run; "
-        "`outside` = machine busy time not in this benchmark's processes (other jobs, kernel).",
+        f"- Each peer: 1 replica, `num_cpus={dflt.num_cpus}`; limits = `max_ongoing_requests/max_queued_requests`, "
+        f"the same for all peers ({defaults} = ServeConfig defaults). Batching on: `max_batch_size=32, "
+        "batch_wait_timeout_s=0.005`; off: `max_batch_size=1`. Bare: plain `@serve.deployment`, "
+        "`await request.json()`, `predict_proba`, JSON out; no validation, no batching.",
+        "- C = closed-loop throughput at concurrency 32 against tierflow batching on (row `capacity`); open loop: "
+        "fixed interval, latency from the scheduled send time (generator lag counts against it); `closed 64` = "
+        f"closed loop at concurrency 64. One digits row (64 floats) per POST, {duration:g} s per run, peers "
+        "interleaved at each load. The load generator (one asyncio loop, 8 httpx clients, in the driver process) "
+        "**shares the 2 cores** with the Serve proxy and replicas. CPU % = % of one core (200 = the whole machine) "
+        "per process group during the run; `outside` = machine busy time not in this benchmark's processes.",
     ]
-    body = report(cap, runs, sat, stats, head)
+    body = report(runs, head)
     print(body)
     if args.write:
         write_section(body)

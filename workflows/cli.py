@@ -25,6 +25,7 @@ from workflows.errors import StageFailedError, TierflowError, ValidationError
 from workflows.hooks import RunInfo, StageRecord
 from workflows.loader import BUILTINS, load_workflow
 from workflows.model import Workflow
+from workflows.progress import ProgressHook
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 130
 
@@ -192,7 +193,7 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
             params=params,
             run_id=args.run_id,
             store_config=store,
-            hooks=[ProgressHook(), mlflow_hook],
+            hooks=[ProgressHook(console), mlflow_hook],
             use_cache=not args.no_cache,
             rerun=args.rerun,
             resume=args.resume,
@@ -227,21 +228,6 @@ def _hint_unfinished(wf: Workflow, store: StoreConfig) -> None:
             markup=False,
             soft_wrap=True,  # one copyable line
         )
-
-
-class ProgressHook:
-    """One plain line per finished stage (a live table is the pipelining issue's)."""
-
-    def on_run_start(self, *, run: RunInfo) -> None:
-        console.print(f"run {run.run_id}: workflow {run.workflow.name} ({len(run.records)} stages)")
-
-    def on_stage_end(self, *, run: RunInfo, record: StageRecord) -> None:
-        res = record.result
-        where = f"on {res.node_ip} ({res.device}) in {res.duration_s:.2f}s" if res else "from cache"
-        console.print(f"  {record.status:<9} {record.name} {where if record.status != 'failed' else ''}")
-
-    def on_run_end(self, *, run: RunInfo, error: BaseException | None) -> None:
-        return None
 
 
 def _endpoints(run: RunInfo) -> list[tuple[StageRecord, dict[str, Any]]]:

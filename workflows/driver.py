@@ -177,6 +177,9 @@ class Driver:
         result_ref, value_ref = actor.run.remote(call, *args)
         rec.attempts += 1
         rec.status = RUNNING
+        for h in self.hooks:
+            if hasattr(h, "on_stage_start"):
+                h.on_stage_start(run=self.run, record=rec)
         self.outputs[name] = value_ref
         timeout = stage.retry.timeout_s
         self.inflight[result_ref] = (name, actor, time.monotonic() + timeout if timeout else None)

@@ -64,6 +64,8 @@ class RunInfo:
 
 
 class RunHook(Protocol):
+    """Lifecycle callbacks. A hook may also define `on_stage_start(*, run, record)`; it is optional."""
+
     def on_run_start(self, *, run: RunInfo) -> None: ...
 
     def on_stage_end(self, *, run: RunInfo, record: StageRecord) -> None: ...
