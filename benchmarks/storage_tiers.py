@@ -220,7 +220,7 @@ def main() -> None:
             Case("durable (local dir)", "put", size, lambda: put_store.put(table, run_id="bench", stage="put"),
                  lambda: write_file(local, raw_path + ".w", table),
                  {"tierflow": rm(local, f"{tmp}/put"), "raw": rm(local, raw_path + ".w")},
-                 "into the page cache, no fsync on either side"),
+                 "fsync before it counts, on both sides"),
             Case("warm (local dir)", "read", size, lambda: warm.get(warm_ref), lambda: decode(local.cat_file(raw_path)),
                  cache_prep, cache_note),
             Case("warm (local dir)", "read, cached", size, lambda: warm.get(warm_ref),

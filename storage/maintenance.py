@@ -44,6 +44,8 @@ def verify(store: ArtifactStore) -> VerifyReport:
         if isinstance(tier, MemoryTier):
             continue  # process-local; nothing of another process's to check
         for key in tier.list(BLOBS):
+            if key.rsplit("/", 1)[-1].startswith(TMP_PREFIX):
+                continue  # a write in progress (or a dead writer's leftover, for gc)
             digests.setdefault(key.rsplit("/", 1)[-1], []).append(tier)
     for digest, holders in sorted(digests.items()):
         key = blob_key(digest)

@@ -23,9 +23,9 @@ from typing import Any
 from storage import formats
 from storage.config import StoreConfig
 from storage.errors import ArtifactNotFoundError, IntegrityError, StorageError
-from storage.hashing import content_digest
+from storage.hashing import CHUNK_BYTES, content_digest
 from storage.keys import validate_digest, validate_name
-from storage.tiers import BLOBS, Tier, open_tier
+from storage.tiers import BLOBS, FsspecTier, Tier, open_tier
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,15 @@ class ArtifactStore:
         return self.tiers[:-1]
 
     # -- blobs ---------------------------------------------------------------------------------
-    def put_blob(self, data: bytes) -> str:
-        digest = sha256(data)
+    def put_blob(self, data: bytes | memoryview) -> str:
+        durable = self.durable
+        if isinstance(durable, FsspecTier) and durable.local and durable.key is None and len(data) > CHUNK_BYTES:
+            digest = durable.write_content_addressed(blob_key, data)  # hash and disk write overlap
+        else:
+            digest = sha256(data)
+            if not durable.exists(blob_key(digest)):  # same bytes are stored once
+                durable.write(blob_key(digest), data)
         key = blob_key(digest)
-        if not self.durable.exists(key):  # same bytes are stored once
-            self.durable.write(key, data)
         for tier in reversed(self.caches):
             if not tier.exists(key):
                 tier.put_cached(key, data)

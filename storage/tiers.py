@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -288,6 +289,34 @@ class FsspecTier(Tier):
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(key))
+
+    def write_content_addressed(self, key_of: Callable[[str], str], data: bytes | memoryview) -> str:
+        """Write `data` under the key named by its digest, hashing while the bytes go to disk.
+
+        Local, unencrypted tiers only: a temp file is written while the digest is computed, then renamed
+        into place (or dropped if that content is already there). Returns the digest.
+        """
+        from storage.hashing import digest_in_background  # noqa: PLC0415
+
+        pending = digest_in_background(data)
+        tmp_dir = self.path(f"{BLOBS}/incoming")
+        os.makedirs(tmp_dir, exist_ok=True)
+        tmp = posixpath.join(tmp_dir, f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                if self.role == DURABLE:
+                    f.flush()
+                    os.fsync(f.fileno())
+            digest = pending.result()
+            final = self.path(key_of(digest))
+            if not os.path.exists(final):
+                os.makedirs(posixpath.dirname(final), exist_ok=True)
+                os.replace(tmp, final)
+            return digest
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def list(self, prefix: str) -> list[str]:
         base = self.path(prefix)

@@ -128,6 +128,12 @@ WRITER = textwrap.dedent(
         print("writing", key, flush=True)  # lets the test kill us mid-write
         durable_write(key, data)
     store.durable._write = announced
+    if hasattr(store.durable, "write_content_addressed"):
+        streamed = store.durable.write_content_addressed
+        def announced_streamed(key_of, data):
+            print("writing blobs/ (streamed)", flush=True)
+            return streamed(key_of, data)
+        store.durable.write_content_addressed = announced_streamed
     n = int(sys.argv[3])
     t = pa.table({"x": np.arange(n, dtype=np.float64)})
     print("ready", flush=True)
