@@ -11,7 +11,7 @@ from collections import deque
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -39,20 +39,47 @@ class PredictResponse(BaseModel):
     served_by: str
 
 
-@api.middleware("http")
-async def limit_body(request: Request, call_next: Any) -> Any:
-    """413 before a large body is read into memory (Content-Length), or as soon as it exceeds the limit."""
-    limit = getattr(api.state, "max_body_bytes", 1 << 20)
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
-        return JSONResponse({"detail": f"request body over {limit} bytes; send fewer rows per request"}, 413)
-    if length is None and request.method == "POST":
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return JSONResponse({"detail": f"request body over {limit} bytes; send fewer rows per request"}, 413)
-    return await call_next(request)
+class BodyLimit:
+    """Pure ASGI middleware: 413 from Content-Length before the body is read, or as soon as a chunked
+    body passes the limit. (Starlette's BaseHTTPMiddleware costs a task group per request.)"""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = getattr(api.state, "max_body_bytes", 1 << 20)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await _refuse(scope, receive, send, limit)
+            return
+        seen, refused = 0, False
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen, refused
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit and not refused:
+                refused = True
+                await _refuse(scope, receive, send, limit)
+                return {"type": "http.disconnect"}  # the app stops reading; it answers nobody
+            return message
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, guarded_send)
+
+
+async def _refuse(scope: dict[str, Any], receive: Any, send: Any, limit: int) -> None:
+    response = JSONResponse({"detail": f"request body over {limit} bytes; send fewer rows per request"}, 413)
+    await response(scope, receive, send)
+
+
+api.add_middleware(BodyLimit)
 
 
 class _Stats:

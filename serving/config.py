@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -10,6 +11,7 @@ from actors.errors import ResourceSpecError
 from actors.resources import Resources
 from storage import ArtifactRef, StoreConfig
 
+log = logging.getLogger(__name__)
 _APP = re.compile(r"[a-z][a-z0-9-]{0,47}")
 
 
@@ -36,11 +38,13 @@ class ServeConfig:
     max_replicas: int = 1
     target_ongoing_requests: float = 2.0
     # overload: past these, Serve answers 503 at once instead of queueing without bound
-    max_ongoing_requests: int = 16
-    max_queued_requests: int = 64
-    # dynamic batching (max_batch_size=1 turns it off)
+    # (Ray Serve's proxy retries a full replica with backoff; slots well above the batch size keep
+    # batches full without leaving requests to back off)
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 128
+    # dynamic batching (max_batch_size=1 turns it off); a short wait keeps low-load latency near unbatched
     max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.002
     # request limits
     max_body_bytes: int = 1 << 20
     max_rows: int = 1024
@@ -62,6 +66,13 @@ class ServeConfig:
             "canary_share": 0.0 <= self.canary_share < 1.0,
         }
         bad = [k for k, ok in checks.items() if not ok]
+        if not bad and self.max_batch_size > self.max_ongoing_requests:
+            log.warning(
+                "max_batch_size=%d can never fill with max_ongoing_requests=%d: every batch waits the full "
+                "batch_wait_timeout_s; raise max_ongoing_requests (2x the batch size is a good start)",
+                self.max_batch_size,
+                self.max_ongoing_requests,
+            )
         if bad:
             raise ServingError(f"invalid serving settings {bad}: { ({k: getattr(self, k) for k in bad}) }")
         try:

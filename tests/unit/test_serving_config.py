@@ -15,7 +15,12 @@ def test_fixed_replicas_or_autoscaling():
     opts = ServeConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=3).deployment_options({})
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
     assert "num_replicas" not in opts
-    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (16, 64)
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (64, 128)
+
+
+def test_a_batch_that_can_never_fill_is_warned_about(caplog):
+    ServeConfig(max_batch_size=64, max_ongoing_requests=8)
+    assert "can never fill" in caplog.text
 
 
 def test_replicas_are_placed_like_stages():

@@ -191,9 +191,9 @@ def serve(
     min_replicas: int = 1,
     max_replicas: int = 1,
     max_batch_size: int = 32,
-    batch_wait_timeout_s: float = 0.005,
-    max_ongoing_requests: int = 16,
-    max_queued_requests: int = 64,
+    batch_wait_timeout_s: float = 0.002,
+    max_ongoing_requests: int = 64,
+    max_queued_requests: int = 128,
     canary_share: float = 0.0,
 ) -> dict[str, Any]:
     """Roll the evaluated model out on Ray Serve (blue/green, optional canary); answer with the URL."""
