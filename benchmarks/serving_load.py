@@ -187,7 +187,7 @@ def build_model(tmp: str, epochs: int) -> tuple[StoreConfig, ModelSource, np.nda
 
 def deploy(store_cfg: StoreConfig, source: ModelSource, port: int, ongoing: int, queued: int) -> None:
     common: dict[str, Any] = {"port": port, "max_ongoing_requests": ongoing, "max_queued_requests": queued}
-    on = ServeConfig(app_name="tf-batch", max_batch_size=32, batch_wait_timeout_s=0.005, **common)
+    on = ServeConfig(app_name="tf-batch", max_batch_size=32, batch_wait_timeout_s=0.002, **common)
     Rollout(store_cfg, on).deploy(source)
     Rollout(store_cfg, ServeConfig(app_name="tf-nobatch", max_batch_size=1, **common)).deploy(source)
     opts = {"ray_actor_options": replica_options(on), "max_ongoing_requests": ongoing, "max_queued_requests": queued}
@@ -278,7 +278,7 @@ def main() -> None:
         f"- Command: `{command}`",
         f"- Each peer: 1 replica, `num_cpus={dflt.num_cpus}`; limits = `max_ongoing_requests/max_queued_requests`, "
         f"the same for all peers ({defaults} = ServeConfig defaults). Batching on: `max_batch_size=32, "
-        "batch_wait_timeout_s=0.005`; off: `max_batch_size=1`. Bare: plain `@serve.deployment`, "
+        "batch_wait_timeout_s=0.002`; off: `max_batch_size=1`. Bare: plain `@serve.deployment`, "
         "`await request.json()`, `predict_proba`, JSON out; no validation, no batching.",
         "- C = closed-loop throughput at concurrency 32 against tierflow batching on (row `capacity`); open loop: "
         "fixed interval, latency from the scheduled send time (generator lag counts against it); `closed 64` = "
