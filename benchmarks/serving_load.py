@@ -16,7 +16,6 @@ import contextlib
 import datetime as dt
 import json
 import platform
-import re
 import shlex
 import socket
 import sys
@@ -33,6 +32,7 @@ import numpy as np
 import pydantic
 import ray
 import torch
+from benchlib import machine, publish
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -45,7 +45,6 @@ from serving.rollout import Rollout, replica_options
 from storage import ArtifactStore, StoreConfig
 from workflows.builtin.digits import _raw_test_rows, preprocess, train
 
-BENCH_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 SECTION = "serving_load"
 PEERS = {"tf-batch": "tierflow, batching on", "tf-nobatch": "tierflow, batching off", "bare": "bare Ray Serve"}
 CLIENTS = 8  # httpx clients, requests spread round-robin
@@ -194,13 +193,6 @@ def deploy(store_cfg: StoreConfig, source: ModelSource, port: int, ongoing: int,
     serve.run(Bare.options(num_replicas=1, **opts).bind(source), name="bare", route_prefix="/bare")
 
 
-def machine() -> str:
-    cpuinfo, meminfo = Path("/proc/cpuinfo").read_text(), Path("/proc/meminfo").read_text()
-    model = m.group(1).strip() if (m := re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)) else platform.processor()
-    kib = int(m.group(1)) if (m := re.search(r"^MemTotal:\s*(\d+) kB", meminfo, re.M)) else 0
-    return f"{os.cpu_count()} cores, {kib / 2**20:.1f} GiB RAM, {model}"
-
-
 def report(runs: list[Run], head: list[str]) -> str:
     tail = "p50 ms | p99 ms | 503 | other errors | CPU % client / proxy / replica / rest of Ray / outside |"
     lines = [*head, "", f"| limits | load | peer | offered req/s | send lag p99 ms | throughput (200/s) | {tail}"]
@@ -228,15 +220,6 @@ def report(runs: list[Run], head: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_section(body: str) -> None:
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    block, text = f"{begin}\n{body}\n{end}", BENCH_MD.read_text()
-    if begin in text and end in text:
-        BENCH_MD.write_text(text[: text.index(begin)] + block + text[text.index(end) + len(end) :])
-    else:
-        BENCH_MD.write_text(text.rstrip("\n") + "\n\n" + block + "\n")
-
-
 def main() -> None:
     dflt = ServeConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -244,7 +227,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s per run, 3 training epochs")
     defaults = f"{dflt.max_ongoing_requests}/{dflt.max_queued_requests}"
     parser.add_argument("--limits", nargs="+", default=[defaults, "64/256"], help="ONGOING/QUEUED, one pass each")
-    parser.add_argument("--write", action="store_true", help=f"update the section in {BENCH_MD.name}")
+    parser.add_argument("--write", action="store_true", help=f"update the section in {'BENCHMARKS.md'}")
     args = parser.parse_args()
     duration = 2.0 if args.quick else args.duration_s
     command = shlex.join(["cd", "/work/main"]) + " && " + shlex.join([".venv/bin/python", *sys.argv])
@@ -288,10 +271,7 @@ def main() -> None:
         "per process group during the run; `outside` = machine busy time not in this benchmark's processes.",
     ]
     body = report(runs, head)
-    print(body)
-    if args.write:
-        write_section(body)
-        print(f"\nwrote section {SECTION!r} to {BENCH_MD}", file=sys.stderr)
+    publish(SECTION, body, args.write)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import platform
-import re
 import shlex
 import statistics
 import sys
@@ -22,23 +20,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from pathlib import Path
 from typing import Any
 
 import ray
+from benchlib import machine, publish
 
 from storage import StoreConfig
 from workflows import Stage, Workflow, stage
 from workflows.engine import run_workflow
 
-BENCH_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 SECTION = "stage_overhead"
-HEADER = """# Benchmarks
-
-Figures here come from the scripts under `benchmarks/`; each section is written by its script with
-`--write` and records the date, the machine (cores, RAM, CPU model), the Python and Ray versions and
-the exact command that produced it. Re-run the command to refresh a section; other sections are kept.
-"""
 
 
 def first() -> dict:
@@ -130,14 +121,6 @@ def measure(peers: dict[str, Peer], repeats: int, warmup: int) -> dict[str, list
     return times
 
 
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    meminfo = Path("/proc/meminfo").read_text()
-    model = m.group(1).strip() if (m := re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)) else platform.processor()
-    kib = int(m.group(1)) if (m := re.search(r"^MemTotal:\s*(\d+) kB", meminfo, re.M)) else 0
-    return f"{os.cpu_count()} cores, {kib / 2**20:.1f} GiB RAM, {model}"
-
-
 def report(times: dict[str, list[float]], n: int, repeats: int, warmup: int, command: str) -> str:
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
@@ -177,23 +160,12 @@ def report(times: dict[str, list[float]], n: int, repeats: int, warmup: int, com
     )
 
 
-def write_section(body: str) -> None:
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    block = f"{begin}\n{body}\n{end}"
-    text = BENCH_MD.read_text() if BENCH_MD.exists() else HEADER
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    BENCH_MD.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--stages", type=int, default=20, help="chain length N (default 20)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per peer (default 7)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
-    parser.add_argument("--write", action="store_true", help=f"update the section in {BENCH_MD.name}")
+    parser.add_argument("--write", action="store_true", help=f"update the section in {'BENCHMARKS.md'}")
     args = parser.parse_args()
     if args.stages < 2 or args.repeats < 1 or args.warmup < 0:
         parser.error("need --stages >= 2, --repeats >= 1, --warmup >= 0")
@@ -220,10 +192,7 @@ def main() -> None:
     finally:
         ray.shutdown()
     body = report(times, n, args.repeats, args.warmup, command)
-    print(body)
-    if args.write:
-        write_section(body)
-        print(f"\nwrote section {SECTION!r} to {BENCH_MD}", file=sys.stderr)
+    publish(SECTION, body, args.write)
 
 
 if __name__ == "__main__":

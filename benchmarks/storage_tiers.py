@@ -18,7 +18,6 @@ import logging
 import os
 import platform
 import pstats
-import re
 import shlex
 import shutil
 import statistics
@@ -33,11 +32,11 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+from benchlib import machine, publish
 
 from storage import ArtifactRef, ArtifactStore, StoreConfig, TierSpec
 from storage.store import blob_key
 
-BENCH_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 SECTION = "storage_tiers"
 GIB = 1 << 30
 COLS = 16
@@ -116,13 +115,6 @@ def measure(cases: list[Case], repeats: int) -> None:
             print(f"rep {rep + 1}/{repeats} {case.tier} {case.op}: tierflow {tf:.4f}s raw {raw:.4f}s", file=sys.stderr)
 
 
-def machine() -> str:
-    cpuinfo, meminfo = Path("/proc/cpuinfo").read_text(), Path("/proc/meminfo").read_text()
-    model = m.group(1).strip() if (m := re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)) else platform.processor()
-    kib = int(m.group(1)) if (m := re.search(r"^MemTotal:\s*(\d+) kB", meminfo, re.M)) else 0
-    return f"{os.cpu_count()} cores, {kib / 2**20:.1f} GiB RAM, {model}"
-
-
 def cell(nbytes: int, times: list[float]) -> str:
     med, lo, hi = statistics.median(times), min(times), max(times)
     unit, k = ("ms", 1e3) if hi < 0.1 else ("s", 1)
@@ -158,24 +150,13 @@ def report(cases: list[Case], repeats: int, head: list[str], extra: list[str]) -
     )
 
 
-def write_section(body: str) -> None:
-    """Replace this script's block in BENCHMARKS.md (or append it); other sections are kept."""
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    block, text = f"{begin}\n{body}\n{end}", BENCH_MD.read_text()
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    BENCH_MD.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--gib", type=float, default=1.0, help="table size for the hot and local tiers (default 1.0)")
     parser.add_argument("--s3-gib", type=float, default=0.25, help="table size for the S3 tier (default 0.25)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per case (default 3)")
     parser.add_argument("--profile", type=int, metavar="N", default=0, help="then cProfile each tierflow op, top N")
-    parser.add_argument("--write", action="store_true", help=f"update the section in {BENCH_MD.name}")
+    parser.add_argument("--write", action="store_true", help=f"update the section in {'BENCHMARKS.md'}")
     args = parser.parse_args()
     if args.gib <= 0 or args.s3_gib <= 0 or args.repeats < 1:
         parser.error("need --gib > 0, --s3-gib > 0, --repeats >= 1")
@@ -259,10 +240,7 @@ def main() -> None:
         f"- Command: `{command}`",
     ]
     body = report(cases, args.repeats, head, extra)
-    print(body)
-    if args.write:
-        write_section(body)
-        print(f"\nwrote section {SECTION!r} to {BENCH_MD}", file=sys.stderr)
+    publish(SECTION, body, args.write)
 
 
 if __name__ == "__main__":
