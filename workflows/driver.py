@@ -26,6 +26,7 @@ from actors.placement import PlacementDecision, decide
 from actors.ray_api import ActorPool, cluster_nodes
 from actors.runner import StageCall
 from storage import ArtifactStore
+from workflows.cache import cache_key
 from workflows.errors import StageFailedError
 from workflows.hooks import (
     CACHED,
@@ -142,8 +143,6 @@ class Driver:
                 self._launch(name)
 
     def _launch(self, name: str) -> None:
-        from workflows.engine import cache_key  # noqa: PLC0415  # engine imports this module
-
         stage, rec = self.wf.stages[name], self.run.records[name]
         edges = self.wf.upstream(name)
         rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges}  # type: ignore[misc]

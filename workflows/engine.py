@@ -5,8 +5,6 @@ Everything here happens before any compute; `workflows.driver` runs the stages.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 import uuid
@@ -20,29 +18,13 @@ from workflows.driver import Driver
 from workflows.errors import UnsatisfiableResourcesError, ValidationError
 from workflows.hooks import DONE, SUCCEEDED, RunHook, RunInfo, StageRecord
 from workflows.journal import Journal, Journals
-from workflows.model import Stage, Workflow
+from workflows.model import Workflow
 
 log = logging.getLogger(__name__)
-
-# Bump when the on-store encoding changes: old cache entries then miss instead of misleading.
-FORMAT_VERSION = "1"
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-
-
-def cache_key(stage: Stage, params: Mapping[str, Any], input_digests: Mapping[str, str]) -> str:
-    """Code + version + params + input digests + format version. Not resources, not the node."""
-    payload = {
-        "source": stage.source(),
-        "version": stage.version,
-        "params": params,
-        "inputs": dict(sorted(input_digests.items())),
-        "format": FORMAT_VERSION,
-    }
-    blob = json.dumps(payload, sort_keys=True, default=repr).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 def plan(workflow: Workflow, nodes: Iterable[NodeInfo]) -> dict[str, PlacementDecision]:
