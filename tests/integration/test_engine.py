@@ -64,7 +64,8 @@ def join(left: dict, right: dict) -> dict:
 def test_independent_stages_run_concurrently_and_feed_downstream(store):
     run = run_workflow(Workflow("fan", [left, right, join]), store_config=store)
     overlap = ArtifactStore(store).get(run.records["join"].artifact)["overlap_s"]
-    assert overlap > 1.0, f"left and right overlapped only {overlap:.2f}s"
+    # Run one after the other they would not overlap at all; a slow second actor start only shortens it.
+    assert overlap > 0.5, f"left and right overlapped only {overlap:.2f}s"
     assert run.records["left"].result.pid != run.records["right"].result.pid
 
 
