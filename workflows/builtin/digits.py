@@ -4,6 +4,7 @@ scikit-learn: no download."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -71,13 +72,26 @@ def train(
     batch_size: int = 64,
     hidden: int = 128,
     seed: int = 0,
+    workers: int = 1,
+    worker_cpus: float = 0.5,
+    durable_every: int = 0,
 ) -> Tensors:
-    """A small MLP; uses CUDA when the actor was given a GPU and torch can see it."""
+    """A small MLP; uses CUDA when the actor was given a GPU and torch can see it.
+
+    `workers > 1` trains data-parallel (torch DDP, gloo) on a gang of that many actors with
+    just-in-time snapshots (actors.ddp); `batch_size` stays the global batch.
+    """
     import torch  # noqa: PLC0415
     from torch import nn  # noqa: PLC0415
 
-    from serving.model import build_mlp, to_tensors  # noqa: PLC0415
+    from serving.model import build_mlp  # noqa: PLC0415
 
+    if workers > 1:
+        from actors.ddp import DDPConfig  # noqa: PLC0415
+
+        spec = ddp_spec(hidden=hidden, lr=lr, batch_size=batch_size, epochs=epochs, seed=seed, workers=workers)
+        config = DDPConfig(workers=workers, cpus_per_worker=worker_cpus, durable_every=durable_every)
+        return train_ddp(ctx, preprocess, spec, config)
     torch.manual_seed(seed)
     device = torch.device(ctx.device)
     x, y = _features(preprocess, "train")
@@ -104,7 +118,15 @@ def train(
             ctx.log_metric("loss", loss.item(), step)
             step += 1
         ctx.log_metric("train_accuracy", correct / len(xt), epoch)
-    model.cpu()
+    return _bundle(model.cpu(), preprocess, layers)
+
+
+def _bundle(model: Any, preprocess: pa.Table, layers: list[int]) -> Tensors:
+    """The served artifact: the trained body behind a Standardize layer holding the scaler."""
+    import torch  # noqa: PLC0415
+
+    from serving.model import to_tensors  # noqa: PLC0415
+
     mean, scale = _scaler(preprocess)
     model[0].mean.copy_(torch.from_numpy(mean))
     model[0].scale.copy_(torch.from_numpy(scale))
@@ -117,6 +139,63 @@ def train(
             "input": "64 raw pixel intensities (0-16) of an 8x8 digit",
         },
     )
+
+
+# -- data-parallel training (train.workers > 1); module-level functions so workers can load them ---
+def _digits_body(layers: list[int]) -> Any:
+    from serving.model import build_mlp  # noqa: PLC0415
+
+    return build_mlp(layers, standardize=True)[1:]  # keeps the served model's parameter names
+
+
+def _adam(params: Any, lr: float) -> Any:
+    import torch  # noqa: PLC0415
+
+    return torch.optim.Adam(params, lr=lr)
+
+
+def _xy(shard: pa.Table) -> tuple[Any, Any]:
+    import torch  # noqa: PLC0415
+
+    x = np.stack([shard[f"px{i:02d}"].to_numpy() for i in range(N_FEATURES)], axis=1).astype(np.float32)
+    return torch.from_numpy(x), torch.from_numpy(shard["label"].to_numpy().astype(np.int64))
+
+
+def _cross_entropy(model: Any, batch: Any) -> Any:
+    import torch  # noqa: PLC0415
+
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def ddp_spec(*, hidden: int, lr: float, batch_size: int, epochs: int, seed: int, workers: int) -> Any:
+    """The digits MLP as an `actors.ddp.TrainSpec`; `batch_size` is global (split across workers)."""
+    from actors.ddp import TrainSpec  # noqa: PLC0415
+
+    return TrainSpec(
+        build_model=functools.partial(_digits_body, [N_FEATURES, hidden, 10]),
+        build_optimizer=functools.partial(_adam, lr=lr),
+        prepare=_xy,
+        loss=_cross_entropy,
+        epochs=epochs,
+        batch_size=max(1, -(-batch_size // workers)),
+        seed=seed,
+    )
+
+
+def train_ddp(ctx: StageContext, preprocess: pa.Table, spec: Any, config: Any) -> Tensors:
+    """Train `spec` data-parallel on the training split and bundle it like the single-process path."""
+    import torch  # noqa: PLC0415
+
+    from actors.ddp import train_data_parallel  # noqa: PLC0415
+    from serving.model import build_mlp  # noqa: PLC0415
+
+    rows = preprocess.filter(pc.equal(preprocess["split"], "train"))  # shards then split only training rows
+    result = train_data_parallel(ctx, rows, spec, config)
+    layers = list(spec.build_model.args[0])
+    model = build_mlp(layers, standardize=True)
+    model[1:].load_state_dict({k: torch.from_numpy(v) for k, v in result.state.items()})
+    return _bundle(model, preprocess, layers)
 
 
 def _raw_test_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:

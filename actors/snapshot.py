@@ -1,0 +1,384 @@
+"""Just-in-time snapshots of data-parallel training state, kept outside the workers' processes.
+
+After every optimizer step each worker pushes its share of the state to a `SnapshotKeeper` actor:
+the model and optimizer tensors are identical on every rank under DDP, so rank r sends only the
+tensors assigned to it (a size-balanced split), plus its own RNG states and losses. A step is
+*complete* once every rank's share arrived; the keeper holds the latest complete step and fills the
+other of its two buffers with the next one. Durable checkpoints (safetensors + JSON, never pickle) go
+to the store under the run id and stage, periodically and on SIGTERM, so a resumed run finds them.
+
+The keeper imports no torch: it only copies numpy arrays. Torch-side helpers import torch lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.errors import ActorsError
+from storage import ArtifactNotFoundError, ArtifactStore, StoreConfig, Tensors
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "tierflow-ddp"  # named gang actors live here so tools and tests can find them
+CKPT_SEP = ".ckpt-"  # durable checkpoint "stage" name: <stage>.ckpt-<step, 10 digits>
+_CKPT = re.compile(r"(?P<stage>.+)\.ckpt-(?P<step>\d{10})")
+_META_KEY = "tierflow.checkpoint"
+
+
+class CheckpointError(ActorsError):
+    """A snapshot or checkpoint cannot be used (wrong world size, missing parts, bad metadata)."""
+
+
+def keeper_name(run_id: str, stage: str) -> str:
+    return f"snapshot.{run_id}.{stage}"
+
+
+def checkpoint_name(stage: str, step: int) -> str:
+    return f"{stage}{CKPT_SEP}{step:010d}"
+
+
+# -- the state as numpy arrays + JSON -------------------------------------------------------------
+@dataclass
+class Snapshot:
+    """One complete training state at `step` (optimizer steps done): shared tensors + per-rank parts."""
+
+    step: int
+    world_size: int
+    shared: dict[str, np.ndarray]  # "model/<name>", "optim/<param idx>/<key>"
+    shared_meta: dict[str, Any]  # optimizer param_groups and non-tensor state
+    ranks: list[dict[str, Any]]  # per rank: {"arrays": {...}, "meta": {...}} (RNG states, data position)
+    losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss over ranks, for MLflow
+
+    def to_tensors(self) -> Tensors:
+        """safetensors arrays + one JSON metadata entry; no pickle anywhere."""
+        arrays = {f"shared/{k}": v for k, v in self.shared.items()}
+        for r, part in enumerate(self.ranks):
+            arrays |= {f"rank{r}/{k}": v for k, v in part["arrays"].items()}
+        meta = {
+            "format": 1,
+            "step": self.step,
+            "world_size": self.world_size,
+            "shared_meta": self.shared_meta,
+            "rank_meta": [part["meta"] for part in self.ranks],
+            "losses": {str(k): v for k, v in sorted(self.losses.items())},
+        }
+        return Tensors(arrays, {_META_KEY: json.dumps(meta)})
+
+    @classmethod
+    def from_tensors(cls, bundle: Tensors) -> Snapshot:
+        try:
+            meta = json.loads(bundle.metadata[_META_KEY])
+            world = int(meta["world_size"])
+            shared = {k.removeprefix("shared/"): v for k, v in bundle.tensors.items() if k.startswith("shared/")}
+            ranks = []
+            for r in range(world):
+                prefix = f"rank{r}/"
+                arrays = {k.removeprefix(prefix): v for k, v in bundle.tensors.items() if k.startswith(prefix)}
+                ranks.append({"arrays": arrays, "meta": meta["rank_meta"][r]})
+            losses = {int(k): float(v) for k, v in meta["losses"].items()}
+            return cls(int(meta["step"]), world, shared, meta["shared_meta"], ranks, losses)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"not a tierflow training checkpoint: {exc}") from exc
+
+
+def latest_durable(store: ArtifactStore, run_id: str, stage: str) -> tuple[int, Any] | None:
+    """(step, manifest) of the newest durable checkpoint of `stage` in `run_id`, if any."""
+    best = None
+    for ref in store.manifests(run_id):
+        m = _CKPT.fullmatch(ref.stage)
+        if m and m["stage"] == stage and (best is None or int(m["step"]) > best[0]):
+            best = (int(m["step"]), ref)
+    return best
+
+
+# -- torch <-> arrays (workers only) ---------------------------------------------------------------
+def state_arrays(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Live tensors of model + optimizer (no copy) and the JSON part of the optimizer state."""
+    tensors: dict[str, Any] = {f"model/{k}": v.detach() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in opt["state"].items():
+        for key, value in entry.items():
+            if hasattr(value, "detach"):
+                tensors[f"optim/{idx}/{key}"] = value.detach()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": opt["param_groups"], "scalars": scalars}
+
+
+def load_state(model: Any, optimizer: Any, shared: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    import torch  # noqa: PLC0415
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a, copy=True))  # writable and owned: the source may be read-only
+
+    model.load_state_dict({k.removeprefix("model/"): tensor(v) for k, v in shared.items() if k.startswith("model/")})
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in shared.items():
+        if k.startswith("optim/"):
+            _, idx, key = k.split("/", 2)
+            state.setdefault(int(idx), {})[key] = tensor(v)
+    for idx, values in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """This process's torch / numpy / python RNG states as arrays + JSON."""
+    import torch  # noqa: PLC0415
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    arrays = {
+        "rng/torch": torch.get_rng_state().numpy(),
+        "rng/numpy": np.asarray(keys),
+        "rng/python": np.asarray(internal),
+    }
+    if torch.cuda.is_available():
+        arrays["rng/cuda"] = torch.cuda.get_rng_state().numpy()
+    meta = {"numpy": [name, int(pos), int(has_gauss), float(gauss)], "python": [version, gauss_next]}
+    return arrays, meta
+
+
+def set_rng_state(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    import torch  # noqa: PLC0415
+
+    torch.set_rng_state(torch.from_numpy(np.array(arrays["rng/torch"], dtype=np.uint8)))
+    if "rng/cuda" in arrays and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.from_numpy(np.array(arrays["rng/cuda"], dtype=np.uint8)))
+    name, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((name, np.array(arrays["rng/numpy"], dtype=np.uint32), pos, has_gauss, gauss))
+    version, gauss_next = meta["python"]
+    random.setstate((version, tuple(int(x) for x in arrays["rng/python"]), gauss_next))
+
+
+def assign_shards(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """Key -> rank, balancing bytes; deterministic, so every rank computes the same split."""
+    load = [0] * world_size
+    owner = {}
+    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[key] = rank
+        load[rank] += sizes[key]
+    return owner
+
+
+class SnapshotPusher:
+    """Worker side of the double buffer: one push in flight, awaited only before the next optimizer step."""
+
+    def __init__(self, keeper: Any, rank: int) -> None:
+        self.keeper = keeper
+        self.rank = rank
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
+        self._inflight: Future | None = None
+        self.wait_s = 0.0  # time the training thread spent waiting for acknowledgements
+
+    def push(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.wait()
+        self._inflight = self._pool.submit(self._send, step, arrays, meta)
+
+    def _send(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+        # numpy views of the live tensors: Ray copies them into the object store here, in the background,
+        # while the training thread computes the next forward pass (which does not modify them).
+        views = {k: v.cpu().numpy() if hasattr(v, "numpy") else v for k, v in arrays.items()}
+        ray.get(self.keeper.push.remote(step, self.rank, views, meta))
+
+    def wait(self) -> None:
+        """Block until the keeper holds the last push (raises if it failed)."""
+        if self._inflight is not None:
+            t0 = time.perf_counter()
+            try:
+                self._inflight.result()
+            finally:
+                self._inflight = None
+                self.wait_s += time.perf_counter() - t0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# -- the keeper actor -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KeeperConfig:
+    run_id: str
+    stage: str
+    world_size: int
+    store_config: StoreConfig | None = None
+    durable_every: int = 0  # steps between durable checkpoints; 0 = only on SIGTERM
+
+
+class SnapshotKeeper:
+    """Holds the latest complete snapshot in memory; writes durable checkpoints. Wrapped with `ray.remote`."""
+
+    def __init__(self, config: KeeperConfig) -> None:
+        self.cfg = config
+        self._lock = threading.Condition()
+        self._buffers: list[dict[str, np.ndarray]] = [{}, {}]  # double buffer, indexed by step parity
+        self._pending: dict[int, dict[int, dict[str, Any]]] = {}  # step -> rank -> {"keys", "meta"}
+        self._latest: Snapshot | None = None  # shared arrays point into a buffer
+        self._losses: dict[int, dict[int, float]] = {}
+        self._workers: dict[int, dict[str, Any]] = {}
+        self._durable: list[int] = []
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="durable")
+        self.source = "none"
+        self._store = ArtifactStore(config.store_config) if config.store_config else None
+        self._load_durable()
+        if threading.current_thread() is threading.main_thread():  # preemption of the keeper's node
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _load_durable(self) -> None:
+        if self._store is None:
+            return
+        found = latest_durable(self._store, self.cfg.run_id, self.cfg.stage)
+        if found is None:
+            return
+        snap = Snapshot.from_tensors(self._store.get(found[1]))
+        if snap.world_size != self.cfg.world_size:
+            raise CheckpointError(
+                f"checkpoint {found[1].stage} of run {self.cfg.run_id} was written by {snap.world_size} workers, "
+                f"this gang has {self.cfg.world_size}; resume with workers={snap.world_size}"
+            )
+        self._latest, self.source = snap, "durable"
+        self._losses = {s: {-1: v} for s, v in snap.losses.items()}
+        self._durable.append(snap.step)
+        log.info("loaded durable checkpoint %s (step %d)", found[1].stage, snap.step)
+
+    # -- from workers ----------------------------------------------------------------------------
+    def register(self, rank: int, info: dict[str, Any]) -> None:
+        with self._lock:
+            self._workers[rank] = info
+
+    def push(self, step: int, rank: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> int:
+        """Copy one rank's share of step `step`; return the latest complete step."""
+        buf = self._buffers[step % 2]
+        shared = {k: v for k, v in arrays.items() if k.startswith(("model/", "optim/"))}
+        own = {k: np.array(v, copy=True) for k, v in arrays.items() if k not in shared}
+        for key, value in shared.items():  # the sender's buffer may be freed once we return: copy now
+            dst = buf.get(key)
+            if dst is None or dst.shape != value.shape or dst.dtype != value.dtype:
+                buf[key] = np.array(value, copy=True)
+            else:
+                np.copyto(dst, value)
+        with self._lock:
+            for s, loss in meta.pop("losses", []):
+                self._losses.setdefault(int(s), {})[rank] = float(loss)
+            parts = self._pending.setdefault(step, {})
+            parts[rank] = {"keys": list(shared), "arrays": own, "meta": meta}
+            if len(parts) == self.cfg.world_size:
+                self._complete(step, self._pending.pop(step))
+            return self._latest.step if self._latest else -1
+
+    def _complete(self, step: int, parts: dict[int, dict[str, Any]]) -> None:
+        buf = self._buffers[step % 2]
+        keys = [k for r in range(self.cfg.world_size) for k in parts[r]["keys"]]
+        self._latest = Snapshot(
+            step,
+            self.cfg.world_size,
+            {k: buf[k] for k in keys},
+            parts[0]["meta"]["shared"],
+            [{"arrays": parts[r]["arrays"], "meta": parts[r]["meta"]["rank"]} for r in range(self.cfg.world_size)],
+        )
+        self.source = "memory"
+        for old in [s for s in self._pending if s <= step]:
+            del self._pending[old]
+        self._lock.notify_all()
+        every = self.cfg.durable_every
+        if every and step % every == 0 and step not in self._durable:
+            self._persist_async(self._frozen(self._latest))
+
+    def _frozen(self, snap: Snapshot) -> Snapshot:
+        """A copy that the double buffer cannot overwrite (encoded to safetensors now; written later)."""
+        return Snapshot(
+            snap.step,
+            snap.world_size,
+            {k: np.array(v, copy=True) for k, v in snap.shared.items()},
+            snap.shared_meta,
+            snap.ranks,
+            self._mean_losses(snap.step),
+        )
+
+    def _mean_losses(self, upto: int) -> dict[int, float]:
+        """Mean loss per step index below `upto` (a snapshot at step k holds the losses of steps 0..k-1)."""
+        return {s: float(np.mean(list(v.values()))) for s, v in sorted(self._losses.items()) if s < upto}
+
+    # -- durable checkpoints ---------------------------------------------------------------------
+    def _persist_async(self, snap: Snapshot) -> None:
+        self._durable.append(snap.step)
+        self._writer.submit(self._write, snap)
+
+    def _write(self, snap: Snapshot) -> str:
+        if self._store is None:
+            return ""
+        name = checkpoint_name(self.cfg.stage, snap.step)
+        try:
+            self._store.manifest(self.cfg.run_id, name)
+            return name  # written before (e.g. periodic and SIGTERM on the same step)
+        except ArtifactNotFoundError:
+            pass
+        self._store.put(snap.to_tensors(), run_id=self.cfg.run_id, stage=name)
+        log.info("durable checkpoint %s/%s", self.cfg.run_id, name)
+        return name
+
+    def persist(self, min_step: int = -1, timeout_s: float = 30.0) -> str:
+        """Write the latest complete snapshot (waiting until it reaches `min_step`) durably; its name."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._latest is not None and self._latest.step >= min_step, timeout_s)
+            if self._latest is None:
+                return ""
+            snap = self._frozen(self._latest)
+            self._durable.append(snap.step)
+        return self._write(snap)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self._latest is not None:
+            self._write(self._frozen(self._latest))
+        raise SystemExit(1)
+
+    # -- restoring and reporting -----------------------------------------------------------------
+    def restore(self, rank: int) -> dict[str, Any] | None:
+        """What rank `rank` needs to continue from the latest complete snapshot, or None (start fresh)."""
+        with self._lock:
+            snap = self._latest
+            if snap is None:
+                return None
+            # Discard losses of steps past the snapshot: the replay logs them again.
+            self._losses = {s: v for s, v in self._losses.items() if s < snap.step}
+            part = snap.ranks[rank]
+            return {
+                "step": snap.step,
+                "source": self.source,
+                "shared": snap.shared,
+                "shared_meta": snap.shared_meta,
+                "arrays": part["arrays"],
+                "meta": part["meta"],
+            }
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "step": self._latest.step if self._latest else -1,
+                "source": self.source,
+                "workers": dict(self._workers),
+                "durable": list(self._durable),
+            }
+
+    def losses(self) -> dict[int, float]:
+        with self._lock:
+            return self._mean_losses(max(self._losses, default=-1) + 1)
+
+    def flush(self) -> None:
+        """Wait for background durable writes."""
+        self._writer.submit(lambda: None).result()
