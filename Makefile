@@ -33,5 +33,11 @@ lint: $(VENV)/.installed
 clean:
 	rm -rf .tierflow mlflow.db mlruns .pytest_cache
 
-bench: $(VENV)/.installed
+$(VENV)/.bench-installed: pyproject.toml | $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	touch $@
+
+# The cheap benchmarks (minutes each), written into BENCHMARKS.md. Run by hand, they take longer or need more:
+# benchmarks/storage_tiers.py (1 GiB tables, S3 on moto) and benchmarks/serving_load.py (~10 s per load point).
+bench: $(VENV)/.installed $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/stage_overhead.py --write
