@@ -41,3 +41,4 @@ $(VENV)/.bench-installed: pyproject.toml | $(VENV)/.installed
 # benchmarks/storage_tiers.py (1 GiB tables, S3 on moto) and benchmarks/serving_load.py (~10 s per load point).
 bench: $(VENV)/.installed $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/stage_overhead.py --write
+	$(BIN)/python benchmarks/cached_rerun.py --with-serve --write
