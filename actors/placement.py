@@ -72,6 +72,21 @@ def fits(request: dict[str, float], node: NodeInfo) -> bool:
     return all(node.resources.get(k, 0.0) + _EPS >= v for k, v in request.items())
 
 
+def capacity(request: dict[str, float], nodes: Iterable[NodeInfo], unbounded: int = 64) -> int:
+    """How many actors of `request` the cluster holds at once, each node counted whole.
+
+    A request for no resources at all (e.g. `cpus=0`) is not limited by the cluster; `unbounded` caps it
+    so a wide fan-out never spawns a process per stage.
+    """
+    need = {k: v for k, v in request.items() if v > 0}
+    if not need:
+        return unbounded
+    total = 0
+    for node in nodes:
+        total += min(int((node.resources.get(k, 0.0) + _EPS) // v) for k, v in need.items())
+    return min(total, unbounded)
+
+
 def missing_on(request: dict[str, float], node: NodeInfo) -> list[str]:
     return [k for k, v in request.items() if node.resources.get(k, 0.0) + _EPS < v]
 

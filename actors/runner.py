@@ -13,6 +13,7 @@ import ray
 
 from actors.context import Metric, SourceInput, StageContext
 from actors.errors import StageExecutionError
+from actors.streaming import BatchStream, LiveStream, StreamCommit, StreamSource, stored_stream
 from storage import ArtifactRef, ArtifactStore, StoreConfig
 from storage.formats import decode, encode
 
@@ -32,6 +33,8 @@ class StageCall:
     # param -> facts about the upstream artifact (digest, uri, and hook annotations like model_version)
     upstream: dict[str, dict[str, str]] = field(default_factory=dict)
     input_refs: dict[str, ArtifactRef] = field(default_factory=dict)
+    stream_params: tuple[str, ...] = ()  # inputs from streaming stages: passed as a BatchStream
+    stream_source: StreamSource | None = None  # barrier mode: this call runs a streaming stage alone
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class StageResult:
     metrics: list[Metric] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
     sources: list[SourceInput] = field(default_factory=list)
+    streams: dict[str, StreamCommit] = field(default_factory=dict)  # upstream stage -> its committed stream
 
 
 def detect_device(gpu_ids: list[Any]) -> str:
@@ -90,34 +94,53 @@ class StageActor:
 
     def _run(self, call: StageCall, inputs: tuple[Any, ...]) -> tuple[StageResult, Any]:
         info = self.info()
-        kwargs = dict(call.params)
-        for pname, value in zip(call.input_params, inputs, strict=True):
-            kwargs[pname] = self.store.get(value) if isinstance(value, ArtifactRef) else value
-        ctx = StageContext(
-            call.run_id,
-            call.stage,
-            info["node_id"],
-            info["device"],
-            info["gpu_ids"],
-            upstream=call.upstream,
-            input_refs=call.input_refs,
-            store_config=self.store.config,
-        )
-        if call.wants_context:
-            kwargs["ctx"] = ctx
-        started = time.time()
-        t0 = time.perf_counter()
+        live: list[LiveStream] = []
         try:
-            target = self._instance(call.fn) if call.is_class else call.fn
-            value = target(**kwargs)
-            fmt, data, schema = encode(value, allow_pickle=self.store.config.allow_pickle)
-        except Exception as exc:
-            types = tuple(f"{t.__module__}.{t.__qualname__}" for t in type(exc).__mro__)
-            raise StageExecutionError(
-                call.stage, f"{type(exc).__name__}: {exc}", traceback.format_exc(), types
-            ) from None
-        duration = time.perf_counter() - t0
-        ref = self.store.put_encoded(fmt, data, schema, run_id=call.run_id, stage=call.stage)
+            kwargs = dict(call.params)
+            for pname, value in zip(call.input_params, inputs, strict=True):
+                kwargs[pname] = self._input(call, pname, value, live)
+            ctx = StageContext(
+                call.run_id,
+                call.stage,
+                info["node_id"],
+                info["device"],
+                info["gpu_ids"],
+                upstream=call.upstream,
+                input_refs=call.input_refs,
+                store_config=self.store.config,
+            )
+            if call.wants_context:
+                kwargs["ctx"] = ctx
+            started = time.time()
+            t0 = time.perf_counter()
+            try:
+                if call.stream_source is not None:
+                    live.append(LiveStream(call.stream_source, self.store))
+                    value = None
+                else:
+                    target = self._instance(call.fn) if call.is_class else call.fn
+                    value = target(**kwargs)
+                # Unread batches are drained here: a stream is committed whole or not at all.
+                streams = {ls.stage: ls.finish() for ls in live}
+                if call.stream_source is None:
+                    fmt, data, schema = encode(value, allow_pickle=self.store.config.allow_pickle)
+            except Exception as exc:
+                types = tuple(f"{t.__module__}.{t.__qualname__}" for t in type(exc).__mro__)
+                raise StageExecutionError(
+                    call.stage, f"{type(exc).__name__}: {exc}", traceback.format_exc(), types
+                ) from None
+            duration = time.perf_counter() - t0
+        finally:
+            for ls in live:
+                ls.close()
+        if call.stream_source is not None:
+            commit = streams[call.stage]
+            ref, out = commit.artifact, None
+            ctx.log_metrics(commit.metrics())
+        else:
+            ref = self.store.put_encoded(fmt, data, schema, run_id=call.run_id, stage=call.stage)
+            # Downstream stages get exactly what a cache hit would load from the store.
+            out = decode(fmt, data, allow_pickle=self.store.config.allow_pickle)
         result = StageResult(
             stage=call.stage,
             artifact=ref,
@@ -132,9 +155,19 @@ class StageActor:
             metrics=ctx.metrics,
             tags=ctx.tags,
             sources=ctx.sources,
+            streams={k: v for k, v in streams.items() if k != call.stage},
         )
-        # Downstream stages get exactly what a cache hit would load from the store.
-        return result, decode(fmt, data, allow_pickle=self.store.config.allow_pickle)
+        return result, out
+
+    def _input(self, call: StageCall, pname: str, value: Any, live: list[LiveStream]) -> Any:
+        if isinstance(value, StreamSource):
+            stream = LiveStream(value, self.store)
+            live.append(stream)
+            return stream
+        loaded = self.store.get(value) if isinstance(value, ArtifactRef) else value
+        if pname in call.stream_params and not isinstance(loaded, BatchStream):
+            return stored_stream(call.upstream.get(pname, {}).get("stage", pname), loaded)
+        return loaded
 
     def _instance(self, cls: type) -> Any:
         if cls not in self._instances:

@@ -2,6 +2,7 @@
 
 from actors.context import StageContext
 from actors.resources import Resources
+from actors.streaming import BatchStream, Stream
 from storage import Tensors
 from workflows.errors import (
     GateFailed,
@@ -15,12 +16,14 @@ from workflows.errors import (
 from workflows.model import Stage, Workflow, stage
 
 __all__ = [
+    "BatchStream",
     "GateFailed",
     "MLflowHook",
     "Resources",
     "Stage",
     "StageContext",
     "StageFailedError",
+    "Stream",
     "Tensors",
     "TierflowError",
     "UnsatisfiableResourcesError",

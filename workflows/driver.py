@@ -7,6 +7,7 @@ their inputs from the store instead, so a lost object or a dead driver never los
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -21,10 +22,13 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
+from actors.context import Metric
 from actors.errors import StageExecutionError
-from actors.placement import PlacementDecision, decide
+from actors.placement import PlacementDecision, decide, ray_options
 from actors.ray_api import ActorPool, cluster_nodes
-from actors.runner import StageCall
+from actors.resources import Resources
+from actors.runner import StageCall, StageResult
+from actors.streaming import StreamSource
 from storage import ArtifactStore
 from workflows.cache import cache_key
 from workflows.errors import StageFailedError
@@ -61,6 +65,7 @@ class Driver:
         use_cache: bool,
         rerun: set[str],
         journals: Journals,
+        streaming: bool = True,
     ) -> None:
         self.wf = workflow
         self.run = run
@@ -75,6 +80,14 @@ class Driver:
         self.inflight: dict[Any, tuple[str, Any, float | None]] = {}  # result ref -> (stage, actor, deadline)
         self.retry_at: dict[str, float] = {}
         self.failure: StageFailedError | None = None
+        self._pos = {n: i for i, n in enumerate(workflow.order)}
+        # A streaming stage with one consumer runs inside that consumer's stage (fused); otherwise it
+        # runs alone and commits before anything downstream starts (barrier).
+        self.fused: dict[str, str] = {}
+        for n, st in workflow.stages.items():
+            if streaming and st.stream is not None and len(consumers := workflow.downstream(n)) == 1:
+                self.fused[n] = consumers[0]
+        self._candidates: set[str] = set(workflow.order)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def execute(self) -> RunInfo:
@@ -128,37 +141,67 @@ class Driver:
 
     # -- launching ------------------------------------------------------------------------------
     def _ready(self) -> list[str]:
+        """Candidates whose upstream is done, in topological order.
+
+        Only stages downstream of a newly finished one (or due for a retry, or waiting for an actor)
+        are candidates, so a wide fan-out costs O(edges) in all rather than O(stages) per event.
+        """
         recs, now = self.run.records, time.monotonic()
         out = []
-        for n in self.wf.order:
-            due = recs[n].status == RETRYING and self.retry_at.get(n, 0) <= now
-            if (recs[n].status == PENDING or due) and all(recs[e.upstream].status in DONE for e in self.wf.upstream(n)):
+        for n in sorted(self._candidates, key=self._pos.__getitem__):
+            status = recs[n].status
+            if status == RETRYING and self.retry_at.get(n, 0) > now:
+                continue
+            if status not in (PENDING, RETRYING):
+                self._candidates.discard(n)
+            elif all(self._satisfied(e.upstream, n) for e in self.wf.upstream(n)):
                 out.append(n)
+            else:
+                self._candidates.discard(n)  # back when an upstream stage finishes
         return out
 
-    def _launch_ready(self) -> None:
-        # Cache hits complete at once and may make more stages ready: repeat until stable.
-        while ready := self._ready():
-            for name in ready:
-                self._launch(name)
+    def _satisfied(self, upstream: str, name: str) -> bool:
+        status = self.run.records[upstream].status
+        return status in DONE or (status == RUNNING and self.fused.get(upstream) == name)
 
-    def _launch(self, name: str) -> None:
+    def _launch_ready(self) -> None:
+        # Cache hits complete at once and may make more stages ready: repeat until nothing launches.
+        progress = True
+        while progress:
+            progress, full = False, set()
+            for name in self._ready():
+                shape = self.run.records[name].decision.effective.shape()  # type: ignore[union-attr]
+                if shape not in full and self._launch(name):
+                    progress = True
+                    self._candidates.discard(name)
+                else:
+                    full.add(shape)  # every actor of this shape is busy: wait for one to finish
+
+    def _launch(self, name: str) -> bool:
+        """Start `name` (or complete it from the cache); False when no actor of its shape is free."""
         stage, rec = self.wf.stages[name], self.run.records[name]
         edges = self.wf.upstream(name)
-        rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges}  # type: ignore[misc]
+        live = {e.param: e.upstream for e in edges if self._is_live(e.upstream)}
+        rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges if e.param not in live}  # type: ignore[misc]
         if rec.status == PENDING:
-            rec.cache_key = cache_key(stage, rec.params, {p: a.digest for p, a in rec.inputs.items()})
+            rec.cache_key = cache_key(stage, rec.params, self._input_keys(name))
             cacheable = self.use_cache and stage.cache and name not in self.rerun
             if cacheable and (hit := self.store.lookup_cache(rec.cache_key)):
                 rec.status, rec.artifact = CACHED, self.store.adopt(hit, run_id=self.run.run_id, stage=name)
                 self.outputs[name] = rec.artifact
                 self._notify(rec)
-                return
-        self.retry_at.pop(name, None)
-        retrying = rec.attempts > 0
+                return True
+        if name in self.fused:
+            return self._start_fused(rec)
         effective = rec.decision.effective
         assert effective is not None  # plan() refused infeasible stages
-        actor = self.pool.acquire(effective, rec.decision.ray_options())
+        if stage.stream is not None:  # barrier mode: a coordinator without resources; the pool does the work
+            effective = Resources(cpus=0)
+        actor = self.pool.acquire(effective, ray_options(effective))
+        if actor is None:
+            return False
+        self.retry_at.pop(name, None)
+        retrying = rec.attempts > 0
         call = StageCall(
             run_id=self.run.run_id,
             stage=name,
@@ -170,23 +213,100 @@ class Driver:
             cache_key=rec.cache_key,
             upstream={e.param: self._upstream_facts(e.upstream) for e in edges},
             input_refs=dict(rec.inputs),
+            stream_params=tuple(e.param for e in edges if self.wf.stages[e.upstream].stream is not None),
+            stream_source=self._stream_source(name) if stage.stream is not None else None,
         )
-        # A retry reads inputs from the store: the objects of a dead worker may be gone.
-        args = [self.run.records[e.upstream].artifact if retrying else self.outputs[e.upstream] for e in edges]
+        # A retry reads inputs from the store: the objects of a dead worker may be gone. A streaming
+        # input is a recipe the consumer's actor starts, or the committed stream.
+        args = [
+            self._stream_source(e.upstream)
+            if e.param in live
+            else self.run.records[e.upstream].artifact
+            if retrying or self.wf.stages[e.upstream].stream is not None
+            else self.outputs[e.upstream]
+            for e in edges
+        ]
         result_ref, value_ref = actor.run.remote(call, *args)
         rec.attempts += 1
         rec.status = RUNNING
-        for h in self.hooks:
-            if hasattr(h, "on_stage_start"):
-                h.on_stage_start(run=self.run, record=rec)
+        self._started(rec)
         self.outputs[name] = value_ref
         timeout = stage.retry.timeout_s
         self.inflight[result_ref] = (name, actor, time.monotonic() + timeout if timeout else None)
+        return True
+
+    def _started(self, rec: StageRecord) -> None:
+        for h in self.hooks:
+            if hasattr(h, "on_stage_start"):
+                h.on_stage_start(run=self.run, record=rec)
+
+    # -- streaming ------------------------------------------------------------------------------
+    def _is_live(self, name: str) -> bool:
+        return name in self.fused and self.run.records[name].status == RUNNING
+
+    def _start_fused(self, rec: StageRecord) -> bool:
+        """A fused streaming stage needs no actor: it starts inside its consumer's stage."""
+        rec.attempts += 1
+        rec.status = RUNNING
+        self._started(rec)
+        self._candidates.add(self.fused[rec.name])
+        return True
+
+    def _stream_source(self, name: str) -> StreamSource:
+        st, rec = self.wf.stages[name], self.run.records[name]
+        assert st.stream is not None
+        return StreamSource(
+            run_id=self.run.run_id,
+            stage=name,
+            fn=st.fn,
+            is_class=st.is_class,
+            params=rec.params,
+            spec=st.stream,
+            ray_options=rec.decision.ray_options(),
+            inputs={e.param: self.run.records[e.upstream].artifact for e in self.wf.upstream(name)},  # type: ignore[misc]
+        )
+
+    def _input_keys(self, name: str) -> dict[str, str]:
+        """What a cache key depends on per input: the digest, or for a stream the producer's own key (a
+        live stream's digest is known only once it ends, and both name the same deterministic bytes)."""
+        out = {}
+        for e in self.wf.upstream(name):
+            up = self.run.records[e.upstream]
+            if self.wf.stages[e.upstream].stream is not None and up.cache_key:
+                out[e.param] = "stream:" + up.cache_key
+            else:
+                out[e.param] = up.artifact.digest  # type: ignore[union-attr]
+        return out
+
+    def _commit_streams(self, consumer: StageRecord, result: StageResult) -> None:
+        """Record the streams a consumer committed as the results of their own stages."""
+        for name, commit in result.streams.items():
+            rec = self.run.records[name]
+            metrics = [Metric(k, float(v), 0, int(commit.started_at * 1000)) for k, v in commit.metrics().items()]
+            rec.status, rec.artifact, rec.error = SUCCEEDED, commit.artifact, ""
+            rec.result = dataclasses.replace(
+                result,
+                stage=name,
+                artifact=commit.artifact,
+                started_at=commit.started_at,
+                duration_s=commit.wall_s,
+                metrics=metrics,
+                tags={"tierflow.stream.consumer": consumer.name, "tierflow.stream.workers": str(commit.workers)},
+                sources=[],
+                streams={},
+            )
+            consumer.inputs.update(
+                {e.param: commit.artifact for e in self.wf.upstream(consumer.name) if e.upstream == name}
+            )
+            if self.wf.stages[name].cache:
+                self.store.record_cache(rec.cache_key, commit.artifact)
+            self._notify(rec)
 
     def _upstream_facts(self, name: str) -> dict[str, str]:
         rec = self.run.records[name]
         art = rec.artifact
-        assert art is not None
+        if art is None:  # a live stream: its digest is known when it ends
+            return {"stage": name, "stream": "live", **rec.annotations}
         return {"digest": art.digest, "uri": art.uri, "run_id": art.run_id, "stage": name, **rec.annotations}
 
     # -- results --------------------------------------------------------------------------------
@@ -207,7 +327,8 @@ class Driver:
         except _INFRA_ERRORS as exc:
             self._failed(rec, actor, INFRA, f"its worker died ({type(exc).__name__}): {exc}", "", ())
             return
-        self.pool.release(rec.decision.effective, actor)  # type: ignore[arg-type]
+        self.pool.release(actor)
+        self._commit_streams(rec, result)
         rec.status, rec.result, rec.artifact, rec.error = SUCCEEDED, result, result.artifact, ""
         if self.wf.stages[name].cache:
             self.store.record_cache(rec.cache_key, result.artifact)
@@ -224,6 +345,9 @@ class Driver:
 
     def _failed(self, rec: StageRecord, actor: Any, kind: str, cause: str, tb: str, types: tuple[str, ...]) -> None:
         self.pool.discard(actor)  # a broken or busy process is never reused
+        for up in [n for n, c in self.fused.items() if c == rec.name and self.run.records[n].status == RUNNING]:
+            self.run.records[up].status = PENDING  # a fused stream restarts with its consumer, or never
+            self._candidates.add(up)
         policy = self.wf.stages[rec.name].retry
         decision = policy.decide(rec.attempts, kind, types)
         fresh = self._replan(rec) if decision.retry else None
@@ -243,6 +367,7 @@ class Driver:
             )
             rec.status, rec.error = RETRYING, cause
             self.retry_at[rec.name] = time.monotonic() + decision.delay_s
+            self._candidates.add(rec.name)
             self._journal()
             return
         rec.status = FAILED
@@ -257,6 +382,8 @@ class Driver:
         return decide(rec.name, self.wf.stages[rec.name].resources, cluster_nodes())
 
     def _notify(self, rec: StageRecord) -> None:
+        if rec.status in DONE:
+            self._candidates.update(self.wf.downstream(rec.name))
         for h in self.hooks:
             h.on_stage_end(run=self.run, record=rec)
         self._journal()

@@ -62,11 +62,13 @@ def run_workflow(
     resume: str | None = None,
     workflow_ref: str = "",
     nodes: list[NodeInfo] | None = None,
+    streaming: bool = True,
 ) -> RunInfo:
     """Run `workflow` on the connected Ray cluster and return its final state.
 
     `resume=RUN_ID` continues a run whose driver stopped: committed stages are restored, not re-run.
     `rerun` names stages that skip the cache, with everything downstream of them.
+    `streaming=False` runs every streaming stage alone to completion before its consumers (barrier mode).
     Raises a `ValidationError` before anything starts, or `StageFailedError` after committed work is kept.
     """
     store = ArtifactStore(store_config)
@@ -95,7 +97,7 @@ def run_workflow(
     )
     if journal is not None:
         _restore(run, journal, store)
-    driver = Driver(workflow, run, store, list(hooks), use_cache, descendants(workflow, rerun), journals)
+    driver = Driver(workflow, run, store, list(hooks), use_cache, descendants(workflow, rerun), journals, streaming)
     return driver.execute()
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import inspect
 import keyword
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from actors.resources import Resources, ResourceSpecError
+from actors.streaming import SHARD_PARAM, Stream, StreamError
 from workflows.errors import WorkflowDefinitionError
 from workflows.retry import DEFAULT_RETRIES, RetryPolicy
 
@@ -41,11 +43,14 @@ class Stage:
     register_model: str | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     gate: bool = False  # an evaluation gate: its outcome is tagged on upstream registered models
+    stream: Stream | None = None  # called once per shard on a pool; consumers read while it runs
 
     def __post_init__(self) -> None:
         _check_name(self.name, "stage name")
         if not callable(self.fn):
             raise WorkflowDefinitionError(f"stage {self.name!r}: {self.fn!r} is not callable")
+        if self.stream is not None:
+            self._check_stream(self.stream)
         if self.register_model is not None:
             _check_name(self.register_model.replace("-", "_"), f"stage {self.name!r}: register_model")
         unknown = set(self.inputs) - set(self.parameters)
@@ -53,6 +58,18 @@ class Stage:
             raise WorkflowDefinitionError(
                 f"stage {self.name!r}: inputs map {sorted(unknown)} but the function has no such parameter"
             )
+
+    def _check_stream(self, spec: Stream) -> None:
+        where = f"streaming stage {self.name!r}"
+        names = self.signature.parameters
+        if SHARD_PARAM not in names:
+            raise WorkflowDefinitionError(f"{where} must take a {SHARD_PARAM!r} parameter: it is called once per shard")
+        if CONTEXT_PARAM in names:
+            raise WorkflowDefinitionError(f"{where} runs on a pool and gets no ctx; log metrics in its consumer")
+        if isinstance(spec.shards, str) and spec.shards not in self.parameters:
+            raise WorkflowDefinitionError(f"{where}: Stream(shards={spec.shards!r}) names no parameter of the stage")
+        if self.register_model or self.gate:
+            raise WorkflowDefinitionError(f"{where} cannot register a model or be a gate; use a consumer stage")
 
     @property
     def is_class(self) -> bool:
@@ -71,7 +88,9 @@ class Stage:
         return {
             n: p
             for n, p in self.signature.parameters.items()
-            if n != CONTEXT_PARAM and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            if n != CONTEXT_PARAM
+            and not (self.stream is not None and n == SHARD_PARAM)
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         }
 
     @property
@@ -112,11 +131,13 @@ def stage(
     retry_backoff_s: float = 1.0,
     timeout_s: float | None = None,
     gate: bool = False,
+    stream: Stream | None = None,
 ) -> Any:
     """Declare a stage: `@stage(gpus=1, fallback="cpu")` or bare `@stage`.
 
     `retries` applies to infrastructure failures always and to user exceptions listed in `retry_on`;
     `timeout_s` fails an attempt that runs longer (retried only with `retry_on=(TimeoutError,)`).
+    `stream=Stream(shards=N)` makes a streaming stage: see `actors.streaming`.
     """
 
     def wrap(f: Callable[..., Any]) -> Stage:
@@ -131,7 +152,7 @@ def stage(
                 fallback=fallback,
             )
             policy = RetryPolicy.build(retries, retry_on, retry_backoff_s, timeout_s)
-        except (ResourceSpecError, WorkflowDefinitionError) as exc:
+        except (ResourceSpecError, StreamError, WorkflowDefinitionError) as exc:
             raise WorkflowDefinitionError(f"stage {stage_name!r}: {exc}") from exc
         return Stage(
             name=stage_name,
@@ -143,6 +164,7 @@ def stage(
             register_model=register_model,
             retry=policy,
             gate=gate,
+            stream=stream,
         )
 
     return wrap(fn) if fn is not None else wrap
@@ -196,22 +218,26 @@ class Workflow:
             problems += self._find_cycle()
         if problems:
             raise WorkflowDefinitionError(f"workflow {name!r} is invalid:\n  - " + "\n  - ".join(problems), problems)
+        self._up: dict[str, list[Edge]] = {n: [] for n in self.stages}
+        self._down: dict[str, list[str]] = {n: [] for n in self.stages}
+        for e in self.edges:
+            self._up[e.downstream].append(e)
+            self._down[e.upstream].append(e.downstream)
         self.order = self._topological_order()
 
     def _topological_order(self) -> list[str]:
         indegree = {n: 0 for n in self.stages}
         for e in self.edges:
             indegree[e.downstream] += 1
-        ready = [n for n in self.stages if indegree[n] == 0]
+        ready = deque(n for n in self.stages if indegree[n] == 0)
         order = []
         while ready:
-            n = ready.pop(0)
+            n = ready.popleft()
             order.append(n)
-            for e in self.edges:
-                if e.upstream == n:
-                    indegree[e.downstream] -= 1
-                    if indegree[e.downstream] == 0:
-                        ready.append(e.downstream)
+            for d in self._down[n]:
+                indegree[d] -= 1
+                if indegree[d] == 0:
+                    ready.append(d)
         return order
 
     def _find_cycle(self) -> list[str]:
@@ -236,10 +262,10 @@ class Workflow:
         return []
 
     def upstream(self, stage_name: str) -> list[Edge]:
-        return [e for e in self.edges if e.downstream == stage_name]
+        return list(self._up[stage_name])
 
     def downstream(self, stage_name: str) -> list[str]:
-        return sorted({e.downstream for e in self.edges if e.upstream == stage_name})
+        return sorted(set(self._down[stage_name]))
 
     def resolve_params(self, overrides: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
         """Per-stage parameter values from defaults and overrides.

@@ -187,3 +187,38 @@ def test_a_running_stage_pins_its_inputs_in_the_cache_tiers(tmp_path):
     seen = ArtifactStore(store).get(run.records["consume"].artifact)["pinned"]
     assert seen == [run.records["produce"].artifact.digest]  # pinned while consume ran
     assert not list((warm / "pins").rglob("*-*"))  # and released afterwards
+
+
+def _sibling(i: int):
+    @stage(cpus=2, name=f"wide{i}")
+    def wide() -> dict:
+        time.sleep(0.1)
+        return {"pid": os.getpid()}
+
+    return wide
+
+
+def test_a_fan_out_wider_than_the_cluster_never_asks_for_more_actors_than_fit(store):
+    siblings = [_sibling(i) for i in range(7)]
+    run = run_workflow(Workflow("wide", siblings), store_config=store, use_cache=False)
+    pids = {run.records[s.name].result.pid for s in siblings}
+    # 4 CPUs hold two 2-CPU actors: seven stages share at most two processes instead of queueing seven.
+    assert 1 <= len(pids) <= 2, pids
+    assert all(run.records[s.name].status == "succeeded" for s in siblings)
+
+
+@stage(cpus=3)
+def big() -> dict:
+    return {"pid": os.getpid()}
+
+
+@stage(cpus=2, timeout_s=30)  # fail fast rather than hang if the warm actor never gives way
+def other_shape(big: dict) -> dict:
+    return {"pid": os.getpid(), "before": big["pid"]}
+
+
+def test_an_idle_actor_of_another_shape_gives_way_instead_of_starving_the_next_stage(store):
+    # Warm `big` holds 3 of 4 CPUs; a 2-CPU actor fits only once it is ended.
+    run = run_workflow(Workflow("shapes", [big, other_shape]), store_config=store, use_cache=False)
+    out = ArtifactStore(store).get(run.records["other_shape"].artifact)
+    assert out["pid"] != out["before"]

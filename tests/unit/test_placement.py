@@ -1,6 +1,6 @@
 """Placement decisions and Ray options are pure: tested without a cluster."""
 
-from actors.placement import NodeInfo, decide, ray_options
+from actors.placement import NodeInfo, capacity, decide, ray_options
 from actors.resources import Resources
 
 CPU_NODE = NodeInfo("cpu-node", {"CPU": 8.0, "memory": 16 * 2**30}, address="10.0.0.1")
@@ -61,3 +61,11 @@ def test_memory_is_checked():
 def test_no_nodes():
     d = decide("t", Resources(), [])
     assert not d.feasible and "no nodes are alive" in d.reason
+
+
+def test_capacity_counts_whole_actors_per_node():
+    nodes = [NodeInfo("a", {"CPU": 4, "GPU": 1}), NodeInfo("b", {"CPU": 3})]
+    assert capacity({"CPU": 2}, nodes) == 3  # 2 on a, 1 on b: halves never add up across nodes
+    assert capacity({"CPU": 1, "GPU": 0.5}, nodes) == 2
+    assert capacity({"CPU": 0}, nodes, unbounded=16) == 16
+    assert capacity({"CPU": 8}, nodes) == 0
