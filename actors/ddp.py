@@ -141,6 +141,13 @@ class Failure:
     def recovery_s(self) -> float | None:
         return None if self.resumed_at is None else self.resumed_at - self.detected_at
 
+    def describe(self) -> str:
+        took = f", first new step after {self.recovery_s:.1f}s" if self.recovery_s is not None else ""
+        return (
+            f"attempt {self.attempt}: {self.cause[:200]} -> restored step {self.restored_step} from {self.source} "
+            f"(finished steps known: {self.completed}; replayed {self.replayed}{took})"
+        )
+
 
 @dataclass
 class TrainResult:
@@ -166,11 +173,14 @@ def _seed(*parts: int) -> int:
 class DDPWorker:
     """One rank. Wrapped with `ray.remote`; runs its methods on the main thread, so SIGTERM reaches it."""
 
-    def __init__(self, rank: int, world: int, spec: TrainSpec, config: DDPConfig, keeper: Any) -> None:
+    def __init__(self, rank: int, world: int, spec: TrainSpec, config: DDPConfig) -> None:
         import torch  # noqa: PLC0415
 
-        self.rank, self.world, self.spec, self.cfg, self.keeper = rank, world, spec, config, keeper
+        self.rank, self.world, self.spec, self.cfg = rank, world, spec, config
         self.step = 0
+        self.keeper: Any = None
+        self.pusher: SnapshotPusher | None = None
+        self.tensors: list[Any] | None = None
         self._preempted = False
         self._store: Any = None
         torch.set_num_threads(max(1, int(config.cpus_per_worker)))
@@ -191,24 +201,32 @@ class DDPWorker:
         self._store = dist.TCPStore(host, 0, self.world, True, timeout=timeout, wait_for_workers=False)
         return host, self._store.port
 
-    def setup(self, host: str, port: int, table: Any) -> dict[str, Any]:
+    def setup(self, host: str, port: int, table: Any, keeper: Any) -> dict[str, Any]:
+        """Join the gang (again, for a survivor of a broken one) and load the newest snapshot, if any."""
         import torch  # noqa: PLC0415
         import torch.distributed as dist  # noqa: PLC0415
         from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
 
+        if self.pusher is not None:
+            self.pusher.close()
+        if dist.is_initialized():  # a survivor: its process group lost a peer
+            dist.destroy_process_group()
         cuda = self.cfg.gpus_per_worker > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda:0" if cuda else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES per worker
         timeout = datetime.timedelta(seconds=self.cfg.collective_timeout_s)
-        store = self._store or dist.TCPStore(host, port, self.world, False, timeout=timeout)
+        store = self._store if self.rank == 0 else dist.TCPStore(host, port, self.world, False, timeout=timeout)
         dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=self.rank, world_size=self.world)
-        # Contiguous, non-overlapping shards (zero-copy slices); every rank keeps as many rows as the smallest.
-        per_rank = table.num_rows // self.world
-        tensors = [t.to(self.device) for t in self.spec.prepare(table.slice(self.rank * per_rank, per_rank))]
-        rows = torch.tensor([len(tensors[0])])
+        if self.tensors is None:
+            # Contiguous, non-overlapping shards (zero-copy slices); every rank keeps as many rows as the smallest.
+            per_rank = table.num_rows // self.world
+            shard = self.spec.prepare(table.slice(self.rank * per_rank, per_rank))
+            self.tensors = [t.to(self.device) for t in shard]
+        rows = torch.tensor([len(self.tensors[0])])
         dist.all_reduce(rows, op=dist.ReduceOp.MIN)
         if int(rows) == 0:
             raise GangFailedError(f"{table.num_rows} input rows leave no training rows for {self.world} workers")
-        self.tensors = [t[: int(rows)] for t in tensors]
+        self.tensors = [t[: int(rows)] for t in self.tensors]
+        self.keeper = keeper
         torch.manual_seed(self.spec.seed)  # identical initial weights on every rank
         self.model = self.spec.build_model().to(self.device)
         self.optimizer = self.spec.build_optimizer(self.model.parameters())
@@ -313,23 +331,37 @@ _RemoteKeeper = ray.remote(max_restarts=0)(SnapshotKeeper)
 
 
 # -- the coordinator (runs inside the stage's actor) ----------------------------------------------
+class _Broken(Exception):  # internal control flow, never leaves this module
+    def __init__(self, cause: str, completed: int) -> None:
+        self.cause, self.completed = cause, completed
+        super().__init__(cause)
+
+
+def _alive(actor: Any) -> bool:
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=10)
+        return True
+    except (RayActorError, GetTimeoutError):
+        return False
+
+
 class _Gang:
+    """The placement group, the workers (None where a rank must be replaced) and the snapshot keeper."""
+
     def __init__(self, ctx: StageContext, spec: TrainSpec, cfg: DDPConfig) -> None:
         self.ctx, self.spec, self.cfg = ctx, spec, cfg
-        self.node_id = ctx.node_id or ray.get_runtime_context().get_node_id()
+        self.node_id = ray.get_runtime_context().get_node_id()  # this coordinator's node
         self.keeper: Any = None
-        self.workers: list[Any] = []
+        self.workers: list[Any] = [None] * cfg.workers
         self.pg: Any = None
 
-    def ensure_keeper(self) -> Any:
+    def ensure_keeper(self) -> None:
         """The keeper lives next to this coordinator: losing that node ends the stage anyway."""
         if self.keeper is not None:
-            try:
-                ray.get(self.keeper.status.remote(), timeout=10)
-                return self.keeper
-            except (RayActorError, GetTimeoutError):
-                log.warning("snapshot keeper is gone; a new one starts from the latest durable checkpoint")
-                ray.kill(self.keeper, no_restart=True)
+            if self.keeper_alive():
+                return
+            log.warning("snapshot keeper is gone; a new one starts from the latest durable checkpoint")
+            ray.kill(self.keeper, no_restart=True)
         config = KeeperConfig(
             self.ctx.run_id, self.ctx.stage, self.cfg.workers, self.ctx.store_config, self.cfg.durable_every
         )
@@ -338,14 +370,21 @@ class _Gang:
             namespace=NAMESPACE,
             num_cpus=0,
             max_concurrency=self.cfg.workers + 4,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=True),
+            # Hard affinity: soft affinity in Ray 2.60 places some actors elsewhere though this node fits.
+            scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False),
         ).remote(config)
-        return self.keeper
 
-    def start(self, attempt: int, table_ref: Any) -> list[dict[str, Any]]:
-        bundle = {"CPU": self.cfg.cpus_per_worker} | (
-            {"GPU": self.cfg.gpus_per_worker} if self.cfg.gpus_per_worker else {}
-        )
+    def keeper_alive(self) -> bool:
+        try:
+            ray.get(self.keeper.status.remote(), timeout=10)
+            return True
+        except (RayActorError, GetTimeoutError):
+            return False
+
+    def _place(self) -> None:
+        bundle = {"CPU": self.cfg.cpus_per_worker}
+        if self.cfg.gpus_per_worker:
+            bundle["GPU"] = self.cfg.gpus_per_worker
         self.pg = placement_group([dict(bundle) for _ in range(self.cfg.workers)], strategy=self.cfg.strategy)
         try:
             ray.get(self.pg.ready(), timeout=self.cfg.placement_timeout_s)
@@ -354,18 +393,28 @@ class _Gang:
                 f"{self.cfg.workers} workers of {bundle} ({self.cfg.strategy}) could not be placed within "
                 f"{self.cfg.placement_timeout_s:g}s; the cluster offers {ray.available_resources()}"
             ) from None
-        self.workers = [
-            _RemoteWorker.options(
-                name=f"ddp.{self.ctx.run_id}.{self.ctx.stage}.a{attempt}.rank{r}",
-                namespace=NAMESPACE,
-                num_cpus=self.cfg.cpus_per_worker,
-                num_gpus=self.cfg.gpus_per_worker,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-            ).remote(r, self.cfg.workers, self.spec, self.cfg, self.keeper)
-            for r in range(self.cfg.workers)
-        ]
-        host, port = ray.get(self.workers[0].rendezvous.remote())
-        return ray.get([w.setup.remote(host, port, table_ref) for w in self.workers])
+
+    def start(self, attempt: int, table_ref: Any) -> list[dict[str, Any]]:
+        """Fill the empty ranks (Ray re-places bundles of a lost node) and (re)join everyone."""
+        if self.pg is None:
+            self._place()
+        for r, w in enumerate(self.workers):
+            if w is None:
+                self.workers[r] = _RemoteWorker.options(
+                    name=f"ddp.{self.ctx.run_id}.{self.ctx.stage}.a{attempt}.rank{r}",
+                    namespace=NAMESPACE,
+                    num_cpus=self.cfg.cpus_per_worker,
+                    num_gpus=self.cfg.gpus_per_worker,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+                ).remote(r, self.cfg.workers, self.spec, self.cfg)
+        limit = self.cfg.placement_timeout_s + self.cfg.collective_timeout_s
+        try:
+            host, port = ray.get(self.workers[0].rendezvous.remote(), timeout=limit)
+            return ray.get([w.setup.remote(host, port, table_ref, self.keeper) for w in self.workers], timeout=limit)
+        except GetTimeoutError:
+            raise GangFailedError(
+                f"the gang did not assemble within {limit:g}s (a rank could not be placed?)"
+            ) from None
 
     def run(self) -> list[dict[str, Any]]:
         """Reports of every rank; raises `_Broken` when the gang fails."""
@@ -377,53 +426,50 @@ class _Gang:
             try:
                 reports.append(ray.get(done[0]))
             except (RayActorError, RayTaskError) as exc:
-                raise self._broken(exc, pending) from None
+                raise self._broken(futures, {futures[done[0]]: exc}, pending) from None
         return sorted(reports, key=lambda rep: rep["rank"])
 
-    def _broken(self, first: Exception, pending: list[Any]) -> _Broken:
-        errors = [first]
+    def _broken(self, futures: dict[Any, int], errors: dict[int, Exception], pending: list[Any]) -> _Broken:
         if pending:  # survivors notice the dead peer in their next collective; let them say how far they got
             done, _ = ray.wait(pending, num_returns=len(pending), timeout=self.cfg.drain_s)
             for ref in done:
                 try:
                     ray.get(ref)
                 except (RayActorError, RayTaskError) as exc:
-                    errors.append(exc)
-        died = [e for e in errors if isinstance(e, RayActorError)]
-        interrupted = [c for e in errors if isinstance(c := getattr(e, "cause", None), WorkerInterrupted)]
-        completed = max((i.completed for i in interrupted), default=-1)
-        keeper_alive = self._keeper_alive()
-        if not died and keeper_alive:  # everyone alive: the user's code raised, restarting would not help
-            user = next((i for i in interrupted), None)
-            raise GangFailedError(f"{user}\n{user.tb}" if user else str(first))
+                    errors[futures[ref]] = exc
+        interrupted = {r: c for r, e in errors.items() if isinstance(c := getattr(e, "cause", None), WorkerInterrupted)}
+        died = [e for e in errors.values() if isinstance(e, RayActorError)]
+        if not died and self.keeper_alive():  # everyone alive: the user's code raised, restarting would not help
+            user = next(iter(interrupted.values()), None)
+            raise GangFailedError(f"{user}\n{user.tb}" if user else str(next(iter(errors.values()))))
+        for r, w in enumerate(self.workers):
+            if r not in interrupted:  # dead, or hung in a collective: replace; survivors keep their process
+                ray.kill(w, no_restart=True)
+                self.workers[r] = None
+        completed = max((i.completed for i in interrupted.values()), default=-1)
         cause = f"{type(died[0]).__name__}: {died[0]}" if died else "the snapshot keeper died"
         return _Broken(cause.splitlines()[0][:500], completed)
 
-    def _keeper_alive(self) -> bool:
-        try:
-            ray.get(self.keeper.status.remote(), timeout=5)
-            return True
-        except (RayActorError, GetTimeoutError):
-            return False
-
-    def stop(self) -> None:
-        for w in self.workers:
-            ray.kill(w, no_restart=True)
-        self.workers = []
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-            self.pg = None
+    def joining_failed(self, exc: Exception) -> _Broken:
+        """Setup raised: user code (everyone alive) fails the stage; a lost rank or keeper restarts the gang."""
+        alive = [w is not None and _alive(w) for w in self.workers]
+        if all(alive) and self.keeper_alive():
+            cause = getattr(exc, "cause", exc)
+            raise GangFailedError(f"setting up the gang failed: {type(cause).__name__}: {cause}") from None
+        for r, w in enumerate(self.workers):
+            if not alive[r] and w is not None:
+                ray.kill(w, no_restart=True)
+                self.workers[r] = None
+        return _Broken(f"{type(exc).__name__} while the gang assembled: {str(exc).splitlines()[0][:300]}", -1)
 
     def close(self) -> None:
-        self.stop()
+        for w in self.workers:
+            if w is not None:
+                ray.kill(w, no_restart=True)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
         if self.keeper is not None:
             ray.kill(self.keeper, no_restart=True)
-
-
-class _Broken(Exception):  # internal control flow, never leaves this module
-    def __init__(self, cause: str, completed: int) -> None:
-        self.cause, self.completed = cause, completed
-        super().__init__(cause)
 
 
 def train_data_parallel(ctx: StageContext, data: Any, spec: TrainSpec, config: DDPConfig | None = None) -> TrainResult:
@@ -444,22 +490,21 @@ def train_data_parallel(ctx: StageContext, data: Any, spec: TrainSpec, config: D
         while True:
             try:
                 setups = gang.start(attempt, table_ref)
-                if start is None:
-                    start = setups[0]
-                elif failures:
+                start = start or setups[0]
+                if failures:
                     failures[-1].restored_step, failures[-1].source = setups[0]["step"], setups[0]["source"]
                 reports = gang.run()
                 break
-            except (_Broken, RayActorError) as exc:
-                status = gang._keeper_alive() and ray.get(gang.keeper.status.remote())
-                known = max(exc.completed if isinstance(exc, _Broken) else -1, status["step"] if status else -1)
-                failures.append(Failure(attempt, str(getattr(exc, "cause", exc)), time.time(), known))
-                log.warning("gang attempt %d broke (%s); restarting", attempt, failures[-1].cause)
-                gang.stop()
+            except (_Broken, RayActorError, RayTaskError) as exc:
+                if not isinstance(exc, _Broken):  # failed while joining
+                    exc = gang.joining_failed(exc)
+                status = ray.get(gang.keeper.status.remote()) if gang.keeper_alive() else {"step": -1}
+                failures.append(Failure(attempt, exc.cause, time.time(), max(exc.completed, status["step"])))
+                log.warning("gang attempt %d broke (%s); restarting", attempt, exc.cause)
                 if attempt >= cfg.max_restarts:
                     raise GangFailedError(
                         f"data-parallel training failed {attempt + 1} times (max_restarts={cfg.max_restarts}); "
-                        f"last: {failures[-1].cause}"
+                        f"last: {exc.cause}"
                     ) from None
                 gang.ensure_keeper()
                 attempt += 1
@@ -485,6 +530,8 @@ def train_data_parallel(ctx: StageContext, data: Any, spec: TrainSpec, config: D
     ctx.log_metrics({"ddp_restarts": len(failures), "ddp_replayed_steps": result.replayed_steps})
     ctx.set_tag("tierflow.ddp.workers", cfg.workers)
     ctx.set_tag("tierflow.ddp.snapshot_every", cfg.snapshot_every)
+    if failures:  # how each recovery went, readable in the MLflow UI
+        ctx.set_tag("tierflow.ddp.recoveries", "; ".join(f.describe() for f in failures)[:4000])
     if start["step"]:
         ctx.set_tag("tierflow.ddp.resumed_from", f"{start['source']} step {start['step']}")
     return result

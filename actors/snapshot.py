@@ -371,6 +371,7 @@ class SnapshotKeeper:
             return {
                 "step": self._latest.step if self._latest else -1,
                 "source": self.source,
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "workers": dict(self._workers),
                 "durable": list(self._durable),
             }

@@ -1,4 +1,6 @@
-"""Data-parallel training on a real local Ray: a killed worker, SIGTERM + resume, MLflow loss curves."""
+"""Data-parallel training on a real two-node-capable Ray cluster: a killed worker, a removed node,
+SIGTERM + resume, and the MLflow loss curves they leave. One `Cluster` for the module (its start costs
+~9 s here); the node-removal test adds and removes its own node."""
 
 import os
 import signal
@@ -12,13 +14,14 @@ import numpy as np
 import pytest
 import ray
 from mlflow import MlflowClient
+from ray.cluster_utils import Cluster
 
 from actors.snapshot import NAMESPACE, Snapshot, keeper_name, latest_durable
 from serving.model import from_tensors, predict_proba
 from storage import ArtifactStore, StoreConfig
-from tests.conftest import ship_by_value, start_local_ray
+from tests.conftest import ship_by_value
 from tests.training import ddp_workflows
-from tests.training.ddp_workflows import slow_train
+from tests.training.ddp_workflows import pinned_train, slow_train
 from workflows import Workflow
 from workflows.builtin.digits import _raw_test_rows, preprocess, train
 from workflows.engine import run_workflow
@@ -33,21 +36,27 @@ STEPS = EPOCHS * 23  # 1437 training rows -> 718 per rank -> 23 minibatches of 3
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    start_local_ray(num_cpus=6)
-    yield
+def cluster():
+    """A head offering `coordinator` (where `pinned_train`'s coordinator and keeper run)."""
+    head = {"num_cpus": 4, "include_dashboard": False, "resources": {"coordinator": 1}}
+    c = Cluster(initialize_head=True, head_node_args=head)
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
     ray.shutdown()
+    c.shutdown()
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """One store and MLflow database for the module, so `preprocess` is a cache hit after the first run."""
     root = tmp_path_factory.mktemp("ddp")
-    return {"store": StoreConfig.from_urls([str(root / "store")]), "uri": f"sqlite:///{root / 'mlflow.db'}"}
+    store = StoreConfig.from_urls([str(root / "store")])
+    return {"root": root, "store": store, "uri": f"sqlite:///{root / 'mlflow.db'}"}
 
 
 @pytest.fixture(scope="module")
-def fault_free(local_ray, shared):
+def fault_free(cluster, shared):
     """The built-in `train` stage with workers=2: the reference every recovered run is compared to."""
     wf = Workflow("digits_ddp", [preprocess, train])
     params = {"train.workers": 2, "train.epochs": EPOCHS, "train.lr": ddp_workflows.LR}
@@ -125,14 +134,46 @@ def test_killed_worker_costs_at_most_one_minibatch(fault_free, shared):
     assert run.records["slow_train"].artifact.digest == fault_free["digest"]
 
 
-def test_sigterm_writes_a_durable_checkpoint_that_a_resumed_run_continues(local_ray, fault_free, shared, tmp_path):
-    store_dir = tmp_path / "store"  # a fresh store: the resumed run must find the checkpoint by run id
-    store = StoreConfig.from_urls([str(store_dir)])
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_removed_node_costs_at_most_one_minibatch(cluster, fault_free, shared):
+    doomed = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    wf = Workflow("digits_ddp_node", [preprocess, pinned_train])
+    box: dict = {}
+    params = {"pinned_train.delay_s": 0.03, "pinned_train.epochs": EPOCHS}
+    t = threading.Thread(
+        target=lambda: box.setdefault(
+            "run", run_workflow(wf, params=params, run_id="node-1", store_config=shared["store"])
+        )
+    )
+    t.start()
+    try:
+        status = wait_for_step("node-1", "pinned_train", 8)
+    except BaseException:
+        cluster.remove_node(doomed)
+        raise
+    on_doomed = [w for w in status["workers"].values() if w["node_id"] == doomed.node_id]
+    cluster.remove_node(doomed)
+    assert len(on_doomed) == 1, (status, doomed.node_id)  # SPREAD: one rank per node
+    assert status["node_id"] != doomed.node_id, status  # the keeper stays with the coordinator
+    t.join(120)
+    run = box["run"]
+    assert run.status == "succeeded"
+    metrics = {m.key: m.value for m in run.records["pinned_train"].result.metrics if m.key.startswith("ddp_")}
+    assert metrics == {"ddp_restarts": 1, "ddp_replayed_steps": metrics["ddp_replayed_steps"]}
+    assert metrics["ddp_replayed_steps"] <= 1, run.records["pinned_train"].result.tags
+    steps = [m.step for m in run.records["pinned_train"].result.metrics if m.key == "loss"]
+    assert steps == list(range(STEPS))
+    assert abs(accuracy(shared["store"], run, "pinned_train") - fault_free["accuracy"]) <= 0.02
+
+
+def test_sigterm_writes_a_durable_checkpoint_that_a_resumed_run_continues(cluster, fault_free, shared):
+    store_dir = shared["root"] / "store"  # `preprocess` is a cache hit; the checkpoint is found by run id
+    store = shared["store"]
+    uri = shared["uri"]
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     ref = "tests/training/ddp_workflows.py:sigterm"
-    cmd = [sys.executable, "-m", "workflows", "run", ref, "--address", ray.get_runtime_context().gcs_address]
+    cmd = [sys.executable, "-m", "workflows", "run", ref, "--address", cluster.address]
     cmd += ["--run-id", "sig-1", "--store", str(store_dir), "--tracking-uri", uri]
     cmd += ["-p", "slow_train.delay_s=0.05", "-p", f"slow_train.epochs={EPOCHS}"]
     driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
