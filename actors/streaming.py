@@ -59,7 +59,10 @@ class Stream:
                 f"Stream workers need 1 <= min_workers <= max_workers, got {self.min_workers}..{self.max_workers}"
             )
         if self.buffer is not None:
-            parse_memory(self.buffer)
+            try:
+                parse_memory(self.buffer)
+            except ActorsError as exc:
+                raise StreamError(f"Stream.buffer={self.buffer!r} is not a size; give bytes or e.g. '256MiB'") from exc
 
     @property
     def buffer_bytes(self) -> int | None:
@@ -103,17 +106,25 @@ class StreamCommit:
     consumer_wait_s: float
 
     def metrics(self) -> dict[str, float]:
+        """The streaming stage's own figures, logged on its MLflow run."""
         wall = max(self.wall_s, 1e-9)
         return {
-            "stream_rows": self.rows,
-            "stream_batches": self.batches,
-            "stream_workers": self.workers,
-            "stream_rows_per_s": self.rows / wall,
-            "stream_first_batch_s": self.first_batch_s,
+            "rows": self.rows,
+            "batches": self.batches,
+            "workers": self.workers,
+            "rows_per_s": self.rows / wall,
+            "first_batch_s": self.first_batch_s,
             # busy time / (wall time x workers): how much of the pool's time went into the shard function
-            "producer_utilisation": self.producer_busy_s / (wall * max(self.workers, 1)),
-            # the share of the stream's wall time the consumer was not waiting for a batch
-            "consumer_utilisation": 1.0 - self.consumer_wait_s / wall,
+            "utilisation": self.producer_busy_s / (wall * max(self.workers, 1)),
+        }
+
+    def consumer_metrics(self, param: str, duration_s: float) -> dict[str, float]:
+        """The consumer's side: its share of time not spent waiting for this input, and its rate."""
+        wall = max(duration_s, 1e-9)
+        return {
+            f"{param}.wait_s": self.consumer_wait_s,
+            f"{param}.rows_per_s": self.rows / wall,
+            "utilisation": max(0.0, 1.0 - self.consumer_wait_s / wall),
         }
 
 
@@ -224,6 +235,7 @@ class LiveStream(BatchStream):
         self._tmp = tempfile.TemporaryDirectory(prefix="tierflow-stream-")
         self._path = Path(self._tmp.name) / "stream.arrows"
         self._writer: pa.ipc.RecordBatchStreamWriter | None = None
+        self._writer_schema = pa.schema([])
         self._sink: pa.OSFile | None = None
         self._rows = self._batches_n = 0
         self._busy: dict[int, float] = {}
@@ -280,6 +292,7 @@ class LiveStream(BatchStream):
             self._first_batch_s = time.perf_counter() - self._t0
             self._sink = pa.OSFile(str(self._path), "wb")
             self._writer = pa.ipc.new_stream(self._sink, table.schema)
+            self._writer_schema = table.schema
         elif not table.schema.equals(self._writer_schema, check_metadata=False):
             raise StreamError(
                 f"stage {self.stage!r} shard {shard} returned columns {table.schema.names} "
@@ -291,11 +304,6 @@ class LiveStream(BatchStream):
             self._rows += table.num_rows
             self._batches_n += 1
         return table
-
-    @property
-    def _writer_schema(self) -> pa.Schema:
-        assert self._writer is not None
-        return self._writer.schema
 
     def finish(self) -> StreamCommit:
         """Drain what the consumer did not read, then commit the whole stream as one Arrow artifact."""

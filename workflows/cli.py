@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="name this run (letters, digits, . _ -)")
     run.add_argument("--no-cache", action="store_true", help="run every stage even if a verified output exists")
     run.add_argument(
+        "--no-streaming",
+        action="store_true",
+        help="barrier mode: run each streaming stage to completion before its consumer starts",
+    )
+    run.add_argument(
         "--rerun",
         action="append",
         default=[],
@@ -195,6 +200,7 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
             store_config=store,
             hooks=[ProgressHook(console), mlflow_hook],
             use_cache=not args.no_cache,
+            streaming=not args.no_streaming,
             rerun=args.rerun,
             resume=args.resume,
             workflow_ref=args.workflow,

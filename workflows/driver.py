@@ -52,6 +52,8 @@ from workflows.retry import INFRA, TIMEOUT, USER
 
 log = logging.getLogger(__name__)
 
+# Reserves almost nothing, so a barrier-mode stream leaves the CPUs to its own pool.
+_STREAM_COORDINATOR = Resources(cpus=0.01)
 _INFRA_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError)
 
 
@@ -195,8 +197,8 @@ class Driver:
             return self._start_fused(rec)
         effective = rec.decision.effective
         assert effective is not None  # plan() refused infeasible stages
-        if stage.stream is not None:  # barrier mode: a coordinator without resources; the pool does the work
-            effective = Resources(cpus=0)
+        if stage.stream is not None:  # barrier mode: the pool does the work, this actor only drives it
+            effective = _STREAM_COORDINATOR
         actor = self.pool.acquire(effective, ray_options(effective))
         if actor is None:
             return False
@@ -295,9 +297,12 @@ class Driver:
                 sources=[],
                 streams={},
             )
-            consumer.inputs.update(
-                {e.param: commit.artifact for e in self.wf.upstream(consumer.name) if e.upstream == name}
-            )
+            at = int(time.time() * 1000)
+            for e in self.wf.upstream(consumer.name):
+                if e.upstream == name:
+                    consumer.inputs[e.param] = commit.artifact
+                    metrics = commit.consumer_metrics(e.param, result.duration_s).items()
+                    result.metrics.extend(Metric(k, float(v), 0, at) for k, v in metrics)
             if self.wf.stages[name].cache:
                 self.store.record_cache(rec.cache_key, commit.artifact)
             self._notify(rec)

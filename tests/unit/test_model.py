@@ -2,7 +2,8 @@
 
 import pytest
 
-from workflows import Stage, Workflow, WorkflowDefinitionError, stage
+from actors.streaming import StreamError
+from workflows import Stage, Stream, Workflow, WorkflowDefinitionError, stage
 
 
 @stage
@@ -162,3 +163,39 @@ def test_malformed_resources_name_the_problem(kwargs, message):
     with pytest.raises(WorkflowDefinitionError, match=message) as info:
         stage(**kwargs)(load.fn)
     assert "stage 'load'" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: stage(name="s", stream=Stream(shards=4))(lambda n=1: n), "must take a 'shard' parameter"),
+        (lambda: stage(name="s", stream=Stream(shards=4))(lambda shard, ctx: shard), "gets no ctx"),
+        (lambda: stage(name="s", stream=Stream(shards="count"))(lambda shard, n=2: shard), "names no parameter"),
+        (lambda: stage(name="s", stream=Stream(shards=0))(lambda shard: shard), "at least 1"),
+        (
+            lambda: stage(name="s", stream=Stream(shards=2, min_workers=3, max_workers=2))(lambda shard: shard),
+            "min_workers",
+        ),
+        (lambda: stage(name="s", stream=Stream(shards=2, buffer="lots"))(lambda shard: shard), "lots"),
+        (
+            lambda: stage(name="s", stream=Stream(shards=2), gate=True)(lambda shard: shard),
+            "cannot register a model or be a gate",
+        ),
+    ],
+)
+def test_streaming_stage_declarations_are_checked(make, message):
+    with pytest.raises((WorkflowDefinitionError, StreamError), match=message):
+        make()
+
+
+def test_a_streaming_stage_takes_shard_from_the_pool_not_from_params():
+    @stage(stream=Stream(shards="n"))
+    def rows(shard: int, n: int = 3) -> dict:
+        return {"x": [shard]}
+
+    @stage
+    def total(rows) -> int:
+        return 0
+
+    wf = Workflow("s", [rows, total])
+    assert wf.resolve_params() == {"rows": {"n": 3}, "total": {}}
