@@ -38,3 +38,16 @@ def publish(section: str, body: str, write: bool) -> None:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     BENCH_MD.write_text(text)
     print(f"\nwrote section {section!r} to {BENCH_MD}", file=sys.stderr)
+
+
+def settle(timeout_s: float = 30.0) -> None:
+    """Wait until every CPU is free again: `ray.kill` returns before the actor's resources do."""
+    import time  # noqa: PLC0415
+
+    import ray  # noqa: PLC0415  # only the Ray benchmarks need it
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0) - 1e-6:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"CPUs still held after {timeout_s}s: {ray.available_resources()}")
+        time.sleep(0.02)

@@ -13,7 +13,7 @@ from ray import cloudpickle
 from workflows.errors import WorkflowLoadError
 from workflows.model import Workflow
 
-BUILTINS = {"digits": "workflows.builtin.digits:digits"}
+BUILTINS = {"digits": "workflows.builtin.digits:digits", "pipeline": "workflows.builtin.pipeline:pipeline"}
 
 
 def load_workflow(ref: str) -> Workflow:

@@ -127,3 +127,15 @@ def test_a_failing_shard_fails_the_run_and_commits_no_partial_stream(store):
         run_workflow(Workflow("broken", [breaks, reader]), store_config=store, run_id="broken-1")
     assert info.value.run_id == "broken-1"
     assert ArtifactStore(store).manifests("broken-1") == []
+
+
+def test_the_builtin_pipeline_streams_features_into_training(store):
+    from workflows.builtin.pipeline import pipeline
+
+    params = {"shards": 3, "rows": 256, "features.cost_s": 0.0, "fit.cost_s": 0.0}
+    run = run_workflow(pipeline, params=params, store_config=store)
+    fit = run.records["fit"]
+    assert fit.status == "succeeded" and fit.inputs["features"].schema["num_rows"] == 768
+    assert [m.step for m in fit.result.metrics if m.key == "loss"] == [0, 1, 2]
+    weights = ArtifactStore(store).get(fit.artifact).numpy()
+    assert weights["0.weight"].shape == (32, 16) and weights["2.weight"].shape == (2, 32)
