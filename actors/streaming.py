@@ -10,8 +10,11 @@ committed (and cached) when the stream ends. A cache hit, a restored run or barr
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -244,8 +247,44 @@ class LiveStream(BatchStream):
         self._first_batch_s = 0.0
         self._started_at = time.time()
         self._t0 = time.perf_counter()
-        self._it = self._tee(self._dataset_batches())
+        # The stream starts now, on a thread, so Ray Data's start-up and the pool's first shards overlap
+        # with whatever the consumer does before it reads (importing torch, building a model).
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._pump = threading.Thread(target=self._produce, name=f"tierflow-stream-{source.stage}", daemon=True)
+        self._pump.start()
+        self._it = self._tee(self._received())
         super().__init__(source.stage, self._it, live=True)
+
+    def _produce(self) -> None:
+        batches = self._dataset_batches()
+        try:
+            for table in batches:
+                if not self._first_batch_s:
+                    self._first_batch_s = time.perf_counter() - self._t0
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(("batch", table), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(("end", None))
+        except BaseException as exc:  # handed to the consumer's thread, which raises it
+            self._queue.put(("error", exc))
+        finally:
+            batches.close()  # stops the Ray Data executor early when the consumer is gone
+
+    def _received(self) -> Iterator[pa.Table]:
+        while True:
+            kind, item = self._queue.get()
+            if kind == "batch":
+                yield item
+            elif kind == "error":
+                raise item
+            else:
+                return
 
     def _dataset_batches(self) -> Iterator[pa.Table]:
         import ray  # noqa: PLC0415
@@ -270,17 +309,14 @@ class LiveStream(BatchStream):
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
 
     def _tee(self, batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
-        try:
-            while True:
-                t = time.perf_counter()
-                try:
-                    table = next(batches)
-                except StopIteration:
-                    return
-                self._wait_s += time.perf_counter() - t
-                yield self._record(table)
-        finally:
-            batches.close()  # type: ignore[attr-defined]  # stops the Ray Data executor early
+        while True:
+            t = time.perf_counter()
+            try:
+                table = next(batches)
+            except StopIteration:
+                return
+            self._wait_s += time.perf_counter() - t
+            yield self._record(table)
 
     def _record(self, table: pa.Table) -> pa.Table:
         meta = dict(table.schema.metadata or {})
@@ -289,7 +325,6 @@ class LiveStream(BatchStream):
         self._pids.add(meta.pop(_PID, b"?").decode())
         table = table.replace_schema_metadata(meta or None)
         if self._writer is None:
-            self._first_batch_s = time.perf_counter() - self._t0
             self._sink = pa.OSFile(str(self._path), "wb")
             self._writer = pa.ipc.new_stream(self._sink, table.schema)
             self._writer_schema = table.schema
@@ -341,6 +376,10 @@ class LiveStream(BatchStream):
     def close(self) -> None:
         """Stop the producers (if still running) and remove the temp file."""
         self._it.close()
+        self._stop.set()
+        while self._pump.is_alive():  # unblock a pump waiting to hand over a batch
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.1)
         if self._sink is not None and not self._sink.closed:
             self._sink.close()
         self._tmp.cleanup()
