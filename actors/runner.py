@@ -112,7 +112,7 @@ class StageActor:
             if call.wants_context:
                 kwargs["ctx"] = ctx
             started = time.time()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             try:
                 if call.stream_source is not None:
                     live.append(LiveStream(call.stream_source, self.store))
@@ -130,6 +130,7 @@ class StageActor:
                     call.stage, f"{type(exc).__name__}: {exc}", traceback.format_exc(), types
                 ) from None
             duration = time.perf_counter() - t0
+            cpu_s = time.process_time() - cpu0
         finally:
             for ls in live:
                 ls.close()
@@ -141,6 +142,10 @@ class StageActor:
             ref = self.store.put_encoded(fmt, data, schema, run_id=call.run_id, stage=call.stage)
             # Downstream stages get exactly what a cache hit would load from the store.
             out = decode(fmt, data, allow_pickle=self.store.config.allow_pickle)
+            if not live:  # a stream consumer's utilisation is its time not waiting for batches (driver)
+                ctx.log_metric("utilisation", cpu_s / max(duration, 1e-9))  # busy CPU time / wall time
+            if "num_rows" in schema:
+                ctx.log_metric("rows_per_s", schema["num_rows"] / max(duration, 1e-9))
         result = StageResult(
             stage=call.stage,
             artifact=ref,

@@ -67,6 +67,9 @@ def test_independent_stages_run_concurrently_and_feed_downstream(store):
     # Run one after the other they would not overlap at all; a slow second actor start only shortens it.
     assert overlap > 0.5, f"left and right overlapped only {overlap:.2f}s"
     assert run.records["left"].result.pid != run.records["right"].result.pid
+    # Busy CPU time / wall time: a stage that sleeps is mostly idle.
+    utilisation = {m.key: m.value for m in run.records["left"].result.metrics}["utilisation"]
+    assert 0 <= utilisation < 0.5
 
 
 @stage(cpus=1)
