@@ -20,6 +20,7 @@ import datetime
 import logging
 import math
 import os
+import random
 import signal
 import time
 import traceback
@@ -104,6 +105,7 @@ class DDPConfig:
     gpus_per_worker: float = 0.0
     strategy: str = "SPREAD"  # placement group strategy; SPREAD keeps one node's loss to few ranks
     snapshot_every: int = 1  # 1 = just-in-time (every step); K = every K steps; 0 = no in-memory snapshots
+    rescue: bool = True  # on a peer's death, survivors hand the keeper their (replicated) state
     durable_every: int = 0  # steps between durable checkpoints in the store; 0 = only on SIGTERM
     max_restarts: int = 3
     placement_timeout_s: float = 60.0
@@ -236,11 +238,6 @@ class DDPWorker:
             set_rng_state(restored["arrays"], restored["meta"])
             self.step, source = restored["step"], restored["source"]
         else:
-            torch.manual_seed(_seed(self.spec.seed, self.rank, 1))
-            np.random.seed(_seed(self.spec.seed, self.rank, 2))
-            import random  # noqa: PLC0415
-
-            random.seed(_seed(self.spec.seed, self.rank, 3))
             self.step, source = 0, "none"
         self.ddp = DistributedDataParallel(self.model, device_ids=[0] if cuda else None)
         self.pusher = SnapshotPusher(self.keeper, self.rank)
@@ -258,9 +255,12 @@ class DDPWorker:
         return self._perm
 
     def train(self) -> dict[str, Any]:
+        self._consistent, self._losses = True, []
         try:
             return self._train()
         except Exception as exc:
+            if self._consistent and self.cfg.rescue:
+                self._rescue()
             raise WorkerInterrupted(
                 self.rank, self.step, f"{type(exc).__name__}: {exc}", traceback.format_exc()
             ) from None
@@ -270,25 +270,27 @@ class DDPWorker:
         per_epoch = math.ceil(len(self.tensors[0]) / bs)
         total = self.spec.epochs * per_epoch
         every = self.cfg.snapshot_every
-        losses: list[tuple[int, float]] = []
         times: list[float] = []
         first_step_at = None
         while self.step < total:
             t0 = time.perf_counter()
+            self._reseed()
             epoch, i = divmod(self.step, per_epoch)
             rows = self._order(epoch)[i * bs : (i + 1) * bs]
             loss = self.spec.loss(self.ddp, [t[rows] for t in self.tensors])
             # The keeper must hold our previous snapshot before we join this step's all-reduce: then no
             # rank can finish a step whose predecessor is not snapshotted, so a failure replays <= 1 step.
             self.pusher.wait()
-            loss.backward()
+            loss.backward()  # a dead peer surfaces here, before this step changed any state
+            self._consistent = False
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            losses.append((self.step, float(loss.detach())))
+            self._losses.append((self.step, float(loss.detach())))
             self.step += 1
+            self._consistent = True
             if self.step == total or (every and self.step % every == 0):
-                self._push(losses)
-                losses = []
+                self._push(self._losses)
+                self._losses = []
             times.append(time.perf_counter() - t0)
             first_step_at = first_step_at or time.time()
             if self._preempted:
@@ -315,6 +317,27 @@ class DDPWorker:
             "losses": losses,
         }
         self.pusher.push(self.step, mine | rng_arrays, meta)
+
+    def _reseed(self) -> None:
+        """Each rank's RNG streams are a function of (seed, rank, step): a lost rank's can be rebuilt."""
+        import torch  # noqa: PLC0415
+
+        base = _seed(self.spec.seed, self.rank, self.step, 5)
+        torch.manual_seed(base)
+        np.random.seed(base)
+        random.seed(base)
+
+    def _rescue(self) -> None:
+        """Just-in-time in the paper's sense: a peer died during this step's all-reduce, so this rank's
+        replica is the state after `self.step` steps. Hand all of it to the keeper (best effort)."""
+        try:
+            tensors, shared_meta = state_arrays(self.model, self.optimizer)
+            rng_arrays, rng_meta = rng_state()
+            meta = {"shared": shared_meta, "rank": rng_meta, "losses": self._losses}
+            views = {k: v.cpu().numpy() for k, v in tensors.items()} | rng_arrays
+            ray.get(self.keeper.rescue.remote(self.step, self.rank, views, meta), timeout=self.cfg.drain_s)
+        except Exception:  # the keeper may be what failed; the periodic snapshots still stand
+            log.warning("rank %d could not hand its state to the keeper", self.rank, exc_info=True)
 
     def _preempt(self) -> None:
         """SIGTERM: make the newest complete snapshot durable, then leave; the gang restarts without us."""

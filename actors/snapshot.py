@@ -156,6 +156,8 @@ def rng_state() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 def set_rng_state(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     import torch  # noqa: PLC0415
 
+    if not arrays:  # a rank whose state came from a survivor: its streams are reseeded per step
+        return
     torch.set_rng_state(torch.from_numpy(np.array(arrays["rng/torch"], dtype=np.uint8)))
     if "rng/cuda" in arrays and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.from_numpy(np.array(arrays["rng/cuda"], dtype=np.uint8)))
@@ -218,6 +220,7 @@ class KeeperConfig:
     world_size: int
     store_config: StoreConfig | None = None
     durable_every: int = 0  # steps between durable checkpoints; 0 = only on SIGTERM
+    handle_sigterm: bool = True  # off when a keeper is built outside an actor (tests)
 
 
 class SnapshotKeeper:
@@ -236,7 +239,7 @@ class SnapshotKeeper:
         self.source = "none"
         self._store = ArtifactStore(config.store_config) if config.store_config else None
         self._load_durable()
-        if threading.current_thread() is threading.main_thread():  # preemption of the keeper's node
+        if config.handle_sigterm and threading.current_thread() is threading.main_thread():  # node preempted
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _load_durable(self) -> None:
@@ -280,6 +283,25 @@ class SnapshotKeeper:
             if len(parts) == self.cfg.world_size:
                 self._complete(step, self._pending.pop(step))
             return self._latest.step if self._latest else -1
+
+    def rescue(self, step: int, rank: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bool:
+        """A survivor's full replica after `step` steps; kept if newer than the latest snapshot."""
+        with self._lock:
+            for s, loss in meta.pop("losses", []):
+                self._losses.setdefault(int(s), {})[rank] = float(loss)
+            if self._latest is not None and self._latest.step >= step:
+                return False
+            shared = {k: np.array(v, copy=True) for k, v in arrays.items() if k.startswith(("model/", "optim/"))}
+            own = {k: np.array(v, copy=True) for k, v in arrays.items() if k not in shared}
+            # Other ranks' RNG streams are rebuilt from (seed, rank, step); their parts stay empty.
+            ranks = [
+                {"arrays": own, "meta": meta["rank"]} if r == rank else {"arrays": {}, "meta": {}}
+                for r in range(self.cfg.world_size)
+            ]
+            self._latest, self.source = Snapshot(step, self.cfg.world_size, shared, meta["shared"], ranks), "survivor"
+            self._pending.clear()
+            self._lock.notify_all()
+            return True
 
     def _complete(self, step: int, parts: dict[int, dict[str, Any]]) -> None:
         buf = self._buffers[step % 2]
