@@ -5,16 +5,33 @@ from actors.errors import ActorsError, ResourceSpecError, StageExecutionError
 from actors.placement import NodeInfo, PlacementDecision, decide, nodes_from_cluster_yaml, ray_options
 from actors.resources import Resources, parse_memory
 
+_DDP = ("DDPConfig", "GangFailedError", "TrainResult", "TrainSpec", "train_data_parallel")
+
+
+def __getattr__(name: str) -> object:
+    """Data-parallel training (actors.ddp) is imported on first use: it pulls in Ray's scheduling API."""
+    if name in _DDP:
+        from actors import ddp  # noqa: PLC0415
+
+        return getattr(ddp, name)
+    raise AttributeError(f"module 'actors' has no attribute {name!r}")
+
+
 __all__ = [
     "ActorsError",
+    "DDPConfig",
+    "GangFailedError",
     "NodeInfo",
     "PlacementDecision",
     "ResourceSpecError",
     "Resources",
     "StageContext",
     "StageExecutionError",
+    "TrainResult",
+    "TrainSpec",
     "decide",
     "nodes_from_cluster_yaml",
     "parse_memory",
     "ray_options",
+    "train_data_parallel",
 ]

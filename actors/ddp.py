@@ -16,6 +16,7 @@ and stage), and logs one loss per step index through the `StageContext`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -388,14 +389,24 @@ class _Gang:
         config = KeeperConfig(
             self.ctx.run_id, self.ctx.stage, self.cfg.workers, self.ctx.store_config, self.cfg.durable_every
         )
-        self.keeper = _RemoteKeeper.options(
-            name=keeper_name(self.ctx.run_id, self.ctx.stage),
-            namespace=NAMESPACE,
-            num_cpus=0,
-            max_concurrency=self.cfg.workers + 4,
+        name = keeper_name(self.ctx.run_id, self.ctx.stage)
+        options = {
+            "name": name,
+            "namespace": NAMESPACE,
+            "num_cpus": 0,
+            "max_concurrency": self.cfg.workers + 4,
             # Hard affinity: soft affinity in Ray 2.60 places some actors elsewhere though this node fits.
-            scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False),
-        ).remote(config)
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(self.node_id, soft=False),
+        }
+        for _ in range(50):
+            try:
+                self.keeper = _RemoteKeeper.options(**options).remote(config)
+                return
+            except ValueError:  # the name is taken: the keeper of an earlier attempt of this stage, dying
+                with contextlib.suppress(ValueError):
+                    ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+                time.sleep(0.1)
+        raise GangFailedError(f"actor name {name!r} stays taken; is this stage of run {self.ctx.run_id} running twice?")
 
     def keeper_alive(self) -> bool:
         try:
