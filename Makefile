@@ -42,3 +42,4 @@ $(VENV)/.bench-installed: pyproject.toml | $(VENV)/.installed
 bench: $(VENV)/.installed $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/stage_overhead.py --write
 	$(BIN)/python benchmarks/cached_rerun.py --with-serve --write
+	$(BIN)/python benchmarks/scale.py --write
