@@ -160,7 +160,7 @@ class TrainResult:
     start_source: str
     failures: list[Failure] = field(default_factory=list)
     step_times_s: list[float] = field(default_factory=list)  # rank 0, last attempt
-    snapshot_wait_s: float = 0.0
+    snapshot_blocked_s: float = 0.0  # training-thread time spent on snapshots (the rank that spent most)
     losses: dict[int, float] = field(default_factory=dict)
 
     @property
@@ -256,7 +256,7 @@ class DDPWorker:
         return self._perm
 
     def train(self) -> dict[str, Any]:
-        self._consistent, self._losses = True, []
+        self._consistent, self._losses, self._push_s = True, [], 0.0
         try:
             return self._train()
         except Exception as exc:
@@ -303,11 +303,12 @@ class DDPWorker:
             "steps": self.step,
             "state": state,
             "step_times_s": times,
-            "snapshot_wait_s": self.pusher.wait_s,
+            "snapshot_blocked_s": self.pusher.wait_s + self._push_s,
             "first_step_at": first_step_at,
         }
 
     def _push(self, losses: list[tuple[int, float]]) -> None:
+        t0 = time.perf_counter()
         tensors, shared_meta = state_arrays(self.model, self.optimizer)
         owner = assign_shards({k: v.numel() * v.element_size() for k, v in tensors.items()}, self.world)
         mine = {k: v for k, v in tensors.items() if owner[k] == self.rank}
@@ -318,6 +319,7 @@ class DDPWorker:
             "losses": losses,
         }
         self.pusher.push(self.step, mine | rng_arrays, meta)
+        self._push_s += time.perf_counter() - t0
 
     def _reseed(self) -> None:
         """Each rank's RNG streams are a function of (seed, rank, step): a lost rank's can be rebuilt."""
@@ -341,11 +343,13 @@ class DDPWorker:
             log.warning("rank %d could not hand its state to the keeper", self.rank, exc_info=True)
 
     def _preempt(self) -> None:
-        """SIGTERM: make the newest complete snapshot durable, then leave; the gang restarts without us."""
+        """SIGTERM: make the state after this step durable, then leave; the gang restarts without us.
+
+        Between steps our replica is consistent, so we hand it over (as a survivor would) in every
+        snapshot mode; the keeper keeps it unless it already holds this step."""
         self.pusher.wait()
-        every = self.cfg.snapshot_every
-        pushed = self.step - self.step % every if every else -1
-        name = ray.get(self.keeper.persist.remote(min_step=pushed, timeout_s=self.cfg.collective_timeout_s))
+        self._rescue()
+        name = ray.get(self.keeper.persist.remote(min_step=self.step, timeout_s=self.cfg.collective_timeout_s))
         log.warning("rank %d preempted at step %d; durable checkpoint %s", self.rank, self.step, name or "none")
         ray.actor.exit_actor()
 
@@ -558,7 +562,7 @@ def train_data_parallel(ctx: StageContext, data: Any, spec: TrainSpec, config: D
         start_source=start["source"],
         failures=failures,
         step_times_s=reports[0]["step_times_s"],
-        snapshot_wait_s=max(r["snapshot_wait_s"] for r in reports),
+        snapshot_blocked_s=max(r["snapshot_blocked_s"] for r in reports),
         losses=losses,
     )
     ctx.log_metrics({"ddp_restarts": len(failures), "ddp_replayed_steps": result.replayed_steps})

@@ -3,8 +3,8 @@
 After every optimizer step each worker pushes its share of the state to a `SnapshotKeeper` actor:
 the model and optimizer tensors are identical on every rank under DDP, so rank r sends only the
 tensors assigned to it (a size-balanced split), plus its own RNG states and losses. A step is
-*complete* once every rank's share arrived; the keeper holds the latest complete step and fills the
-other of its two buffers with the next one. Durable checkpoints (safetensors + JSON, never pickle) go
+*complete* once every rank's share arrived; the keeper holds the latest complete step while the
+next one arrives (two generations: the double buffer). Durable checkpoints (safetensors + JSON, never pickle) go
 to the store under the run id and stage, periodically and on SIGTERM, so a resumed run finds them.
 
 The keeper imports no torch: it only copies numpy arrays. Torch-side helpers import torch lazily.
@@ -189,7 +189,7 @@ class SnapshotPusher:
         self.wait_s = 0.0  # time the training thread spent waiting for acknowledgements
 
     def push(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
-        self.wait()
+        self.wait()  # normally already acknowledged: the training thread waited before its all-reduce
         self._inflight = self._pool.submit(self._send, step, arrays, meta)
 
     def _send(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -229,9 +229,9 @@ class SnapshotKeeper:
     def __init__(self, config: KeeperConfig) -> None:
         self.cfg = config
         self._lock = threading.Condition()
-        self._buffers: list[dict[str, np.ndarray]] = [{}, {}]  # double buffer, indexed by step parity
-        self._pending: dict[int, dict[int, dict[str, Any]]] = {}  # step -> rank -> {"keys", "meta"}
-        self._latest: Snapshot | None = None  # shared arrays point into a buffer
+        # Two generations at most: the latest complete step, and the next one while its shares arrive.
+        self._pending: dict[int, dict[int, dict[str, Any]]] = {}  # step -> rank -> its share
+        self._latest: Snapshot | None = None
         self._losses: dict[int, dict[int, float]] = {}
         self._workers: dict[int, dict[str, Any]] = {}
         self._durable: list[int] = []
@@ -265,21 +265,19 @@ class SnapshotKeeper:
             self._workers[rank] = info
 
     def push(self, step: int, rank: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> int:
-        """Copy one rank's share of step `step`; return the latest complete step."""
-        buf = self._buffers[step % 2]
+        """Keep one rank's share of step `step`; return the latest complete step.
+
+        No copy: large arguments arrive as read-only views of this node's object store, and the store
+        keeps an object alive while a process has it mapped, even after its sender (its owner) died —
+        checked on Ray 2.60 by killing the sender and pushing 2x the store's capacity through it.
+        """
         shared = {k: v for k, v in arrays.items() if k.startswith(("model/", "optim/"))}
-        own = {k: np.array(v, copy=True) for k, v in arrays.items() if k not in shared}
-        for key, value in shared.items():  # the sender's buffer may be freed once we return: copy now
-            dst = buf.get(key)
-            if dst is None or dst.shape != value.shape or dst.dtype != value.dtype:
-                buf[key] = np.array(value, copy=True)
-            else:
-                np.copyto(dst, value)
+        own = {k: v for k, v in arrays.items() if k not in shared}
         with self._lock:
             for s, loss in meta.pop("losses", []):
                 self._losses.setdefault(int(s), {})[rank] = float(loss)
             parts = self._pending.setdefault(step, {})
-            parts[rank] = {"keys": list(shared), "arrays": own, "meta": meta}
+            parts[rank] = {"shared": shared, "arrays": own, "meta": meta}
             if len(parts) == self.cfg.world_size:
                 self._complete(step, self._pending.pop(step))
             return self._latest.step if self._latest else -1
@@ -304,12 +302,10 @@ class SnapshotKeeper:
             return True
 
     def _complete(self, step: int, parts: dict[int, dict[str, Any]]) -> None:
-        buf = self._buffers[step % 2]
-        keys = [k for r in range(self.cfg.world_size) for k in parts[r]["keys"]]
         self._latest = Snapshot(
             step,
             self.cfg.world_size,
-            {k: buf[k] for k in keys},
+            {k: v for r in range(self.cfg.world_size) for k, v in parts[r]["shared"].items()},
             parts[0]["meta"]["shared"],
             [{"arrays": parts[r]["arrays"], "meta": parts[r]["meta"]["rank"]} for r in range(self.cfg.world_size)],
         )
@@ -322,11 +318,11 @@ class SnapshotKeeper:
             self._persist_async(self._frozen(self._latest))
 
     def _frozen(self, snap: Snapshot) -> Snapshot:
-        """A copy that the double buffer cannot overwrite (encoded to safetensors now; written later)."""
+        """The snapshot with its loss history, for a durable write (its arrays are never modified)."""
         return Snapshot(
             snap.step,
             snap.world_size,
-            {k: np.array(v, copy=True) for k, v in snap.shared.items()},
+            dict(snap.shared),
             snap.shared_meta,
             snap.ranks,
             self._mean_losses(snap.step),
