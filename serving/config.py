@@ -49,6 +49,12 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_rows: int = 1024
     canary_share: float = 0.0
+    # replica lifecycle (Ray Serve's defaults): a stopping replica re-checks for in-flight requests every
+    # graceful_shutdown_wait_loop_s and is killed after graceful_shutdown_timeout_s; a version whose
+    # replicas fail to construct max_constructor_retry_count times (at most 3 per replica) is refused
+    graceful_shutdown_wait_loop_s: float = 2.0
+    graceful_shutdown_timeout_s: float = 20.0
+    max_constructor_retry_count: int = 20
 
     def __post_init__(self) -> None:
         if not _APP.fullmatch(self.app_name):
@@ -64,6 +70,9 @@ class ServeConfig:
             "max_body_bytes": self.max_body_bytes >= 1024,
             "max_rows": self.max_rows >= 1,
             "canary_share": 0.0 <= self.canary_share < 1.0,
+            "graceful_shutdown_wait_loop_s": 0 < self.graceful_shutdown_wait_loop_s <= 60,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s >= 0,
+            "max_constructor_retry_count": self.max_constructor_retry_count >= 1,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if not bad and self.max_batch_size > self.max_ongoing_requests:
@@ -99,6 +108,9 @@ class ServeConfig:
             "ray_actor_options": ray_actor_options,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "max_constructor_retry_count": self.max_constructor_retry_count,
         }
         if self.max_replicas > self.min_replicas:
             opts["autoscaling_config"] = {

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.serve.schema import ApplicationStatus
 
 from actors.placement import NodeInfo, decide, ray_options
 from actors.ray_api import cluster_nodes
@@ -22,6 +23,12 @@ from serving.config import ModelSource, RolloutRefused, ServeConfig, ServingErro
 from storage import ArtifactNotFoundError, ArtifactRef, ArtifactStore, StoreConfig
 
 STATE = "serving"
+# Serve's blocking run/delete re-check once a second; rollouts wait on status at this interval instead
+_POLL_S = 0.1
+_WAIT_S = 300.0
+# A candidate has no route and its only requests are the smoke calls, awaited before it is deleted:
+# nothing to drain, so its replica need not sleep Serve's 2 s drain loop before exiting.
+_CANDIDATE_DRAIN_LOOP_S = 0.1
 
 
 def _candidate(app: str) -> str:
@@ -70,17 +77,17 @@ class Rollout:
         if target == _canary(self.app):
             stable = _source(state["stable"], self.store.config)
             cfg = _with(self.config, canary_share=share)
-            serve.run(
+            _run(
                 _bind(stable, cfg, actor_opts, _canary(self.app)), name=self.app, route_prefix=self.config.route_prefix
             )
             state["canary"] = entry
         else:
-            serve.run(
+            _run(
                 _bind(source, _with(self.config, canary_share=0.0), actor_opts),
                 name=self.app,
                 route_prefix=self.config.route_prefix,
             )
-            serve.delete(_candidate(self.app))
+            _delete(_candidate(self.app))
             self._drop_canary(state)
             state["stable"] = entry
         state["history"].append(entry)
@@ -93,7 +100,7 @@ class Rollout:
         if not state["canary"]:
             raise ServingError(f"app {self.app!r} has no canary to promote")
         source = _source(state["canary"], self.store.config)
-        serve.run(
+        _run(
             _bind(source, _with(self.config, canary_share=0.0), replica_options(self.config)),
             name=self.app,
             route_prefix=self.config.route_prefix,
@@ -109,7 +116,7 @@ class Rollout:
         """Drop a canary if there is one; otherwise go back to the stable version before the current one."""
         state = self.state()
         if state["canary"]:
-            serve.run(
+            _run(
                 _bind(
                     _source(state["stable"], self.store.config),
                     _with(self.config, canary_share=0.0),
@@ -170,27 +177,65 @@ class Rollout:
 
     def shutdown(self) -> None:
         for name in (self.app, _canary(self.app), _candidate(self.app)):
-            serve.delete(name)
+            _delete(name)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _start_checked(self, name: str, source: ModelSource, actor_opts: dict[str, Any]) -> None:
         cfg = _with(self.config, canary_share=0.0)
+        if name == _candidate(self.app):
+            loop = min(cfg.graceful_shutdown_wait_loop_s, _CANDIDATE_DRAIN_LOOP_S)
+            cfg = _with(cfg, graceful_shutdown_wait_loop_s=loop)
         try:
-            handle = serve.run(_bind(source, cfg, actor_opts), name=name, route_prefix=None)
+            handle = _run(_bind(source, cfg, actor_opts), name=name, route_prefix=None)
             n = int(handle.describe.remote().result(timeout_s=60)["n_features"])
             proba = handle.infer.remote(np.zeros((1, n), np.float32)).result(timeout_s=60)
             if proba.shape[0] != 1 or not np.isfinite(proba).all():
                 raise ServingError(f"smoke prediction returned {proba!r}")
         except Exception as exc:
-            serve.delete(name)
+            _delete(name)
             raise RolloutRefused(
                 f"{source.label} did not become healthy ({type(exc).__name__}: {exc}); "
                 f"the current version keeps serving"
             ) from exc
 
     def _drop_canary(self, state: dict[str, Any]) -> None:
-        serve.delete(_canary(self.app))
+        _delete(_canary(self.app))
         state["canary"] = None
+
+
+def _run(app: Any, *, name: str, route_prefix: str | None) -> Any:
+    """`serve.run`, waiting for RUNNING (or raising on DEPLOY_FAILED) with a finer status poll."""
+    handle = serve.run_many(
+        [serve.RunTarget(app, name=name, route_prefix=route_prefix)], wait_for_applications_running=False
+    )[0]
+    wait_running(name)
+    return handle
+
+
+def wait_running(name: str, timeout_s: float = _WAIT_S) -> None:
+    """Return once application `name` is RUNNING; raise if it failed to deploy or is still deploying."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = serve.status().applications.get(name)
+        status = getattr(found, "status", None)
+        if status == ApplicationStatus.RUNNING:
+            return
+        if status in (ApplicationStatus.DEPLOY_FAILED, None):
+            message = found.message if found else "the application disappeared"
+            raise RuntimeError(f"Deploying application {name} failed: {message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"application {name} is still {status} after {timeout_s:.0f}s")
+        time.sleep(_POLL_S)
+
+
+def _delete(name: str) -> None:
+    """`serve.delete`, returning once the application (and its replicas) are gone."""
+    serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + _WAIT_S
+    while name in serve.status().applications:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"application {name} was not deleted after {_WAIT_S:.0f}s")
+        time.sleep(_POLL_S)
 
 
 def _bind(source: ModelSource, config: ServeConfig, actor_opts: dict[str, Any], canary: str | None = None) -> Any:

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -15,7 +16,7 @@ from ray import serve
 
 from serving.config import ModelSource, RolloutRefused, ServeConfig
 from serving.loading import registry_source
-from serving.rollout import Rollout
+from serving.rollout import Rollout, wait_running
 from storage import StoreConfig
 from tests.conftest import free_port, start_local_ray
 from workflows import StageFailedError, Workflow
@@ -28,17 +29,48 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = "tierflow-digits"
 
 
+def serve_build(port: int, uri: str, out: Path) -> subprocess.Popen:
+    """`tierflow serve build` for v2 with deliberately tight limits (it needs neither Ray nor the registry).
+
+    Each request to the built app waits ~1 s for its batch to fill: 2 in flight + 2 queued, the rest are
+    refused. The overload test bursts this app, so one replica start covers the build and overload checks.
+    """
+    limits = ["--max-ongoing-requests", "2", "--max-queued-requests", "2", "--max-batch-size", "64"]
+    cmd = [sys.executable, "-m", "workflows", "serve", "build", f"models:/{MODEL}/2", "--app", "built"]
+    cmd += ["--port", str(port), "--tracking-uri", uri, *limits, "--batch-wait-timeout-s", "1.0", "-o", str(out)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     import ray
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import build_app
 
     tmp = tmp_path_factory.mktemp("serving")
-    start_local_ray(num_cpus=4)
+    port = free_port()
     store = StoreConfig.from_urls([str(tmp / "store")])
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    building = serve_build(port, uri, tmp / "serve_config.yaml")  # runs while the models train
+    start_local_ray(num_cpus=4)
     wf = Workflow("serving_models", [preprocess, train, evaluate])
-    for seed in (0, 1):
-        run_workflow(wf, params={"train.epochs": 8, "train.seed": seed}, store_config=store, hooks=[MLflowHook(uri)])
+    with ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(serve.start, http_options={"host": "127.0.0.1", "port": port})  # also meanwhile
+        for seed in (0, 1):
+            run_workflow(
+                wf, params={"train.epochs": 8, "train.seed": seed}, store_config=store, hooks=[MLflowHook(uri)]
+            )
+        starting.result()
+    build = finish(building)
+    assert build.returncode == 0, build.stdout + build.stderr
+    built = ServeDeploySchema.model_validate(yaml.safe_load((tmp / "serve_config.yaml").read_text()))
+    app = built.applications[0]
+    # v2 is registered: run the built config as `serve run` would; its replica starts while the tests go on
+    serve.run_many(
+        [serve.RunTarget(build_app(app.args), name=app.name, route_prefix=app.route_prefix)],
+        wait_for_applications_running=False,
+    )
     with pytest.raises(StageFailedError, match="GateFailed"):
         run_workflow(
             wf,
@@ -46,20 +78,20 @@ def env(tmp_path_factory):
             store_config=store,
             hooks=[MLflowHook(uri)],
         )
-    port = free_port()
-    table = None
     from storage import ArtifactStore
 
     prep = next(m for m in ArtifactStore(store).manifests() if m.stage == "preprocess")
     table = ArtifactStore(store).get(prep)
     x, y = _raw_test_rows(table)
-    yield {"store": store, "uri": uri, "port": port, "x": x, "y": y, "tmp": tmp}
+    yield {"store": store, "uri": uri, "port": port, "x": x, "y": y, "tmp": tmp, "built": built}
     serve.shutdown()
     ray.shutdown()
 
 
 def cfg(env, **kw) -> ServeConfig:
-    return ServeConfig(port=env["port"], **kw)
+    # Replicas stopped by a test re-check for in-flight requests every 0.1 s instead of Serve's 2 s:
+    # they still drain every in-flight request, they just notice sooner that none is left.
+    return ServeConfig(port=env["port"], **{"graceful_shutdown_wait_loop_s": 0.1, **kw})
 
 
 def predict(env, app="digits", rows=None, timeout=30):
@@ -130,12 +162,13 @@ def test_an_unhealthy_version_is_refused_and_the_old_keeps_serving(env):
     broken = ModelSource(digest="0" * 64, version="2", model_name=MODEL, tracking_uri=env["uri"])
     assert good.digest != broken.digest
     with pytest.raises(RolloutRefused, match=r"did not become healthy.*keeps serving"):
-        Rollout(env["store"], cfg(env)).deploy(broken)
+        # refused at the first constructor failure instead of after Serve's 3 identical retries
+        Rollout(env["store"], cfg(env, max_constructor_retry_count=1)).deploy(broken)
     assert predict(env).json()["model_version"] == "1"
     assert "digits-candidate" not in serve.status().applications
 
 
-def test_canary_then_promote_then_rollback(env):
+def test_canary_then_promote(env):
     rollout = Rollout(env["store"], cfg(env))
     rollout.deploy(registry_source(f"models:/{MODEL}/2", env["uri"]), canary_share=0.5)
     seen = {(b["served_by"], b["model_version"]) for b in (predict(env).json() for _ in range(40))}
@@ -144,9 +177,23 @@ def test_canary_then_promote_then_rollback(env):
     rollout.promote()
     assert {predict(env).json()["model_version"] for _ in range(10)} == {"2"}
     assert "digits-canary" not in serve.status().applications
-    back = rollout.rollback()
-    assert back["version"] == "1"
-    assert {predict(env).json()["model_version"] for _ in range(10)} == {"1"}
+    # v2 (promoted) stays stable: test_cli_deploy_status_with_mlflow_summary_and_rollback deploys v1 over
+    # it and rolls back to the promoted version, so one rollout covers both (each costs two replica starts)
+
+
+@pytest.fixture(scope="module")
+def built(env):
+    """The app `env` started from the `tierflow serve build` config, once it is RUNNING."""
+    wait_running("built")
+    return env["built"]
+
+
+def test_serve_build_writes_a_config_serve_can_run(env, built):
+    assert built.http_options.host == "127.0.0.1"
+    app = built.applications[0]
+    assert app.import_path == "serving.app:build_app" and app.route_prefix == "/built"
+    assert app.args["max_ongoing_requests"] == 2 and app.args["batch_wait_timeout_s"] == 1.0
+    assert predict(env, app="built").json()["model_version"] == "2"
 
 
 async def _burst(url: str, n: int) -> list[tuple[int, float]]:
@@ -160,64 +207,23 @@ async def _burst(url: str, n: int) -> list[tuple[int, float]]:
         return await asyncio.gather(*(one() for _ in range(n)))
 
 
-def test_overload_answers_503_fast_and_recovers(env):
-    # Each request waits ~1 s for its batch to fill: 2 in flight + 2 queued, the rest are refused.
-    slow = cfg(
-        env, app_name="slow", max_ongoing_requests=2, max_queued_requests=2, max_batch_size=64, batch_wait_timeout_s=1.0
-    )
-    Rollout(env["store"], slow).deploy(registry_source(f"models:/{MODEL}/1", env["uri"]))
-    results = asyncio.run(_burst(f"http://127.0.0.1:{env['port']}/slow/predict", 20))
+def test_overload_answers_503_fast_and_recovers(env, built):
+    # `built` runs with max_ongoing_requests=2, max_queued_requests=2, max_batch_size=64, batch_wait_timeout_s=1.0
+    results = asyncio.run(_burst(f"http://127.0.0.1:{env['port']}/built/predict", 20))
     codes = [c for c, _ in results]
     assert codes.count(503) >= 10 and codes.count(200) >= 2, codes
     assert max(t for c, t in results if c == 503) < 1.0  # refused at once, not after a timeout
     assert max(t for c, t in results if c == 200) < 5.0  # accepted requests keep bounded latency
-    time.sleep(1.5)
-    assert predict(env, app="slow").status_code == 200  # recovered once the burst is over
-    stats = httpx.get(f"http://127.0.0.1:{env['port']}/slow/stats", timeout=10).json()
+    deadline = time.monotonic() + 1.5  # recovered once the burst is over (within the same 1.5 s as before)
+    while (r := predict(env, app="built")).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert r.status_code == 200, r.text
+    stats = httpx.get(f"http://127.0.0.1:{env['port']}/built/stats", timeout=10).json()
     assert stats["requests"] >= 3 and stats["batch_size_max"] >= 2  # concurrent requests were batched
-    Rollout(env["store"], slow).shutdown()
 
 
-def test_serve_build_writes_a_config_serve_can_run(env, tmp_path):
-    out = tmp_path / "serve_config.yaml"
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "workflows",
-            "serve",
-            "build",
-            f"models:/{MODEL}/2",
-            "--app",
-            "built",
-            "--port",
-            str(env["port"]),
-            "--tracking-uri",
-            env["uri"],
-            "-o",
-            str(out),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert p.returncode == 0, p.stdout + p.stderr
-    doc = yaml.safe_load(out.read_text())
-    from ray.serve.schema import ServeDeploySchema
-
-    schema = ServeDeploySchema.model_validate(doc)
-    assert schema.http_options.host == "127.0.0.1"
-    app = schema.applications[0]
-    assert app.import_path == "serving.app:build_app" and app.route_prefix == "/built"
-    from serving.app import build_app
-
-    serve.run(build_app(app.args), name=app.name, route_prefix=app.route_prefix)
-    assert predict(env, app="built").json()["model_version"] == "2"
-    serve.delete("built")
-
-
-def serve_cli(env, *args: str) -> subprocess.CompletedProcess:
+def serve_cli_start(env, *args: str) -> subprocess.Popen:
+    """The real `tierflow serve ...` CLI in its own Python process, connecting to this module's Ray."""
     import ray
 
     address = ray.get_runtime_context().gcs_address
@@ -236,24 +242,42 @@ def serve_cli(env, *args: str) -> subprocess.CompletedProcess:
         "--tracking-uri",
         env["uri"],
     ]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=180)
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def serve_cli(env, *args: str) -> subprocess.CompletedProcess:
+    return finish(serve_cli_start(env, *args))
 
 
 def test_cli_deploy_status_with_mlflow_summary_and_rollback(env):
-    refused = serve_cli(env, "deploy", f"models:/{MODEL}/3")
-    assert refused.returncode == 2 and "tierflow.gate=failed" in refused.stdout
-    ok = serve_cli(env, "deploy", f"models:/{MODEL}/2")
+    # Starts from the promoted v2 that test_canary_then_promote left stable (v1 before it in the history).
+    assert predict(env).json()["model_version"] == "2"
+    # The refusal happens before anything is deployed, so it runs alongside the real rollout below.
+    refusing = serve_cli_start(env, "deploy", f"models:/{MODEL}/3")
+    ok = serve_cli(env, "deploy", f"models:/{MODEL}/1")
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    refused = finish(refusing)
+    assert refused.returncode == 2 and "tierflow.gate=failed" in refused.stdout, refused.stdout + refused.stderr
     for _ in range(5):
-        assert predict(env).json()["model_version"] == "2"
+        assert predict(env).json()["model_version"] == "1"
     status = serve_cli(env, "status", "--log-mlflow")
     assert status.returncode == 0, status.stdout + status.stderr
     doc = json.loads(status.stdout[status.stdout.index("{") :])
-    assert doc["stable"]["version"] == "2" and doc["applications"]["digits"] == "RUNNING"
+    assert doc["stable"]["version"] == "1" and doc["applications"]["digits"] == "RUNNING"
     assert doc["stats"]["requests"] >= 5 and doc["stats"]["latency_ms_p99"] >= doc["stats"]["latency_ms_p50"] > 0
     run = MlflowClient(env["uri"]).get_run(doc["mlflow_run_id"])
-    assert run.data.tags["tierflow.model_version"] == "2" and run.data.metrics["requests"] >= 5
+    assert run.data.tags["tierflow.model_version"] == "1" and run.data.metrics["requests"] >= 5
     assert {"latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "batch_size_mean"} <= set(run.data.metrics)
+    # Rolling back from a blue/green deploy returns to the version the canary was promoted to.
     back = serve_cli(env, "rollback")
-    assert back.returncode == 0 and "v1" in back.stdout
-    assert predict(env).json()["model_version"] == "1"
+    assert back.returncode == 0 and "v2" in back.stdout, back.stdout + back.stderr
+    assert predict(env).json()["model_version"] == "2"
