@@ -228,9 +228,11 @@ class ArtifactStore:
         return [ArtifactRef.from_json(self.durable.read(k)) for k in self.durable.list(prefix) if k.endswith(".json")]
 
     # -- small documents (run journals) -------------------------------------------------------
-    def put_document(self, parts: tuple[str, ...], doc: dict[str, Any]) -> None:
-        """Atomically (re)write a JSON document on the durable tier under validated path segments."""
-        self.durable.write(_doc_key(parts), json.dumps(doc, indent=1).encode())  # keep insertion order
+    def put_document(self, parts: tuple[str, ...], doc: dict[str, Any] | bytes) -> None:
+        """Atomically (re)write a JSON document (a dict, or JSON bytes) on the durable tier under validated
+        path segments."""
+        data = doc if isinstance(doc, bytes) else json.dumps(doc, indent=1).encode()  # keep insertion order
+        self.durable.write(_doc_key(parts), data)
 
     def get_document(self, parts: tuple[str, ...]) -> dict[str, Any]:
         key = _doc_key(parts)

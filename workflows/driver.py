@@ -90,6 +90,7 @@ class Driver:
             if streaming and st.stream is not None and len(consumers := workflow.downstream(n)) == 1:
                 self.fused[n] = consumers[0]
         self._candidates: set[str] = set(workflow.order)
+        self._dirty = False  # the journal is behind the records
 
     # -- lifecycle ------------------------------------------------------------------------------
     def execute(self) -> RunInfo:
@@ -124,12 +125,16 @@ class Driver:
         while True:
             if self.failure is None:
                 self._launch_ready()
+            if self._dirty:  # once per turn, before blocking: a wide fan-out is not O(N) writes per stage
+                self._journal()
             if not self.inflight:
                 if self.failure is None and self.retry_at:
                     time.sleep(max(0.0, min(self.retry_at.values()) - time.monotonic()))
                     continue
                 return
-            done, _ = ray.wait(list(self.inflight), num_returns=1, timeout=self._wait_s())
+            done, rest = ray.wait(list(self.inflight), num_returns=1, timeout=self._wait_s())
+            if done and rest:  # collect everything already finished in the same turn
+                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in done:
                 self._collect(ref)
             self._expire()
@@ -373,7 +378,7 @@ class Driver:
             rec.status, rec.error = RETRYING, cause
             self.retry_at[rec.name] = time.monotonic() + decision.delay_s
             self._candidates.add(rec.name)
-            self._journal()
+            self._dirty = True
             return
         rec.status = FAILED
         rec.error = f"{cause} ({decision.reason})" if rec.attempts > 1 or not decision.retry else cause
@@ -391,7 +396,8 @@ class Driver:
             self._candidates.update(self.wf.downstream(rec.name))
         for h in self.hooks:
             h.on_stage_end(run=self.run, record=rec)
-        self._journal()
+        self._dirty = True
 
     def _journal(self) -> None:
         self.journals.write(self.run, self.run.workflow_ref)
+        self._dirty = False

@@ -6,6 +6,7 @@ manifest is on the durable tier; the journal records that fact plus where and ho
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import asdict, dataclass, field
@@ -94,6 +95,9 @@ class Journals:
 
     def __init__(self, store: ArtifactStore) -> None:
         self.store = store
+        # stage -> (entry, its JSON): a rewrite re-encodes only the stages that changed, so a run of
+        # N stages costs O(N) small string joins per event instead of O(N) JSON encodings.
+        self._fragments: dict[tuple[str, str], tuple[StageEntry, str]] = {}
 
     def write(self, run: RunInfo, workflow_ref: str) -> Journal:
         journal = Journal(
@@ -109,8 +113,19 @@ class Journals:
             annotations=dict(run.annotations),
             stages={n: entry_for(r) for n, r in run.records.items()},
         )
-        self.store.put_document((PREFIX, run.run_id, NAME), asdict(journal))
+        head = {k: v for k, v in vars(journal).items() if k != "stages"}
+        stages = ",\n".join(f"{json.dumps(n)}: {self._fragment(run.run_id, n, e)}" for n, e in journal.stages.items())
+        self.store.put_document(
+            (PREFIX, run.run_id, NAME), f'{json.dumps(head)[:-1]}, "stages": {{\n{stages}}}}}'.encode()
+        )
         return journal
+
+    def _fragment(self, run_id: str, name: str, entry: StageEntry) -> str:
+        cached = self._fragments.get((run_id, name))
+        if cached is None or cached[0] != entry:
+            cached = (entry, json.dumps(asdict(entry)))
+            self._fragments[(run_id, name)] = cached
+        return cached[1]
 
     def exists(self, run_id: str) -> bool:
         try:
