@@ -241,6 +241,7 @@ class DDPWorker:
         else:
             self.step, source = 0, "none"
         self.ddp = DistributedDataParallel(self.model, device_ids=[0] if cuda else None)
+        self.ddp.register_comm_hook(self, _snapshot_gate)
         self.pusher = SnapshotPusher(self.keeper, self.rank)
         rc = ray.get_runtime_context()
         info = {"pid": os.getpid(), "node_id": rc.get_node_id(), "name": rc.get_actor_name(), "step": self.step}
@@ -279,10 +280,8 @@ class DDPWorker:
             epoch, i = divmod(self.step, per_epoch)
             rows = self._order(epoch)[i * bs : (i + 1) * bs]
             loss = self.spec.loss(self.ddp, [t[rows] for t in self.tensors])
-            # The keeper must hold our previous snapshot before we join this step's all-reduce: then no
-            # rank can finish a step whose predecessor is not snapshotted, so a failure replays <= 1 step.
-            self.pusher.wait()
-            loss.backward()  # a dead peer surfaces here, before this step changed any state
+            loss.backward()  # waits for the previous snapshot in _snapshot_gate; a dead peer surfaces here
+            self.pusher.wait()  # (a no-op unless DDP had nothing to all-reduce)
             self._consistent = False
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -352,6 +351,19 @@ class DDPWorker:
         name = ray.get(self.keeper.persist.remote(min_step=self.step, timeout_s=self.cfg.collective_timeout_s))
         log.warning("rank %d preempted at step %d; durable checkpoint %s", self.rank, self.step, name or "none")
         ray.actor.exit_actor()
+
+
+def _snapshot_gate(worker, bucket):  # type: ignore[no-untyped-def]  # DDP rejects annotations but torch's own
+    """DDP comm hook: the keeper must hold our previous snapshot before we join this step's all-reduce.
+
+    Then no rank can finish a step whose predecessor is not snapshotted, so a failure replays at most
+    one step. Waiting here, at the first gradient bucket, rather than before `backward()` lets the
+    snapshot overlap the forward pass and most of the backward pass.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: PLC0415
+
+    worker.pusher.wait()
+    return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]  # None = the default group
 
 
 _RemoteWorker = ray.remote(max_restarts=0)(DDPWorker)
