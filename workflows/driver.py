@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from typing import Any
 
 import ray
@@ -52,6 +53,9 @@ from workflows.retry import INFRA, TIMEOUT, USER
 
 log = logging.getLogger(__name__)
 
+# The journal is for `runs`/`show` and resume's bookkeeping; what is committed is decided from manifests,
+# and MLflow children are found by search, so a journal at most this far behind loses nothing.
+JOURNAL_EVERY_S = 0.2
 # Reserves almost nothing, so a barrier-mode stream leaves the CPUs to its own pool.
 _STREAM_COORDINATOR = Resources(cpus=0.01)
 _INFRA_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError)
@@ -90,6 +94,9 @@ class Driver:
             if streaming and st.stream is not None and len(consumers := workflow.downstream(n)) == 1:
                 self.fused[n] = consumers[0]
         self._candidates: set[str] = set(workflow.order)
+        self._scan: dict[str, int] = {}  # stage -> upstream edges already seen done
+        self._waiting: dict[tuple, deque[str]] = {}  # shape -> ready stages waiting for an actor
+        self._journal_at = 0.0
         self._dirty = False  # the journal is behind the records
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -125,10 +132,12 @@ class Driver:
         while True:
             if self.failure is None:
                 self._launch_ready()
-            if self._dirty:  # once per turn, before blocking: a wide fan-out is not O(N) writes per stage
+            if self._dirty and time.monotonic() >= self._journal_at + JOURNAL_EVERY_S:
                 self._journal()
             if not self.inflight:
                 if self.failure is None and self.retry_at:
+                    if self._dirty:
+                        self._journal()  # a retry's backoff is no reason to leave the journal behind
                     time.sleep(max(0.0, min(self.retry_at.values()) - time.monotonic()))
                     continue
                 return
@@ -142,6 +151,8 @@ class Driver:
     def _wait_s(self) -> float | None:
         now = time.monotonic()
         times = [d for _, _, d in self.inflight.values() if d is not None]
+        if self._dirty:
+            times.append(self._journal_at + JOURNAL_EVERY_S)
         if self.failure is None:
             times += list(self.retry_at.values())
         return max(0.0, min(times) - now) if times else None
@@ -150,8 +161,8 @@ class Driver:
     def _ready(self) -> list[str]:
         """Candidates whose upstream is done, in topological order.
 
-        Only stages downstream of a newly finished one (or due for a retry, or waiting for an actor)
-        are candidates, so a wide fan-out costs O(edges) in all rather than O(stages) per event.
+        Only stages downstream of a newly finished one (or due for a retry) are candidates, and each
+        remembers how far its upstream check got, so a wide fan-out costs O(edges) in all.
         """
         recs, now = self.run.records, time.monotonic()
         out = []
@@ -159,12 +170,16 @@ class Driver:
             status = recs[n].status
             if status == RETRYING and self.retry_at.get(n, 0) > now:
                 continue
+            self._candidates.discard(n)  # back when an upstream stage finishes or a retry is due
             if status not in (PENDING, RETRYING):
-                self._candidates.discard(n)
-            elif all(self._satisfied(e.upstream, n) for e in self.wf.upstream(n)):
+                continue
+            edges = self.wf.upstream(n)
+            i = self._scan.get(n, 0)
+            while i < len(edges) and self._satisfied(edges[i].upstream, n):
+                i += 1
+            self._scan[n] = i
+            if i == len(edges):
                 out.append(n)
-            else:
-                self._candidates.discard(n)  # back when an upstream stage finishes
         return out
 
     def _satisfied(self, upstream: str, name: str) -> bool:
@@ -172,17 +187,24 @@ class Driver:
         return status in DONE or (status == RUNNING and self.fused.get(upstream) == name)
 
     def _launch_ready(self) -> None:
-        # Cache hits complete at once and may make more stages ready: repeat until nothing launches.
+        """Launch what is ready; a stage whose shape has no free actor queues (FIFO) for that shape.
+
+        Cache hits complete at once and may make more stages ready: repeat until nothing launches.
+        """
         progress = True
         while progress:
-            progress, full = False, set()
+            progress = False
+            for queue in self._waiting.values():
+                while queue and self._launch(queue[0]):
+                    queue.popleft()
+                    progress = True
             for name in self._ready():
                 shape = self.run.records[name].decision.effective.shape()  # type: ignore[union-attr]
-                if shape not in full and self._launch(name):
+                queue = self._waiting.setdefault(shape, deque())
+                if not queue and self._launch(name):
                     progress = True
-                    self._candidates.discard(name)
                 else:
-                    full.add(shape)  # every actor of this shape is busy: wait for one to finish
+                    queue.append(name)  # every actor of this shape is busy: wait for one to finish
 
     def _launch(self, name: str) -> bool:
         """Start `name` (or complete it from the cache); False when no actor of its shape is free."""
@@ -358,6 +380,7 @@ class Driver:
         for up in [n for n, c in self.fused.items() if c == rec.name and self.run.records[n].status == RUNNING]:
             self.run.records[up].status = PENDING  # a fused stream restarts with its consumer, or never
             self._candidates.add(up)
+            self._scan[rec.name] = 0
         policy = self.wf.stages[rec.name].retry
         decision = policy.decide(rec.attempts, kind, types)
         fresh = self._replan(rec) if decision.retry else None
@@ -401,3 +424,4 @@ class Driver:
     def _journal(self) -> None:
         self.journals.write(self.run, self.run.workflow_ref)
         self._dirty = False
+        self._journal_at = time.monotonic()

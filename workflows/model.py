@@ -7,6 +7,7 @@ A parameter called `ctx` receives the `StageContext`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import keyword
 import re
@@ -97,12 +98,17 @@ class Stage:
     def wants_context(self) -> bool:
         return CONTEXT_PARAM in self.signature.parameters
 
-    def source(self) -> str:
-        """The code that defines the stage, for cache keys (falls back to the qualified name)."""
+    @functools.cached_property
+    def _source(self) -> str:
+        # Read once per stage object: the file may be edited while a run is going (line numbers move).
         try:
             return inspect.getsource(self.fn)
         except (OSError, TypeError):
             return f"{getattr(self.fn, '__module__', '')}.{getattr(self.fn, '__qualname__', self.name)}"
+
+    def source(self) -> str:
+        """The code that defines the stage, for cache keys (falls back to the qualified name)."""
+        return self._source
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the user's function directly (handy in unit tests)."""
