@@ -129,13 +129,24 @@ def test_a_failing_shard_fails_the_run_and_commits_no_partial_stream(store):
     assert ArtifactStore(store).manifests("broken-1") == []
 
 
-def test_the_builtin_pipeline_streams_features_into_training(store):
+def test_the_builtin_pipeline_streams_features_into_training_with_lineage(store, tmp_path):
+    from mlflow import MlflowClient
+
+    from workflows import MLflowHook
     from workflows.builtin.pipeline import pipeline
 
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     params = {"shards": 3, "rows": 256, "features.cost_s": 0.0, "fit.cost_s": 0.0}
-    run = run_workflow(pipeline, params=params, store_config=store)
-    fit = run.records["fit"]
+    run = run_workflow(pipeline, params=params, store_config=store, hooks=[MLflowHook(uri)])
+    fit, features = run.records["fit"], run.records["features"]
     assert fit.status == "succeeded" and fit.inputs["features"].schema["num_rows"] == 768
     assert [m.step for m in fit.result.metrics if m.key == "loss"] == [0, 1, 2]
+    # Both stages' utilisation and throughput reach MLflow; the consumer's input is the stream's digest.
+    client = MlflowClient(uri)
+    logged = {n: client.get_run(r.annotations["mlflow_run_id"]) for n, r in (("fit", fit), ("features", features))}
+    assert {"utilisation", "rows_per_s", "workers", "first_batch_s"} <= set(logged["features"].data.metrics)
+    assert {"utilisation", "features.rows_per_s", "features.wait_s"} <= set(logged["fit"].data.metrics)
+    inputs = [i.dataset for i in logged["fit"].inputs.dataset_inputs]
+    assert [d.name for d in inputs] == ["features"] and features.artifact.digest.startswith(inputs[0].digest)
     weights = ArtifactStore(store).get(fit.artifact).numpy()
     assert weights["0.weight"].shape == (32, 16) and weights["2.weight"].shape == (2, 32)
