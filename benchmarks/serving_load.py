@@ -1,6 +1,9 @@
 """Serving under load: tierflow's Serve app (batching on / off) vs a bare Ray Serve deployment, open loop.
 
-Per limits setting: capacity C, open loop at 0.5/1/2 x C per peer, closed-loop saturation (see the report).
+Per model and limits setting: capacity C, open loop at 0.5/1/2 x C per peer, closed-loop saturation (see
+the report). Two models: the trained digits MLP (its forward pass is ~1% of a request's cost) and a wide MLP
+(`--hidden`, `--depth`; random weights behind the digits scaler, saved the same way) whose forward pass is a
+real part of it. Every peer serves the same weights.
 """
 
 from __future__ import annotations
@@ -40,10 +43,10 @@ from starlette.responses import JSONResponse
 from actors.context import StageContext
 from serving.config import ModelSource, ServeConfig
 from serving.loading import load_model
-from serving.model import predict_proba
+from serving.model import build_mlp, predict_proba
 from serving.rollout import Rollout, replica_options
 from storage import ArtifactStore, StoreConfig
-from workflows.builtin.digits import _raw_test_rows, preprocess, train
+from workflows.builtin.digits import N_FEATURES, _bundle, _raw_test_rows, preprocess, train
 
 SECTION = "serving_load"
 PEERS = {"tf-batch": "tierflow, batching on", "tf-nobatch": "tierflow, batching off", "bare": "bare Ray Serve"}
@@ -63,7 +66,20 @@ class Bare:
 
 
 @dataclass
+class Model:
+    name: str  # "digits" or "wide"
+    source: ModelSource
+    params: int
+    cost_ms: dict[int, float]  # rows per call -> ms per forward pass (one thread, as in a replica)
+
+    def describe(self) -> str:
+        per_row = ", ".join(f"{ms:.2f} ms for {n} rows ({ms / n:.3f} ms/row)" for n, ms in self.cost_ms.items())
+        return f"`{self.name}`: {self.params / 1e6:.2f}M parameters; forward pass {per_row}"
+
+
+@dataclass
 class Run:
+    model: str
     limits: str  # "max_ongoing_requests/max_queued_requests"
     peer: str
     mode: str  # "0.5xC" ... or "closed 64"
@@ -116,7 +132,7 @@ async def measured(run: Run, work: Any) -> Run:
     await work
     c1, wall = cpu_seconds(run.peer), time.perf_counter() - w0
     run.cpu = {k: 100 * (c1[k] - c0[k]) / wall for k in ROLES}  # % of one core
-    print(f"{run.limits:7} {run.peer:10} {run.mode:9} {run.cells()}", file=sys.stderr)
+    print(f"{run.model:6} {run.limits:7} {run.peer:10} {run.mode:9} {run.cells()}", file=sys.stderr)
     return run
 
 
@@ -152,7 +168,7 @@ async def closed_loop(clients: list[httpx.AsyncClient], url: str, bodies: list[b
     await asyncio.gather(*(worker(k) for k in range(conc)))
 
 
-async def bench(base: str, bodies: list[bytes], duration: float, tag: str) -> list[Run]:
+async def bench(base: str, bodies: list[bytes], duration: float, model: str, tag: str) -> list[Run]:
     """Capacity, then open loop at 0.5/1/2 x C for each peer (interleaved), then closed-loop saturation."""
     # several small pools: one httpx pool slows down with many connections in flight (encode/httpx#3215)
     async with contextlib.AsyncExitStack() as stack:
@@ -160,12 +176,12 @@ async def bench(base: str, bodies: list[bytes], duration: float, tag: str) -> li
 
         async def one(peer: str, mode: str, conc: int = 0, offered: float = 0.0) -> Run:
             await asyncio.sleep(1.0)  # let queues drain
-            run, url = Run(tag, peer, mode, duration, offered), f"{base}/{peer}/predict"
+            run, url = Run(model, tag, peer, mode, duration, offered), f"{base}/{peer}/predict"
             work = closed_loop(clients, url, bodies, run, conc) if conc else open_loop(clients, url, bodies, run)
             return await measured(run, work)
 
         for peer in PEERS:  # warm-up: connections, replica code paths
-            await closed_loop(clients, f"{base}/{peer}/predict", bodies, Run(tag, peer, "warm-up", 1.0), 16)
+            await closed_loop(clients, f"{base}/{peer}/predict", bodies, Run(model, tag, peer, "warm-up", 1.0), 16)
         runs = [await one("tf-batch", "capacity", conc=32)]
         cap = runs[0].ok_in_window / duration
         runs += [await one(p, f"{m:g}xC", offered=m * cap) for m in (0.5, 1.0, 2.0) for p in PEERS]
@@ -174,19 +190,49 @@ async def bench(base: str, bodies: list[bytes], duration: float, tag: str) -> li
     return runs
 
 
-def build_model(tmp: str, epochs: int) -> tuple[StoreConfig, ModelSource, np.ndarray]:
-    """Train the digits MLP in-process (no MLflow) and put the bundle in a local store."""
+def forward_cost_ms(model: torch.nn.Module, rows: np.ndarray, sizes: tuple[int, ...] = (1, 32)) -> dict[int, float]:
+    """Median ms per `predict_proba` call on one thread (replicas run torch with OMP_NUM_THREADS=1)."""
+    threads, out = torch.get_num_threads(), {}
+    torch.set_num_threads(1)
+    try:
+        for n in sizes:
+            x, times = rows[:n], []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                predict_proba(model, x)
+                times.append(time.perf_counter() - t0)
+            out[n] = float(np.median(times[5:])) * 1e3
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def build_models(tmp: str, epochs: int, names: list[str], hidden: int, depth: int) -> tuple[list[Model], np.ndarray]:
+    """Train the digits MLP in-process (no MLflow); build the wide MLP on the same scaler; store both."""
     ctx = StageContext(run_id="b", stage="s", node_id="n", device="cpu")
     table = preprocess.fn(ctx)
-    bundle = train.fn(ctx, table, epochs=epochs)
-    store_cfg = StoreConfig.from_urls([f"{tmp}/store"])
-    ref = ArtifactStore(store_cfg).put(bundle, run_id="bench", stage="train")
-    return store_cfg, ModelSource(digest=ref.digest, artifact=ref, store_config=store_cfg), _raw_test_rows(table)[0]
+    x = _raw_test_rows(table)[0]
+    store = ArtifactStore(StoreConfig.from_urls([f"{tmp}/store"]))
+    models = []
+    for name in names:
+        if name == "digits":
+            bundle = train.fn(ctx, table, epochs=epochs)
+        else:
+            torch.manual_seed(0)
+            layers = [N_FEATURES, *[hidden] * depth, 10]
+            bundle = _bundle(build_mlp(layers, standardize=True), table, layers)
+        ref = store.put(bundle, run_id="bench", stage=f"train-{name}")
+        source = ModelSource(digest=ref.digest, artifact=ref, store_config=store.config)
+        net, _ = load_model(source)
+        params = sum(p.numel() for p in net.parameters())
+        models.append(Model(name, source, params, forward_cost_ms(net, x.astype(np.float32))))
+    return models, x
 
 
-def deploy(store_cfg: StoreConfig, source: ModelSource, port: int, ongoing: int, queued: int) -> None:
+def deploy(source: ModelSource, port: int, ongoing: int, queued: int, wait_s: float) -> None:
+    store_cfg = source.store_config
     common: dict[str, Any] = {"port": port, "max_ongoing_requests": ongoing, "max_queued_requests": queued}
-    on = ServeConfig(app_name="tf-batch", max_batch_size=32, batch_wait_timeout_s=0.002, **common)
+    on = ServeConfig(app_name="tf-batch", max_batch_size=32, batch_wait_timeout_s=wait_s, **common)
     Rollout(store_cfg, on).deploy(source)
     Rollout(store_cfg, ServeConfig(app_name="tf-nobatch", max_batch_size=1, **common)).deploy(source)
     opts = {"ray_actor_options": replica_options(on), "max_ongoing_requests": ongoing, "max_queued_requests": queued}
@@ -194,21 +240,22 @@ def deploy(store_cfg: StoreConfig, source: ModelSource, port: int, ongoing: int,
 
 
 def report(runs: list[Run], head: list[str]) -> str:
-    tail = "p50 ms | p99 ms | 503 | other errors | CPU % client / proxy / replica / rest of Ray / outside |"
-    lines = [*head, "", f"| limits | load | peer | offered req/s | send lag p99 ms | throughput (200/s) | {tail}"]
-    lines += ["|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    cpu = "CPU % client / proxy / replica / rest of Ray / outside"
+    tail = f"send lag p99 ms | throughput (200/s) | p50 ms | p99 ms | 503 | other errors | {cpu} |"
+    lines = [*head, "", f"| model | limits | load | peer | offered req/s | {tail}"]
+    lines += ["|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         offered = f"{r.offered:,.0f} | {np.percentile(r.lag_ms, 99):.1f}" if r.offered else "closed loop | -"
-        lines.append(f"| {r.limits} | {r.mode} | {PEERS[r.peer]} | {offered} | {r.cells()}")
+        lines.append(f"| {r.model} | {r.limits} | {r.mode} | {PEERS[r.peer]} | {offered} | {r.cells()}")
     lines.append("")
-    for limits in dict.fromkeys(r.limits for r in runs):
-        by = {(r.mode, r.peer): r for r in runs if r.limits == limits}
+    for model, limits in dict.fromkeys((r.model, r.limits) for r in runs):
+        by = {(r.mode, r.peer): r for r in runs if (r.model, r.limits) == (model, limits)}
         sat = {p: by["closed 64", p].ok_in_window for p in PEERS}
         half = {p: by["0.5xC", p].lat(50) for p in PEERS}
         batch_x, p50_x = sat["tf-batch"] / sat["tf-nobatch"], half["tf-batch"] / half["bare"]
         cap = by["capacity", "tf-batch"]
         lines += [
-            f"- `{limits}`: C = {cap.ok_in_window / cap.duration:,.0f} "
+            f"- `{model}`, `{limits}`: C = {cap.ok_in_window / cap.duration:,.0f} "
             f"req/s. **Batching on / off at saturation: {batch_x:.2f}x** (target >= 3x: "
             f"{'met' if batch_x >= 3 else '**missed**'}); **tierflow (batching on) p50 / bare p50 at 0.5xC: "
             f"{p50_x:.2f}x** (target <= 1.2x: {'met' if p50_x <= 1.2 else '**missed**'}); batching off / bare "
@@ -226,7 +273,16 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=10.0, help="seconds per measured run (default 10)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s per run, 3 training epochs")
     defaults = f"{dflt.max_ongoing_requests}/{dflt.max_queued_requests}"
-    parser.add_argument("--limits", nargs="+", default=[defaults, "64/256"], help="ONGOING/QUEUED, one pass each")
+    parser.add_argument("--limits", nargs="+", default=[defaults], help="ONGOING/QUEUED, one pass each")
+    parser.add_argument("--models", nargs="+", choices=["digits", "wide"], default=["digits", "wide"])
+    parser.add_argument("--hidden", type=int, default=4096, help="wide model: units per hidden layer (4096)")
+    parser.add_argument("--depth", type=int, default=3, help="wide model: hidden layers (3)")
+    parser.add_argument(
+        "--batch-wait-s",
+        type=float,
+        default=dflt.batch_wait_timeout_s,
+        help=f"batching on: batch_wait_timeout_s (default {dflt.batch_wait_timeout_s:g}, the ServeConfig default)",
+    )
     parser.add_argument("--write", action="store_true", help=f"update the section in {'BENCHMARKS.md'}")
     args = parser.parse_args()
     duration = 2.0 if args.quick else args.duration_s
@@ -235,16 +291,17 @@ def main() -> None:
     ray.init("local", num_cpus=2, include_dashboard=False)
     try:
         with tempfile.TemporaryDirectory(prefix="tierflow-bench-") as tmp:
-            store_cfg, source, x = build_model(tmp, epochs=3 if args.quick else 10)
+            models, x = build_models(tmp, 3 if args.quick else 10, args.models, args.hidden, args.depth)
             bodies = [json.dumps({"instances": [r.round(4).tolist()]}).encode() for r in x]
             with socket.create_server(("127.0.0.1", 0)) as sock:  # a free loopback port for Serve
                 port = sock.getsockname()[1]
-            for limits in args.limits:
-                ongoing, queued = (int(v) for v in limits.split("/"))
-                deploy(store_cfg, source, port, ongoing, queued)
-                runs += asyncio.run(bench(f"http://127.0.0.1:{port}", bodies, duration, limits))
-                for app in PEERS:
-                    serve.delete(app)
+            for model in models:
+                for limits in args.limits:
+                    ongoing, queued = (int(v) for v in limits.split("/"))
+                    deploy(model.source, port, ongoing, queued, args.batch_wait_s)
+                    runs += asyncio.run(bench(f"http://127.0.0.1:{port}", bodies, duration, model.name, limits))
+                    for app in PEERS:
+                        serve.delete(app)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -259,10 +316,13 @@ def main() -> None:
         f"{fastapi.__version__}, pydantic {pydantic.__version__}, httpx {httpx.__version__}; local Ray started "
         "in-process with `num_cpus=2`; `RAY_SERVE_LOG_TO_STDERR=0` (Serve access logs go to files only)",
         f"- Command: `{command}`",
+        "- Models (every peer serves the same weights; forward pass = median `predict_proba` time on one thread, "
+        "as replicas run torch, measured in the driver before the runs):",
+        *(f"  - {m.describe()}" for m in models),
         f"- Each peer: 1 replica, `num_cpus={dflt.num_cpus}`; limits = `max_ongoing_requests/max_queued_requests`, "
         f"the same for all peers ({defaults} = ServeConfig defaults). Batching on: `max_batch_size=32, "
-        "batch_wait_timeout_s=0.002`; off: `max_batch_size=1`. Bare: plain `@serve.deployment`, "
-        "`await request.json()`, `predict_proba`, JSON out; no validation, no batching.",
+        f"batch_wait_timeout_s={args.batch_wait_s:g}`; off: `max_batch_size=1`. Bare: plain `@serve.deployment`, "
+        "`await request.json()`, `predict_proba` inline, JSON out; no validation, no batching.",
         "- C = closed-loop throughput at concurrency 32 against tierflow batching on (row `capacity`); open loop: "
         "fixed interval, latency from the scheduled send time (generator lag counts against it); `closed 64` = "
         f"closed loop at concurrency 64. One digits row (64 floats) per POST, {duration:g} s per run, peers "

@@ -42,9 +42,12 @@ class ServeConfig:
     # batches full without leaving requests to back off)
     max_ongoing_requests: int = 64
     max_queued_requests: int = 128
-    # dynamic batching (max_batch_size=1 turns it off); a short wait keeps low-load latency near unbatched
+    # dynamic batching (max_batch_size=1 turns it off). With no wait a batch is whatever queued while the
+    # previous batch ran: a lone request at low load goes straight to the model, and batches grow on their
+    # own as load rises. A positive wait holds every batch open that long for more requests (it can help a
+    # model whose cost per batch barely grows with its size, at the price of latency at low load).
     max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.002
+    batch_wait_timeout_s: float = 0.0
     # request limits
     max_body_bytes: int = 1 << 20
     max_rows: int = 1024

@@ -18,6 +18,15 @@ def test_fixed_replicas_or_autoscaling():
     assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (64, 128)
 
 
+def test_batches_do_not_wait_by_default_but_can():
+    # adaptive batching: a batch is whatever queued while the previous one ran, so a lone request at low
+    # load never waits for company; a positive wait stays available for models that need full batches
+    assert ServeConfig().batch_wait_timeout_s == 0.0
+    assert ServeConfig(batch_wait_timeout_s=0.01).batch_wait_timeout_s == 0.01
+    with pytest.raises(ServingError, match="batch_wait_timeout_s"):
+        ServeConfig(batch_wait_timeout_s=-0.001)
+
+
 def test_a_batch_that_can_never_fill_is_warned_about(caplog):
     ServeConfig(max_batch_size=64, max_ongoing_requests=8)
     assert "can never fill" in caplog.text
