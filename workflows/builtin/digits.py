@@ -75,11 +75,13 @@ def train(
     workers: int = 1,
     worker_cpus: float = 0.5,
     durable_every: int = 0,
+    snapshot_every: int = 1,
 ) -> Tensors:
     """A small MLP; uses CUDA when the actor was given a GPU and torch can see it.
 
     `workers > 1` trains data-parallel (torch DDP, gloo) on a gang of that many actors with
-    just-in-time snapshots (actors.ddp); `batch_size` stays the global batch.
+    just-in-time snapshots (actors.ddp); `batch_size` stays the global batch. `snapshot_every=0` keeps
+    only the survivors' hand-over at a failure (near-free for steps this short).
     """
     import torch  # noqa: PLC0415
     from torch import nn  # noqa: PLC0415
@@ -90,7 +92,9 @@ def train(
         from actors.ddp import DDPConfig  # noqa: PLC0415
 
         spec = ddp_spec(hidden=hidden, lr=lr, batch_size=batch_size, epochs=epochs, seed=seed, workers=workers)
-        config = DDPConfig(workers=workers, cpus_per_worker=worker_cpus, durable_every=durable_every)
+        config = DDPConfig(
+            workers=workers, cpus_per_worker=worker_cpus, durable_every=durable_every, snapshot_every=snapshot_every
+        )
         return train_ddp(ctx, preprocess, spec, config)
     torch.manual_seed(seed)
     device = torch.device(ctx.device)
