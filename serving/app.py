@@ -125,6 +125,7 @@ class ModelServer:
         self.forward_s = 0.0  # moving average of a forward pass; 0 until the first one ran (inline)
         self.idle = asyncio.Event()  # clear while a batch computes on a worker thread
         self.idle.set()
+        self.queued = 0  # requests handed to the batch queue and not answered yet
         self.stats = _Stats()
         self.batch_hist = metrics.Histogram(
             "tierflow_batch_size", description="rows per model call", boundaries=[1, 2, 4, 8, 16, 32, 64, 128]
@@ -139,23 +140,27 @@ class ModelServer:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)  # both replaced from the ServeConfig
     async def _predict_batch(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        rows = np.concatenate(batches) if len(batches) > 1 else batches[0]
-        self.batch_hist.observe(len(rows))
-        self.stats.batch_sizes.append(len(rows))
-        if self.forward_s < INLINE_FORWARD_S:
-            proba, took = self._forward(rows)
-        else:
-            self.idle.clear()
-            try:
-                proba, took = await asyncio.to_thread(self._forward, rows)
-            finally:
-                self.idle.set()
-        self.forward_s = took if self.forward_s == 0.0 else 0.8 * self.forward_s + 0.2 * took
+        proba = await self._run(np.concatenate(batches) if len(batches) > 1 else batches[0])
         out, start = [], 0
         for b in batches:
             out.append(proba[start : start + len(b)])
             start += len(b)
         return out
+
+    async def _run(self, rows: np.ndarray) -> np.ndarray:
+        """One model call: inline when forward passes are short, else on a worker thread (`idle` clear meanwhile)."""
+        self.batch_hist.observe(len(rows))
+        self.stats.batch_sizes.append(len(rows))
+        if self.forward_s < INLINE_FORWARD_S:
+            proba, took = self._forward(rows)
+        else:
+            self.idle.clear()  # before the first await: a request arriving now waits for the next batch
+            try:
+                proba, took = await asyncio.to_thread(self._forward, rows)
+            finally:
+                self.idle.set()
+        self.forward_s = took if self.forward_s == 0.0 else 0.8 * self.forward_s + 0.2 * took
+        return proba
 
     def _forward(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
         """Probabilities and the seconds the forward pass took (timed where it runs, without the thread hop)."""
@@ -166,15 +171,23 @@ class ModelServer:
     async def infer(self, rows: np.ndarray) -> np.ndarray:
         """Probabilities for rows; also the entry point a stable replica calls on its canary.
 
-        Adaptive batching: while a batch computes, arrivals wait here and all join the queue the moment it
-        ends, so the next batch is everything that arrived meanwhile (up to `max_batch_size`). Ray Serve 2.60
-        forms a batch as soon as its first request arrives (plus `batch_wait_timeout_s`), before the previous
-        batch has finished, so without this gate batches stay at ~1-2 rows however long the model runs.
-        An idle replica sends a request straight on.
+        Adaptive batching (`batch_wait_timeout_s=0`): a request that finds no batch computing and none
+        queued has nothing to join and goes straight to the model, skipping the batch queue's event-loop
+        hops. While a batch computes, arrivals wait here and all join the queue the moment it ends, so the
+        next batch is everything that arrived meanwhile (up to `max_batch_size`). Ray Serve 2.60 on its own
+        forms a batch as soon as its first request arrives, before the previous batch has finished, so
+        without this gate batches stay at ~1-2 rows however long the model runs. With a positive wait,
+        every request goes through the queue and Serve's wait applies.
         """
+        if self.idle.is_set() and not self.queued and not self.config.batch_wait_timeout_s:
+            return await self._run(rows)
         if not self.idle.is_set():
             await self.idle.wait()
-        return await self._predict_batch(rows)
+        self.queued += 1
+        try:
+            return await self._predict_batch(rows)
+        finally:
+            self.queued -= 1
 
     @api.post("/predict", response_model=PredictResponse)
     async def predict(self, request: PredictRequest) -> PredictResponse:
