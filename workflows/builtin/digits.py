@@ -274,7 +274,7 @@ def serve(
     min_replicas: int = 1,
     max_replicas: int = 1,
     max_batch_size: int = 32,
-    batch_wait_timeout_s: float = 0.002,
+    batch_wait_timeout_s: float = 0.0,
     max_ongoing_requests: int = 64,
     max_queued_requests: int = 128,
     canary_share: float = 0.0,
