@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 # The journal is for `runs`/`show` and resume's bookkeeping; what is committed is decided from manifests,
 # and MLflow children are found by search, so a journal at most this far behind loses nothing.
 JOURNAL_EVERY_S = 0.2
+_TURN_S = 0.5  # the longest the driver blocks in one turn
 # Reserves almost nothing, so a barrier-mode stream leaves the CPUs to its own pool.
 _STREAM_COORDINATOR = Resources(cpus=0.01)
 _INFRA_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError)
@@ -98,10 +101,16 @@ class Driver:
         self._waiting: dict[tuple, deque[str]] = {}  # shape -> ready stages waiting for an actor
         self._journal_at = 0.0
         self._dirty = False  # the journal is behind the records
+        self._interrupted = False  # Ctrl-C seen; raised as KeyboardInterrupt at the next turn
 
     # -- lifecycle ------------------------------------------------------------------------------
     def execute(self) -> RunInfo:
         error: BaseException | None = None
+        # Ctrl-C only sets a flag, acted on between driver turns: a KeyboardInterrupt raised inside a hook,
+        # a journal write or a Ray call could leave MLflow or the store half-written, and hang the cleanup.
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             for h in self.hooks:
                 h.on_run_start(run=self.run)
@@ -126,10 +135,20 @@ class Driver:
             self._journal()
             for h in self.hooks:
                 h.on_run_end(run=self.run, error=error)
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         return self.run
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._interrupted = True
+
+    def _check_interrupt(self) -> None:
+        if self._interrupted:
+            raise KeyboardInterrupt
 
     def _loop(self) -> None:
         while True:
+            self._check_interrupt()
             if self.failure is None:
                 self._launch_ready()
             if self._dirty and time.monotonic() >= self._journal_at + JOURNAL_EVERY_S:
@@ -138,7 +157,8 @@ class Driver:
                 if self.failure is None and self.retry_at:
                     if self._dirty:
                         self._journal()  # a retry's backoff is no reason to leave the journal behind
-                    time.sleep(max(0.0, min(self.retry_at.values()) - time.monotonic()))
+                    time.sleep(min(_TURN_S, max(0.0, min(self.retry_at.values()) - time.monotonic())))
+                    self._check_interrupt()
                     continue
                 return
             done, rest = ray.wait(list(self.inflight), num_returns=1, timeout=self._wait_s())
@@ -147,12 +167,14 @@ class Driver:
             for ref in done:
                 self._collect(ref)
             self._expire()
+            self._check_interrupt()
 
     def _wait_s(self) -> float | None:
         now = time.monotonic()
         times = [d for _, _, d in self.inflight.values() if d is not None]
         if self._dirty:
             times.append(self._journal_at + JOURNAL_EVERY_S)
+        times.append(now + _TURN_S)  # wake up to notice a Ctrl-C
         if self.failure is None:
             times += list(self.retry_at.values())
         return max(0.0, min(times) - now) if times else None
