@@ -31,8 +31,8 @@ from pathlib import Path
 os.environ["RAY_AUTH_MODE"] = "token"  # as `ray start` on 2.60; set before Ray is imported
 
 import ray
-from benchlib import machine, publish
-from stage_overhead import loadavg, revision, settle
+from benchlib import machine, publish, settle
+from stage_overhead import loadavg, revision
 
 from storage import ArtifactStore, StoreConfig
 from workflows import Stage, Workflow, stage

@@ -35,7 +35,7 @@ from typing import Any
 os.environ["RAY_AUTH_MODE"] = "token"  # as `ray start` on 2.60; set before Ray is imported
 
 import ray
-from benchlib import machine, publish
+from benchlib import machine, publish, settle
 
 from storage import StoreConfig
 from workflows import Stage, Workflow, stage
@@ -62,15 +62,6 @@ def chain(n: int) -> Workflow:
     stages: list[Stage] = [stage(name="s00", cpus=1)(first)]
     stages += [stage(name=f"s{i:02d}", cpus=1, inputs={"prev": f"s{i - 1:02d}"})(step) for i in range(1, n)]
     return Workflow("chain", stages)
-
-
-def settle(timeout_s: float = 30.0) -> None:
-    """Wait until every CPU is free again: `ray.kill` returns before the actor's resources do."""
-    deadline = time.monotonic() + timeout_s
-    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0) - 1e-6:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"CPUs still held after {timeout_s}s: {ray.available_resources()}")
-        time.sleep(0.02)
 
 
 def run_raw_warm(actor: Any, n: int) -> int:
