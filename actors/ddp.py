@@ -17,15 +17,8 @@ and stage), and logs one loss per step index through the `StageContext`.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
-import math
-import os
-import random
-import signal
 import time
-import traceback
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,92 +29,19 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from actors.context import StageContext
-from actors.errors import ActorsError
-from actors.snapshot import (
-    NAMESPACE,
-    KeeperConfig,
-    SnapshotKeeper,
-    SnapshotPusher,
-    assign_shards,
-    keeper_name,
-    load_state,
-    rng_state,
-    set_rng_state,
-    state_arrays,
+from actors.ddp_worker import (
+    DDPConfig,
+    DDPConfigError,
+    DDPWorker,
+    GangError,
+    GangFailedError,
+    TrainSpec,
+    WorkerInterrupted,
 )
+from actors.slab import discard_slabs
+from actors.snapshot import NAMESPACE, KeeperConfig, SnapshotKeeper, keeper_name
 
 log = logging.getLogger(__name__)
-
-_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
-
-class GangError(ActorsError):
-    """Base of data-parallel training errors."""
-
-
-class DDPConfigError(GangError, ValueError):
-    """A `DDPConfig` or `TrainSpec` value is out of range."""
-
-
-class GangFailedError(GangError):
-    """Training could not finish: user code raised, the gang could not be placed, or restarts ran out."""
-
-
-class WorkerInterrupted(GangError):
-    """A worker's loop stopped (a peer died, the keeper died, or user code raised) after `completed` steps."""
-
-    def __init__(self, rank: int, completed: int, cause: str, tb: str = "") -> None:
-        self.rank, self.completed, self.cause, self.tb = rank, completed, cause, tb
-        super().__init__(rank, completed, cause, tb)
-
-    def __str__(self) -> str:
-        return f"rank {self.rank} stopped after {self.completed} steps: {self.cause}"
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """What the workers run. Functions are shipped to the workers, so define them at module level.
-
-    `prepare` turns a worker's shard of the input table into tensors with rows first; `loss` gets the
-    DDP-wrapped model and one minibatch (the same tensors indexed by rows) and returns a scalar loss.
-    """
-
-    build_model: Callable[[], Any]
-    build_optimizer: Callable[[Any], Any]  # receives model.parameters()
-    prepare: Callable[[Any], Sequence[Any]]
-    loss: Callable[[Any, Sequence[Any]], Any]
-    epochs: int = 1
-    batch_size: int = 64  # per worker
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise DDPConfigError(f"epochs={self.epochs} and batch_size={self.batch_size} must both be >= 1")
-
-
-@dataclass(frozen=True)
-class DDPConfig:
-    workers: int = 2
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    strategy: str = "SPREAD"  # placement group strategy; SPREAD keeps one node's loss to few ranks
-    snapshot_every: int = 1  # 1 = just-in-time (every step); K = every K steps; 0 = no in-memory snapshots
-    rescue: bool = True  # on a peer's death, survivors hand the keeper their (replicated) state
-    durable_every: int = 0  # steps between durable checkpoints in the store; 0 = only on SIGTERM
-    max_restarts: int = 3
-    placement_timeout_s: float = 60.0
-    collective_timeout_s: float = 60.0
-    drain_s: float = 3.0  # after a death, how long survivors get to report how far they got
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise DDPConfigError(f"workers={self.workers} must be >= 1")
-        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
-            raise DDPConfigError("cpus_per_worker must be > 0 and gpus_per_worker >= 0")
-        if self.strategy not in _STRATEGIES:
-            raise DDPConfigError(f"strategy={self.strategy!r}; use one of {_STRATEGIES}")
-        if min(self.snapshot_every, self.durable_every, self.max_restarts) < 0:
-            raise DDPConfigError("snapshot_every, durable_every and max_restarts must be >= 0")
 
 
 @dataclass
@@ -168,204 +88,6 @@ class TrainResult:
         return max((f.replayed for f in self.failures), default=0)
 
 
-# -- the worker -----------------------------------------------------------------------------------
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
-class DDPWorker:
-    """One rank. Wrapped with `ray.remote`; runs its methods on the main thread, so SIGTERM reaches it."""
-
-    def __init__(self, rank: int, world: int, spec: TrainSpec, config: DDPConfig) -> None:
-        import torch  # noqa: PLC0415
-
-        self.rank, self.world, self.spec, self.cfg = rank, world, spec, config
-        self.step = 0
-        self.keeper: Any = None
-        self.pusher: SnapshotPusher | None = None
-        self.tensors: list[Any] | None = None
-        self._preempted = False
-        self._store: Any = None
-        torch.set_num_threads(max(1, int(config.cpus_per_worker)))
-        try:
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-        except ValueError:  # not the main thread: preemption then ends the process without a checkpoint
-            log.warning("rank %d cannot handle SIGTERM (not on the main thread)", rank)
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self._preempted = True  # acted on after the current step, when the state is consistent
-
-    def rendezvous(self) -> tuple[str, int]:
-        """Rank 0 hosts the TCP store the gang meets at; port 0 lets the OS pick a free one."""
-        import torch.distributed as dist  # noqa: PLC0415
-
-        host = ray.util.get_node_ip_address()
-        timeout = datetime.timedelta(seconds=self.cfg.collective_timeout_s)
-        self._store = dist.TCPStore(host, 0, self.world, True, timeout=timeout, wait_for_workers=False)
-        return host, self._store.port
-
-    def setup(self, host: str, port: int, table: Any, keeper: Any) -> dict[str, Any]:
-        """Join the gang (again, for a survivor of a broken one) and load the newest snapshot, if any."""
-        import torch  # noqa: PLC0415
-        import torch.distributed as dist  # noqa: PLC0415
-        from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
-
-        if self.pusher is not None:
-            self.pusher.close()
-        if dist.is_initialized():  # a survivor: its process group lost a peer
-            dist.destroy_process_group()
-        cuda = self.cfg.gpus_per_worker > 0 and torch.cuda.is_available()
-        self.device = torch.device("cuda:0" if cuda else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES per worker
-        timeout = datetime.timedelta(seconds=self.cfg.collective_timeout_s)
-        store = self._store if self.rank == 0 else dist.TCPStore(host, port, self.world, False, timeout=timeout)
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=self.rank, world_size=self.world)
-        if self.tensors is None:
-            # Contiguous, non-overlapping shards (zero-copy slices); every rank keeps as many rows as the smallest.
-            per_rank = table.num_rows // self.world
-            shard = self.spec.prepare(table.slice(self.rank * per_rank, per_rank))
-            self.tensors = [t.to(self.device) for t in shard]
-        rows = torch.tensor([len(self.tensors[0])])
-        dist.all_reduce(rows, op=dist.ReduceOp.MIN)
-        if int(rows) == 0:
-            raise GangFailedError(f"{table.num_rows} input rows leave no training rows for {self.world} workers")
-        self.tensors = [t[: int(rows)] for t in self.tensors]
-        self.keeper = keeper
-        torch.manual_seed(self.spec.seed)  # identical initial weights on every rank
-        self.model = self.spec.build_model().to(self.device)
-        self.optimizer = self.spec.build_optimizer(self.model.parameters())
-        restored = ray.get(self.keeper.restore.remote(self.rank))
-        if restored:
-            load_state(self.model, self.optimizer, restored["shared"], restored["shared_meta"])
-            set_rng_state(restored["arrays"], restored["meta"])
-            self.step, source = restored["step"], restored["source"]
-        else:
-            self.step, source = 0, "none"
-        self.ddp = DistributedDataParallel(self.model, device_ids=[0] if cuda else None)
-        self.ddp.register_comm_hook(self, _snapshot_gate)
-        self.pusher = SnapshotPusher(self.keeper, self.rank)
-        rc = ray.get_runtime_context()
-        info = {"pid": os.getpid(), "node_id": rc.get_node_id(), "name": rc.get_actor_name(), "step": self.step}
-        ray.get(self.keeper.register.remote(self.rank, info))
-        return {"step": self.step, "source": source, "rows": int(rows)}
-
-    def _order(self, epoch: int) -> Any:
-        import torch  # noqa: PLC0415
-
-        if getattr(self, "_epoch", None) != epoch:  # data position = step; the order is a function of it
-            gen = torch.Generator().manual_seed(_seed(self.spec.seed, epoch, self.rank, 4))
-            self._epoch, self._perm = epoch, torch.randperm(len(self.tensors[0]), generator=gen).to(self.device)
-        return self._perm
-
-    def train(self) -> dict[str, Any]:
-        self._consistent, self._losses, self._push_s = True, [], 0.0
-        try:
-            return self._train()
-        except Exception as exc:
-            if self._consistent and self.cfg.rescue:
-                self._rescue()
-            raise WorkerInterrupted(
-                self.rank, self.step, f"{type(exc).__name__}: {exc}", traceback.format_exc()
-            ) from None
-
-    def _train(self) -> dict[str, Any]:
-        bs = self.spec.batch_size
-        per_epoch = math.ceil(len(self.tensors[0]) / bs)
-        total = self.spec.epochs * per_epoch
-        every = self.cfg.snapshot_every
-        times: list[float] = []
-        first_step_at = None
-        while self.step < total:
-            t0 = time.perf_counter()
-            self._reseed()
-            epoch, i = divmod(self.step, per_epoch)
-            rows = self._order(epoch)[i * bs : (i + 1) * bs]
-            loss = self.spec.loss(self.ddp, [t[rows] for t in self.tensors])
-            loss.backward()  # waits for the previous snapshot in _snapshot_gate; a dead peer surfaces here
-            self.pusher.wait()  # (a no-op unless DDP had nothing to all-reduce)
-            self._consistent = False
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self._losses.append((self.step, float(loss.detach())))
-            self.step += 1
-            self._consistent = True
-            if self.step == total or (every and self.step % every == 0):
-                self._push(self._losses)
-                self._losses = []
-            times.append(time.perf_counter() - t0)
-            first_step_at = first_step_at or time.time()
-            if self._preempted:
-                self._preempt()
-        self.pusher.wait()
-        state = {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()} if self.rank == 0 else {}
-        return {
-            "rank": self.rank,
-            "steps": self.step,
-            "state": state,
-            "step_times_s": times,
-            "snapshot_blocked_s": self.pusher.wait_s + self._push_s,
-            "first_step_at": first_step_at,
-        }
-
-    def _push(self, losses: list[tuple[int, float]]) -> None:
-        t0 = time.perf_counter()
-        tensors, shared_meta = state_arrays(self.model, self.optimizer)
-        owner = assign_shards({k: v.numel() * v.element_size() for k, v in tensors.items()}, self.world)
-        mine = {k: v for k, v in tensors.items() if owner[k] == self.rank}
-        rng_arrays, rng_meta = rng_state()
-        meta = {
-            "shared": shared_meta if self.rank == 0 else None,
-            "rank": rng_meta | {"data": {"step": self.step, "rows": len(self.tensors[0])}},
-            "losses": losses,
-        }
-        self.pusher.push(self.step, mine | rng_arrays, meta)
-        self._push_s += time.perf_counter() - t0
-
-    def _reseed(self) -> None:
-        """Each rank's RNG streams are a function of (seed, rank, step): a lost rank's can be rebuilt."""
-        import torch  # noqa: PLC0415
-
-        base = _seed(self.spec.seed, self.rank, self.step, 5)
-        torch.manual_seed(base)
-        np.random.seed(base)
-        random.seed(base)
-
-    def _rescue(self) -> None:
-        """Just-in-time in the paper's sense: a peer died during this step's all-reduce, so this rank's
-        replica is the state after `self.step` steps. Hand all of it to the keeper (best effort)."""
-        try:
-            tensors, shared_meta = state_arrays(self.model, self.optimizer)
-            rng_arrays, rng_meta = rng_state()
-            meta = {"shared": shared_meta, "rank": rng_meta, "losses": self._losses}
-            views = {k: v.cpu().numpy() for k, v in tensors.items()} | rng_arrays
-            ray.get(self.keeper.rescue.remote(self.step, self.rank, views, meta), timeout=self.cfg.drain_s)
-        except Exception:  # the keeper may be what failed; the periodic snapshots still stand
-            log.warning("rank %d could not hand its state to the keeper", self.rank, exc_info=True)
-
-    def _preempt(self) -> None:
-        """SIGTERM: make the state after this step durable, then leave; the gang restarts without us.
-
-        Between steps our replica is consistent, so we hand it over (as a survivor would) in every
-        snapshot mode; the keeper keeps it unless it already holds this step."""
-        self.pusher.wait()
-        self._rescue()
-        name = ray.get(self.keeper.persist.remote(min_step=self.step, timeout_s=self.cfg.collective_timeout_s))
-        log.warning("rank %d preempted at step %d; durable checkpoint %s", self.rank, self.step, name or "none")
-        ray.actor.exit_actor()
-
-
-def _snapshot_gate(worker, bucket):  # type: ignore[no-untyped-def]  # DDP rejects annotations but torch's own
-    """DDP comm hook: the keeper must hold our previous snapshot before we join this step's all-reduce.
-
-    Then no rank can finish a step whose predecessor is not snapshotted, so a failure replays at most
-    one step. Waiting here, at the first gradient bucket, rather than before `backward()` lets the
-    snapshot overlap the forward pass and most of the backward pass.
-    """
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: PLC0415
-
-    worker.pusher.wait()
-    return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]  # None = the default group
-
-
 _RemoteWorker = ray.remote(max_restarts=0)(DDPWorker)
 _RemoteKeeper = ray.remote(max_restarts=0)(SnapshotKeeper)
 
@@ -393,6 +115,7 @@ class _Gang:
         self.node_id = ray.get_runtime_context().get_node_id()  # this coordinator's node
         self.keeper: Any = None
         self.workers: list[Any] = [None] * cfg.workers
+        self.slabs: list[dict[str, Any] | None] = [None] * cfg.workers  # where each rank snapshots per step
         self.pg: Any = None
 
     def ensure_keeper(self) -> None:
@@ -460,7 +183,13 @@ class _Gang:
         limit = self.cfg.placement_timeout_s + self.cfg.collective_timeout_s
         try:
             host, port = ray.get(self.workers[0].rendezvous.remote(), timeout=limit)
-            return ray.get([w.setup.remote(host, port, table_ref, self.keeper) for w in self.workers], timeout=limit)
+            key = (self.ctx.run_id, self.ctx.stage)
+            setups = ray.get(
+                [w.setup.remote(host, port, table_ref, self.keeper, key) for w in self.workers], timeout=limit
+            )
+            self.slabs = [s["slab"] for s in setups]
+            ray.get(self.keeper.track_slabs.remote(self.slabs))
+            return setups
         except GetTimeoutError:
             raise GangFailedError(
                 f"the gang did not assemble within {limit:g}s (a rank could not be placed?)"
@@ -512,10 +241,18 @@ class _Gang:
                 self.workers[r] = None
         return _Broken(f"{type(exc).__name__} while the gang assembled: {str(exc).splitlines()[0][:300]}", -1)
 
+    def recover_state(self) -> int:
+        """After a failure: a live keeper (a new one loads the latest durable checkpoint) that has
+        collected the ranks' slabs; the most steps known done (the slabs show what dead ranks did)."""
+        self.ensure_keeper()
+        return ray.get(self.keeper.collect.remote(self.slabs), timeout=60)["seen"]
+
     def close(self) -> None:
         for w in self.workers:
             if w is not None:
                 ray.kill(w, no_restart=True)
+        with contextlib.suppress(Exception):  # best effort: /dev/shm is cleared on reboot anyway
+            discard_slabs(self.slabs)
         if self.pg is not None:
             remove_placement_group(self.pg)
         if self.keeper is not None:
@@ -548,15 +285,14 @@ def train_data_parallel(ctx: StageContext, data: Any, spec: TrainSpec, config: D
             except (_Broken, RayActorError, RayTaskError) as exc:
                 if not isinstance(exc, _Broken):  # failed while joining
                     exc = gang.joining_failed(exc)
-                status = ray.get(gang.keeper.status.remote()) if gang.keeper_alive() else {"step": -1}
-                failures.append(Failure(attempt, exc.cause, time.time(), max(exc.completed, status["step"])))
+                detected = time.time()
+                failures.append(Failure(attempt, exc.cause, detected, max(exc.completed, gang.recover_state())))
                 log.warning("gang attempt %d broke (%s); restarting", attempt, exc.cause)
                 if attempt >= cfg.max_restarts:
                     raise GangFailedError(
                         f"data-parallel training failed {attempt + 1} times (max_restarts={cfg.max_restarts}); "
                         f"last: {exc.cause}"
                     ) from None
-                gang.ensure_keeper()
                 attempt += 1
         assert start is not None  # set by the attempt that just finished
         if failures:

@@ -1,11 +1,14 @@
 """Just-in-time snapshots of data-parallel training state, kept outside the workers' processes.
 
-After every optimizer step each worker pushes its share of the state to a `SnapshotKeeper` actor:
-the model and optimizer tensors are identical on every rank under DDP, so rank r sends only the
-tensors assigned to it (a size-balanced split), plus its own RNG states and losses. A step is
-*complete* once every rank's share arrived; the keeper holds the latest complete step while the
-next one arrives (two generations: the double buffer). Durable checkpoints (safetensors + JSON, never pickle) go
-to the store under the run id and stage, periodically and on SIGTERM, so a resumed run finds them.
+The model and optimizer tensors are identical on every rank under DDP, so rank r snapshots only the
+tensors assigned to it (a size-balanced split), plus its data position and losses. After every
+optimizer step the share goes to the rank's shared-memory slab (actors.slab: a memcpy); every K
+steps, at durable-checkpoint steps and at the end it is pushed to a `SnapshotKeeper` actor instead.
+A step is *complete* once every rank's share is there; the keeper holds the latest complete step
+while the next one arrives (two generations: the double buffer), and after a failure it `collect`s
+the slabs and keeps whichever is newest: its own, the slabs', or a survivor's whole replica.
+Durable checkpoints (safetensors + JSON, never pickle) go to the store under the run id and stage,
+periodically and on SIGTERM, so a resumed run finds them.
 
 The keeper imports no torch: it only copies numpy arrays. Torch-side helpers import torch lazily.
 """
@@ -18,8 +21,7 @@ import random
 import re
 import signal
 import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ import numpy as np
 import ray
 
 from actors.errors import ActorsError
+from actors.slab import InFlight, read_slabs
 from storage import ArtifactNotFoundError, ArtifactStore, StoreConfig, Tensors
 
 log = logging.getLogger(__name__)
@@ -118,6 +121,44 @@ def state_arrays(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, 
     return tensors, {"param_groups": opt["param_groups"], "scalars": scalars}
 
 
+class StateView:
+    """`state_arrays` as numpy views, for every step: built once, rebuilt only when a tensor was
+    replaced or reallocated. Calling `state_dict()` each step cost more than copying a small model's
+    state (tens of µs, several times that inside a Ray worker).
+
+    Parameters are checked through the optimizer's own references and their data pointers; buffers
+    by walking the modules only when the model has any, since a module may reassign one in forward.
+    The optimizer's state is walked every step: its tensors appear lazily and scalars change."""
+
+    def __init__(self) -> None:
+        self._sig: Any = None
+        self._views: dict[str, np.ndarray] = {}
+        self._has_buffers: bool | None = None
+
+    def get(self, model: Any, optimizer: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        if self._has_buffers is None:
+            self._has_buffers = any(True for _ in model.buffers())
+        groups, scalars, owned, start = [], {}, [], 0
+        for group in optimizer.param_groups:  # packed as Optimizer.state_dict packs them
+            n = len(group["params"])
+            groups.append({k: v for k, v in group.items() if k != "params"} | {"params": list(range(start, start + n))})
+            for idx, param in enumerate(group["params"], start):
+                owned.append(param.data_ptr())
+                for key, value in optimizer.state.get(param, {}).items():
+                    if hasattr(value, "data_ptr"):
+                        owned.append((key, id(value), value.data_ptr()))
+                    else:
+                        scalars.setdefault(str(idx), {})[key] = value
+            start += n
+        if self._has_buffers:
+            owned += [(id(b), b.data_ptr()) for b in model.buffers()]
+        if owned != self._sig:
+            tensors, _ = state_arrays(model, optimizer)
+            self._views = {k: v.cpu().numpy() for k, v in tensors.items()}
+            self._sig = owned
+        return self._views, {"param_groups": groups, "scalars": scalars}
+
+
 def load_state(model: Any, optimizer: Any, shared: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     import torch  # noqa: PLC0415
 
@@ -179,18 +220,15 @@ def assign_shards(sizes: dict[str, int], world_size: int) -> dict[str, int]:
 
 
 class SnapshotPusher:
-    """Worker side of the double buffer: one push in flight, awaited only before the next optimizer step."""
+    """Snapshots to the keeper by a Ray call: one push in flight, awaited before the next optimizer step."""
 
     def __init__(self, keeper: Any, rank: int) -> None:
         self.keeper = keeper
         self.rank = rank
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="snapshot")
-        self._inflight: Future | None = None
-        self.wait_s = 0.0  # time the training thread spent waiting for acknowledgements
+        self.sends = InFlight("snapshot")  # its wait_s: time the training thread waited for acknowledgements
 
     def push(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
-        self.wait()  # normally already acknowledged: the training thread waited before its all-reduce
-        self._inflight = self._pool.submit(self._send, step, arrays, meta)
+        self.sends.submit(self._send, step, arrays, meta)  # normally the last push was acknowledged already
 
     def _send(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
         # numpy views of the live tensors: Ray copies them into the object store here, in the background,
@@ -200,16 +238,10 @@ class SnapshotPusher:
 
     def wait(self) -> None:
         """Block until the keeper holds the last push (raises if it failed)."""
-        if self._inflight is not None:
-            t0 = time.perf_counter()
-            try:
-                self._inflight.result()
-            finally:
-                self._inflight = None
-                self.wait_s += time.perf_counter() - t0
+        self.sends.wait()
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.sends.shutdown(finish=False)
 
 
 # -- the keeper actor -------------------------------------------------------------------------------
@@ -235,6 +267,7 @@ class SnapshotKeeper:
         self._losses: dict[int, dict[int, float]] = {}
         self._workers: dict[int, dict[str, Any]] = {}
         self._durable: list[int] = []
+        self._slabs: list[dict[str, Any] | None] = []  # per rank: {"node_id", "paths"} of its slab
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="durable")
         self.source = "none"
         self._store = ArtifactStore(config.store_config) if config.store_config else None
@@ -274,8 +307,7 @@ class SnapshotKeeper:
         shared = {k: v for k, v in arrays.items() if k.startswith(("model/", "optim/"))}
         own = {k: v for k, v in arrays.items() if k not in shared}
         with self._lock:
-            for s, loss in meta.pop("losses", []):
-                self._losses.setdefault(int(s), {})[rank] = float(loss)
+            self._add_losses(rank, meta.pop("losses", []))
             parts = self._pending.setdefault(step, {})
             parts[rank] = {"shared": shared, "arrays": own, "meta": meta}
             if len(parts) == self.cfg.world_size:
@@ -285,8 +317,7 @@ class SnapshotKeeper:
     def rescue(self, step: int, rank: int, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bool:
         """A survivor's full replica after `step` steps; kept if newer than the latest snapshot."""
         with self._lock:
-            for s, loss in meta.pop("losses", []):
-                self._losses.setdefault(int(s), {})[rank] = float(loss)
+            self._add_losses(rank, meta.pop("losses", []))
             if self._latest is not None and self._latest.step >= step:
                 return False
             shared = {k: np.array(v, copy=True) for k, v in arrays.items() if k.startswith(("model/", "optim/"))}
@@ -300,6 +331,51 @@ class SnapshotKeeper:
             self._pending.clear()
             self._lock.notify_all()
             return True
+
+    def add_losses(self, rank: int, items: list[tuple[int, float]]) -> None:
+        """(step, loss) pairs a rank sends in batches while it snapshots to its slab."""
+        with self._lock:
+            self._add_losses(rank, items)
+
+    def _add_losses(self, rank: int, items: list[tuple[int, float]]) -> None:
+        for s, loss in items:
+            self._losses.setdefault(int(s), {})[rank] = float(loss)
+
+    # -- shared-memory slabs ---------------------------------------------------------------------
+    def track_slabs(self, slabs: list[dict[str, Any] | None]) -> None:
+        """Where each rank of the current gang snapshots per step ({"node_id", "paths"} or None)."""
+        self._slabs = list(slabs)
+
+    def collect(self, slabs: list[dict[str, Any] | None] | None = None, local_only: bool = False) -> dict[str, int]:
+        """Adopt the newest step that every rank's slab holds whole, if newer than what this keeper
+        has. A rank's slab holds its last two steps, and no rank passes step k+1's all-reduce before
+        every rank's step k is in, so some step is common while the slabs survive.
+
+        Returns {"step": the latest complete step held, "seen": the most steps any slab shows done}."""
+        if slabs is not None:
+            self._slabs = list(slabs)
+        latest = self._latest.step if self._latest else -1
+        if not self._slabs or any(info is None for info in self._slabs):
+            return {"step": latest, "seen": latest}
+        found = read_slabs(self._slabs, local_only=local_only)
+        seen = max((slot["step"] for slots in found for slot in slots), default=-1)
+        with self._lock:
+            for r, slots in enumerate(found):
+                for slot in slots:
+                    self._add_losses(r, slot["meta"].get("losses", []))
+            by_step = [{slot["step"]: slot for slot in slots} for slots in found]
+            common = set.intersection(*(set(d) for d in by_step))
+            latest = self._latest.step if self._latest else -1
+            if common and max(common) > latest:
+                step = max(common)
+                parts = {
+                    r: {"shared": d[step]["arrays"], "arrays": {}, "meta": d[step]["meta"]}
+                    for r, d in enumerate(by_step)
+                }
+                self._complete(step, parts)
+                self.source = "shm"
+                latest = step
+            return {"step": latest, "seen": max(seen, latest)}
 
     def _complete(self, step: int, parts: dict[int, dict[str, Any]]) -> None:
         self._latest = Snapshot(
@@ -352,6 +428,7 @@ class SnapshotKeeper:
 
     def persist(self, min_step: int = -1, timeout_s: float = 30.0) -> str:
         """Write the latest complete snapshot (waiting until it reaches `min_step`) durably; its name."""
+        self.collect()  # the other ranks' losses not yet sent, from their slabs
         with self._lock:
             self._lock.wait_for(lambda: self._latest is not None and self._latest.step >= min_step, timeout_s)
             if self._latest is None:
@@ -361,6 +438,7 @@ class SnapshotKeeper:
         return self._write(snap)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.collect(local_only=True)  # no remote calls while the node goes down
         if self._latest is not None:
             self._write(self._frozen(self._latest))
         raise SystemExit(1)

@@ -1,13 +1,19 @@
-"""Snapshots without Ray: the safetensors + JSON codec, the shard split, and the keeper's bookkeeping."""
+"""Snapshots without Ray: the safetensors + JSON codec, the shard split, shared-memory slabs, and the
+keeper's bookkeeping."""
+
+import os
 
 import numpy as np
 import pytest
 import torch
 
+from actors.ddp_worker import DDPConfig, DDPConfigError
+from actors.slab import SlabWriter, read_slab, slab_paths
 from actors.snapshot import (
     KeeperConfig,
     Snapshot,
     SnapshotKeeper,
+    StateView,
     assign_shards,
     load_state,
     rng_state,
@@ -113,3 +119,99 @@ def test_a_survivors_newer_replica_replaces_the_snapshot_and_trims_losses(keeper
     got = keeper.restore(0)
     assert got["step"] == 5 and got["source"] == "survivor" and got["arrays"] == {}
     assert keeper.losses() == {3: 1.0, 4: 6.0}
+
+
+# -- per-step snapshots in shared memory (actors.slab) ------------------------------------------------
+@pytest.fixture
+def slab_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIERFLOW_SNAPSHOT_DIR", str(tmp_path))
+    return tmp_path
+
+
+def slab_push(writer, model, opt, step: int, rank: int, losses=()):
+    tensors, meta = state_arrays(model, opt)
+    owner = assign_shards({k: v.numel() for k, v in tensors.items()}, 2)
+    mine = {k: v for k, v in tensors.items() if owner[k] == rank}
+    payload = {"shared": meta if rank == 0 else None, "rank": {"data": {"step": step}}, "losses": list(losses)}
+    writer.push(step, mine, payload)
+    writer.wait()
+
+
+def test_a_slab_keeps_the_last_two_steps_and_never_shows_a_torn_slot(slab_env):
+    paths = slab_paths("run-1", "train", 0)
+    writer = SlabWriter(paths)
+    big = {"w": torch.arange(300_000, dtype=torch.float32)}  # > INLINE_BYTES: copied on the writer's thread
+    for step in (1, 2, 3):
+        writer.push(step, {k: v * step for k, v in big.items()}, {"n": step})
+        writer.wait()
+    slots = sorted(read_slab(paths), key=lambda s: s["step"])
+    assert [s["step"] for s in slots] == [2, 3] and slots[1]["meta"] == {"n": 3}
+    assert np.array_equal(slots[1]["arrays"]["w"], big["w"].numpy() * 3)
+    with open(paths[1], "r+b") as f:  # a writer killed mid-copy of step 5 left its "invalid" stamp
+        f.seek(8)
+        f.write((-1).to_bytes(8, "little", signed=True))
+    assert [s["step"] for s in read_slab(paths)] == [2]
+    writer.close(unlink=True)
+    assert read_slab(paths) == []
+
+
+def test_a_new_writer_discards_an_earlier_attempts_slab_and_plants_no_links(slab_env):
+    paths = slab_paths("run-1", "train", 0)
+    old = SlabWriter(paths)
+    old.push(40, {"w": np.ones(3)}, {})
+    old.close()
+    os.symlink(slab_env / "elsewhere", paths[1])  # someone else's link in the shared directory
+    SlabWriter(paths).push(2, {"w": np.zeros(3)}, {})
+    assert [s["step"] for s in read_slab(paths)] == [2]  # step 40 of the last attempt is gone
+    assert not (slab_env / "elsewhere").exists()
+
+
+def test_the_keeper_collects_the_newest_step_every_rank_snapshotted(keeper, slab_env):
+    model, opt = trained()
+    writers = [SlabWriter(slab_paths("run-1", "train", r)) for r in (0, 1)]
+    for rank in (0, 1):
+        slab_push(writers[rank], model, opt, 4, rank, [(3, 1.0 + rank)])
+    slab_push(writers[0], model, opt, 5, 0, [(3, 1.0), (4, 7.0)])  # rank 1 died before step 5 was in
+    slabs = [{"node_id": None, "paths": w.paths} for w in writers]
+    assert keeper.collect(slabs) == {"step": 4, "seen": 5}
+    got = keeper.restore(1)
+    assert got["step"] == 4 and got["source"] == "shm"
+    assert set(got["shared"]) == set(state_arrays(model, opt)[0])  # both ranks' shares assembled
+    assert keeper.losses() == {3: 1.5}  # step 4's loss is trimmed: the replay logs it again
+    for rank in (0, 1):
+        slab_push(writers[rank], model, opt, 3, rank)  # older than what the keeper holds: not adopted
+    assert keeper.collect()["step"] == 4 and keeper.restore(0)["step"] == 4
+
+
+def test_snapshot_to_is_validated():
+    with pytest.raises(DDPConfigError, match="snapshot_to"):
+        DDPConfig(snapshot_to="disk")
+
+
+def test_the_per_step_state_view_matches_state_dict_and_follows_replaced_tensors():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    view = StateView()
+
+    def step():
+        model(torch.randn(5, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    def same_as_state_dict():
+        arrays, meta = view.get(model, opt)
+        tensors, expected = state_arrays(model, opt)
+        assert set(arrays) == set(tensors) and meta == expected
+        assert all(np.array_equal(arrays[k], v.numpy()) for k, v in tensors.items())
+        return arrays
+
+    before = same_as_state_dict()  # no optimizer state yet: Adam makes it at its first step
+    step()
+    first = same_as_state_dict()
+    assert first is not before and any(k.startswith("optim/") for k in first)
+    step()
+    assert same_as_state_dict() is first  # steady state: the same views, updated in place
+    with torch.no_grad():
+        model[0].weight.data = torch.zeros(8, 4)  # reallocated under the optimizer's reference
+    model[1].running_mean = torch.ones(8)  # a module reassigning a buffer
+    assert same_as_state_dict() is not first

@@ -1,0 +1,392 @@
+"""One data-parallel rank (`DDPWorker`), its configuration and its errors; actors.ddp runs the gang.
+
+A rank trains torch DDP (gloo on CPU, NCCL on GPU) on its shard of the input. After every optimizer
+step it snapshots its share of the state (actors.slab, actors.snapshot); the comm hook
+`_snapshot_gate` keeps it from joining the next all-reduce before that snapshot is whole, which is
+what bounds the replay after a failure to one step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.errors import ActorsError
+from actors.slab import RawJSON, SlabWriter, slab_dir, slab_paths
+from actors.snapshot import (
+    SnapshotPusher,
+    StateView,
+    assign_shards,
+    load_state,
+    rng_state,
+    set_rng_state,
+    state_arrays,
+)
+
+log = logging.getLogger(__name__)
+
+_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+_SNAPSHOT_TO = ("shm", "keeper")
+LOSS_BATCH = 256  # slab mode: losses go to the keeper in batches of this many steps
+
+
+class GangError(ActorsError):
+    """Base of data-parallel training errors."""
+
+
+class DDPConfigError(GangError, ValueError):
+    """A `DDPConfig` or `TrainSpec` value is out of range."""
+
+
+class GangFailedError(GangError):
+    """Training could not finish: user code raised, the gang could not be placed, or restarts ran out."""
+
+
+class WorkerInterrupted(GangError):
+    """A worker's loop stopped (a peer died, the keeper died, or user code raised) after `completed` steps."""
+
+    def __init__(self, rank: int, completed: int, cause: str, tb: str = "") -> None:
+        self.rank, self.completed, self.cause, self.tb = rank, completed, cause, tb
+        super().__init__(rank, completed, cause, tb)
+
+    def __str__(self) -> str:
+        return f"rank {self.rank} stopped after {self.completed} steps: {self.cause}"
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What the workers run. Functions are shipped to the workers, so define them at module level.
+
+    `prepare` turns a worker's shard of the input table into tensors with rows first; `loss` gets the
+    DDP-wrapped model and one minibatch (the same tensors indexed by rows) and returns a scalar loss.
+    """
+
+    build_model: Callable[[], Any]
+    build_optimizer: Callable[[Any], Any]  # receives model.parameters()
+    prepare: Callable[[Any], Sequence[Any]]
+    loss: Callable[[Any, Sequence[Any]], Any]
+    epochs: int = 1
+    batch_size: int = 64  # per worker
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise DDPConfigError(f"epochs={self.epochs} and batch_size={self.batch_size} must both be >= 1")
+
+
+@dataclass(frozen=True)
+class DDPConfig:
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    strategy: str = "SPREAD"  # placement group strategy; SPREAD keeps one node's loss to few ranks
+    snapshot_every: int = 1  # 1 = just-in-time (every step); K = every K steps; 0 = no in-memory snapshots
+    snapshot_to: str = "shm"  # per-step snapshots: "shm" = the rank's slab (a memcpy); "keeper" = a Ray call
+    rescue: bool = True  # on a peer's death, survivors hand the keeper their (replicated) state
+    durable_every: int = 0  # steps between durable checkpoints in the store; 0 = only on SIGTERM
+    max_restarts: int = 3
+    placement_timeout_s: float = 60.0
+    collective_timeout_s: float = 60.0
+    drain_s: float = 3.0  # after a death, how long survivors get to report how far they got
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise DDPConfigError(f"workers={self.workers} must be >= 1")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise DDPConfigError("cpus_per_worker must be > 0 and gpus_per_worker >= 0")
+        if self.snapshot_to not in _SNAPSHOT_TO:
+            raise DDPConfigError(f"snapshot_to={self.snapshot_to!r}; use one of {_SNAPSHOT_TO}")
+        if self.strategy not in _STRATEGIES:
+            raise DDPConfigError(f"strategy={self.strategy!r}; use one of {_STRATEGIES}")
+        if min(self.snapshot_every, self.durable_every, self.max_restarts) < 0:
+            raise DDPConfigError("snapshot_every, durable_every and max_restarts must be >= 0")
+
+
+# -- the worker -----------------------------------------------------------------------------------
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class DDPWorker:
+    """One rank. Wrapped with `ray.remote`; runs its methods on the main thread, so SIGTERM reaches it."""
+
+    def __init__(self, rank: int, world: int, spec: TrainSpec, config: DDPConfig) -> None:
+        import torch  # noqa: PLC0415
+
+        self.rank, self.world, self.spec, self.cfg = rank, world, spec, config
+        self.step = 0
+        self.keeper: Any = None
+        self.pusher: SnapshotPusher | None = None
+        self.slab: SlabWriter | None = None
+        self._loss_ref: Any = None  # slab mode: the batch of losses on its way to the keeper
+        self._loss_n = 0
+        self.tensors: list[Any] | None = None
+        self._preempted = False
+        self._store: Any = None
+        torch.set_num_threads(max(1, int(config.cpus_per_worker)))
+        try:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread: preemption then ends the process without a checkpoint
+            log.warning("rank %d cannot handle SIGTERM (not on the main thread)", rank)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._preempted = True  # acted on after the current step, when the state is consistent
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0 hosts the TCP store the gang meets at; port 0 lets the OS pick a free one."""
+        import torch.distributed as dist  # noqa: PLC0415
+
+        host = ray.util.get_node_ip_address()
+        timeout = datetime.timedelta(seconds=self.cfg.collective_timeout_s)
+        self._store = dist.TCPStore(host, 0, self.world, True, timeout=timeout, wait_for_workers=False)
+        return host, self._store.port
+
+    def setup(self, host: str, port: int, table: Any, keeper: Any, key: tuple[str, str]) -> dict[str, Any]:
+        """Join the gang (again, for a survivor of a broken one) and load the newest snapshot, if any.
+
+        `key` (run id, stage) names this rank's slab; the keeper has collected the old one by now."""
+        import torch  # noqa: PLC0415
+        import torch.distributed as dist  # noqa: PLC0415
+        from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+
+        if self.pusher is not None:
+            self.pusher.close()
+        if self.slab is not None:
+            self.slab.close()
+            self.slab = None
+        if dist.is_initialized():  # a survivor: its process group lost a peer
+            dist.destroy_process_group()
+        cuda = self.cfg.gpus_per_worker > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda:0" if cuda else "cpu")  # Ray sets CUDA_VISIBLE_DEVICES per worker
+        timeout = datetime.timedelta(seconds=self.cfg.collective_timeout_s)
+        store = self._store if self.rank == 0 else dist.TCPStore(host, port, self.world, False, timeout=timeout)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=self.rank, world_size=self.world)
+        if self.tensors is None:
+            # Contiguous, non-overlapping shards (zero-copy slices); every rank keeps as many rows as the smallest.
+            per_rank = table.num_rows // self.world
+            shard = self.spec.prepare(table.slice(self.rank * per_rank, per_rank))
+            self.tensors = [t.to(self.device) for t in shard]
+        rows = torch.tensor([len(self.tensors[0])])
+        dist.all_reduce(rows, op=dist.ReduceOp.MIN)
+        if int(rows) == 0:
+            raise GangFailedError(f"{table.num_rows} input rows leave no training rows for {self.world} workers")
+        self.tensors = [t[: int(rows)] for t in self.tensors]
+        self.keeper = keeper
+        torch.manual_seed(self.spec.seed)  # identical initial weights on every rank
+        self.model = self.spec.build_model().to(self.device)
+        self.optimizer = self.spec.build_optimizer(self.model.parameters())
+        self._view = StateView()
+        restored = ray.get(self.keeper.restore.remote(self.rank))
+        if restored:
+            load_state(self.model, self.optimizer, restored["shared"], restored["shared_meta"])
+            set_rng_state(restored["arrays"], restored["meta"])
+            self.step, source = restored["step"], restored["source"]
+        else:
+            self.step, source = 0, "none"
+        self.ddp = DistributedDataParallel(self.model, device_ids=[0] if cuda else None)
+        self.ddp.register_comm_hook(self, _snapshot_gate)
+        self.pusher = SnapshotPusher(self.keeper, self.rank)
+        rc = ray.get_runtime_context()
+        slab = None
+        if self._use_slab():
+            slab = {"node_id": rc.get_node_id(), "paths": slab_paths(*key, self.rank)}
+            self.slab = SlabWriter(slab["paths"])
+        info = {"pid": os.getpid(), "node_id": rc.get_node_id(), "name": rc.get_actor_name(), "step": self.step}
+        ray.get(self.keeper.register.remote(self.rank, info))
+        return {"step": self.step, "source": source, "rows": int(rows), "slab": slab}
+
+    def _use_slab(self) -> bool:
+        """Per-step snapshots go to slabs only if every rank's node has room for two of its shares
+        (~4 bytes of state per parameter byte allows for Adam's moments); else every rank uses the keeper."""
+        import torch  # noqa: PLC0415
+        import torch.distributed as dist  # noqa: PLC0415
+
+        if self.cfg.snapshot_every != 1 or self.cfg.snapshot_to != "shm":
+            return False
+        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        need = 2 * 4 * params // self.world + (1 << 20)
+        fits = torch.tensor([int(shutil.disk_usage(slab_dir()).free >= need)])
+        dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # one answer for the whole gang
+        if not int(fits):
+            log.warning(
+                "rank %d: not every node has %d MiB free in %s; snapshots go to the keeper",
+                self.rank,
+                need >> 20,
+                slab_dir(),
+            )
+        return bool(int(fits))
+
+    def _order(self, epoch: int) -> Any:
+        import torch  # noqa: PLC0415
+
+        if getattr(self, "_epoch", None) != epoch:  # data position = step; the order is a function of it
+            gen = torch.Generator().manual_seed(_seed(self.spec.seed, epoch, self.rank, 4))
+            self._epoch, self._perm = epoch, torch.randperm(len(self.tensors[0]), generator=gen).to(self.device)
+        return self._perm
+
+    def train(self) -> dict[str, Any]:
+        self._consistent, self._losses, self._loss_json, self._push_s = True, [], [], 0.0
+        self._loss_ref, self._loss_n = None, 0
+        try:
+            return self._train()
+        except Exception as exc:
+            if self._consistent and self.cfg.rescue:
+                self._rescue()
+            raise WorkerInterrupted(
+                self.rank, self.step, f"{type(exc).__name__}: {exc}", traceback.format_exc()
+            ) from None
+
+    def _train(self) -> dict[str, Any]:
+        bs = self.spec.batch_size
+        per_epoch = math.ceil(len(self.tensors[0]) / bs)
+        total = self.spec.epochs * per_epoch
+        # Steps pushed to the keeper: every K (K > 1, or per step without a slab), durable ones, the last.
+        every = 0 if self.slab is not None else self.cfg.snapshot_every
+        durable = self.cfg.durable_every
+        times: list[float] = []
+        first_step_at = None
+        while self.step < total:
+            t0 = time.perf_counter()
+            self._reseed()
+            epoch, i = divmod(self.step, per_epoch)
+            rows = self._order(epoch)[i * bs : (i + 1) * bs]
+            loss = self.spec.loss(self.ddp, [t[rows] for t in self.tensors])
+            loss.backward()  # waits for the previous snapshot in _snapshot_gate; a dead peer surfaces here
+            self._wait_snapshots()  # (a no-op unless DDP had nothing to all-reduce)
+            self._consistent = False
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            self._losses.append((self.step, value))
+            self._loss_json.append(f"[{self.step},{json.dumps(value)}]")  # slab meta without re-encoding
+            self.step += 1
+            self._consistent = True
+            if self.step == total or (every and self.step % every == 0) or (durable and self.step % durable == 0):
+                self._push()
+            elif self.slab is not None:
+                self._to_slab()
+            times.append(time.perf_counter() - t0)
+            first_step_at = first_step_at or time.time()
+            if self._preempted:
+                self._preempt()
+        self.pusher.wait()
+        blocked = self.pusher.sends.wait_s + self._push_s + (self.slab.copies.wait_s if self.slab else 0.0)
+        if self.slab is not None:  # the keeper holds the final step
+            self.slab.close(unlink=True)
+            self.slab = None
+        state = {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()} if self.rank == 0 else {}
+        return {
+            "rank": self.rank,
+            "steps": self.step,
+            "state": state,
+            "step_times_s": times,
+            "snapshot_blocked_s": blocked,
+            "first_step_at": first_step_at,
+        }
+
+    def _share(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This rank's part of the state (live tensors, no copy) and the JSON meta that goes with it."""
+        tensors, shared_meta = self._view.get(self.model, self.optimizer)
+        if getattr(self, "_mine", (None,))[0] is not tensors:  # the same views until a tensor changes
+            owner = assign_shards({k: v.nbytes for k, v in tensors.items()}, self.world)
+            self._mine = (tensors, {k: v for k, v in tensors.items() if owner[k] == self.rank})
+        mine = self._mine[1]
+        meta = {
+            "shared": shared_meta if self.rank == 0 else None,
+            "rank": {"data": {"step": self.step, "rows": len(self.tensors[0])}},
+            "losses": self._losses,
+        }
+        return mine, meta
+
+    def _push(self) -> None:
+        """A snapshot to the keeper; it takes the losses not yet sent."""
+        t0 = time.perf_counter()
+        mine, meta = self._share()
+        rng_arrays, rng_meta = rng_state()
+        meta["rank"] |= rng_meta
+        self.pusher.push(self.step, mine | rng_arrays, meta)
+        self._losses, self._loss_json, self._loss_ref, self._loss_n = [], [], None, 0
+        self._push_s += time.perf_counter() - t0
+
+    def _to_slab(self) -> None:
+        """A snapshot to this rank's slab. RNG states need no copy: they are reseeded from the step.
+        The slab also holds the losses the keeper has not acknowledged, which go in batches."""
+        t0 = time.perf_counter()
+        if self._loss_ref is not None and self.step % 16 == 0 and ray.wait([self._loss_ref], timeout=0)[0]:
+            del self._losses[: self._loss_n], self._loss_json[: self._loss_n]
+            self._loss_ref, self._loss_n = None, 0
+        if self._loss_ref is None and len(self._losses) >= LOSS_BATCH:
+            self._loss_ref = self.keeper.add_losses.remote(self.rank, list(self._losses))
+            self._loss_n = len(self._losses)
+        mine, meta = self._share()
+        meta["losses"] = RawJSON(f"[{','.join(self._loss_json)}]")
+        self.slab.push(self.step, mine, meta)
+        self._push_s += time.perf_counter() - t0
+
+    def _wait_snapshots(self) -> None:
+        self.pusher.wait()
+        if self.slab is not None:
+            self.slab.wait()
+
+    def _reseed(self) -> None:
+        """Each rank's RNG streams are a function of (seed, rank, step): a lost rank's can be rebuilt."""
+        import torch  # noqa: PLC0415
+
+        base = _seed(self.spec.seed, self.rank, self.step, 5)
+        # torch.manual_seed would also queue a lazy CUDA seeding, formatting a stack trace every
+        # step (a fifth of a 3 ms digits step); seed CUDA only where it is in use.
+        torch.default_generator.manual_seed(base)
+        if torch.cuda.is_initialized():
+            torch.cuda.manual_seed_all(base)
+        np.random.seed(base)
+        random.seed(base)
+
+    def _rescue(self) -> None:
+        """Just-in-time in the paper's sense: a peer died during this step's all-reduce, so this rank's
+        replica is the state after `self.step` steps. Hand all of it to the keeper (best effort)."""
+        try:
+            tensors, shared_meta = state_arrays(self.model, self.optimizer)
+            rng_arrays, rng_meta = rng_state()
+            meta = {"shared": shared_meta, "rank": rng_meta, "losses": self._losses}
+            views = {k: v.cpu().numpy() for k, v in tensors.items()} | rng_arrays
+            ray.get(self.keeper.rescue.remote(self.step, self.rank, views, meta), timeout=self.cfg.drain_s)
+        except Exception:  # the keeper may be what failed; the periodic snapshots still stand
+            log.warning("rank %d could not hand its state to the keeper", self.rank, exc_info=True)
+
+    def _preempt(self) -> None:
+        """SIGTERM: make the state after this step durable, then leave; the gang restarts without us.
+
+        Between steps our replica is consistent, so we hand it over (as a survivor would) in every
+        snapshot mode; the keeper keeps it unless it already holds this step."""
+        self._wait_snapshots()
+        self._rescue()
+        name = ray.get(self.keeper.persist.remote(min_step=self.step, timeout_s=self.cfg.collective_timeout_s))
+        log.warning("rank %d preempted at step %d; durable checkpoint %s", self.rank, self.step, name or "none")
+        ray.actor.exit_actor()
+
+
+def _snapshot_gate(worker, bucket):  # type: ignore[no-untyped-def]  # DDP rejects annotations but torch's own
+    """DDP comm hook: the keeper must hold our previous snapshot before we join this step's all-reduce.
+
+    Then no rank can finish a step whose predecessor is not snapshotted, so a failure replays at most
+    one step. Waiting here, at the first gradient bucket, rather than before `backward()` lets the
+    snapshot overlap the forward pass and most of the backward pass.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: PLC0415
+
+    worker._wait_snapshots()
+    return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]  # None = the default group
