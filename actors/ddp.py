@@ -81,6 +81,7 @@ class TrainResult:
     failures: list[Failure] = field(default_factory=list)
     step_times_s: list[float] = field(default_factory=list)  # rank 0, last attempt
     snapshot_blocked_s: float = 0.0  # training-thread time spent on snapshots (the rank that spent most)
+    snapshot_background_cpu_s: float = 0.0  # CPU time of background copies / sends (the rank that spent most)
     losses: dict[int, float] = field(default_factory=dict)
 
     @property
@@ -311,6 +312,7 @@ def train_data_parallel(ctx: StageContext, data: Any, spec: TrainSpec, config: D
         failures=failures,
         step_times_s=reports[0]["step_times_s"],
         snapshot_blocked_s=max(r["snapshot_blocked_s"] for r in reports),
+        snapshot_background_cpu_s=max(r["snapshot_background_cpu_s"] for r in reports),
         losses=losses,
     )
     ctx.log_metrics({"ddp_restarts": len(failures), "ddp_replayed_steps": result.replayed_steps})

@@ -285,6 +285,7 @@ class DDPWorker:
                 self._preempt()
         self.pusher.wait()
         blocked = self.pusher.sends.wait_s + self._push_s + (self.slab.copies.wait_s if self.slab else 0.0)
+        background = self.pusher.sends.cpu_s + (self.slab.copies.cpu_s if self.slab else 0.0)
         if self.slab is not None:  # the keeper holds the final step
             self.slab.close(unlink=True)
             self.slab = None
@@ -295,6 +296,7 @@ class DDPWorker:
             "state": state,
             "step_times_s": times,
             "snapshot_blocked_s": blocked,
+            "snapshot_background_cpu_s": background,
             "first_step_at": first_step_at,
         }
 

@@ -81,19 +81,28 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 class InFlight:
     """At most one background job; `wait` blocks until it is done (re-raising its error) and adds the
-    time the caller spent blocked to `wait_s`."""
+    time the caller spent blocked to `wait_s`. `cpu_s` is the CPU time the jobs used: on busy cores a
+    background copy still costs the training thread about that much."""
 
     def __init__(self, name: str) -> None:
         self._name = name
         self._pool: ThreadPoolExecutor | None = None
         self._job: Future | None = None
         self.wait_s = 0.0
+        self.cpu_s = 0.0
 
     def submit(self, fn: Any, *args: Any) -> None:
         self.wait()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=self._name)
-        self._job = self._pool.submit(fn, *args)
+        self._job = self._pool.submit(self._timed, fn, *args)
+
+    def _timed(self, fn: Any, *args: Any) -> None:
+        t0 = time.thread_time()
+        try:
+            fn(*args)
+        finally:
+            self.cpu_s += time.thread_time() - t0
 
     def wait(self) -> None:
         if self._job is not None:
