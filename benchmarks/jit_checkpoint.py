@@ -295,7 +295,9 @@ def report(models: dict, modes: dict, runs: dict, kills: dict, args: Any, comman
             "training thread, large ones on a thread that overlaps the next forward pass).",
             f"- The same per-step snapshot as a Ray call to the keeper actor costs "
             f"{keeper_cost['digits MLP'] * 100:.1f}% / {keeper_cost['10M MLP'] * 100:.1f}%: an actor call costs "
-            "about a millisecond of CPU on each side, which a 3 ms digits step cannot hide on two cores. This "
+            "about a millisecond of CPU on each side, which a 3 ms digits step cannot hide on two cores. The "
+            "in-run figure understates this path on the 10M MLP: Ray copies large arguments into the object store "
+            "on its own C++ threads, which thread CPU time does not see (compare the run-to-run columns). This "
             "is why the slab is the default; the keeper path stays for `snapshot_every=K` and as the fallback "
             "when /dev/shm has no room.",
             f"- **Survivor rescue only: {rescue_cost['digits MLP'] * 100:.1f}% / {rescue_cost['10M MLP'] * 100:.1f}%** "
