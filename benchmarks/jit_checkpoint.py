@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="K for the periodic baseline")
     parser.add_argument("--write", action="store_true", help="update the section in BENCHMARKS.md")
     parser.add_argument("--big-steps", type=int, default=40, help="optimizer steps per 10M MLP run")
+    parser.add_argument("--only", choices=["digits", "10m"], help="one model, step times only (no report)")
     args = parser.parse_args()
     command = "cd /work/main && " + shlex.join([".venv/bin/python", *sys.argv])
     rng = random.Random(0)
@@ -183,12 +184,18 @@ def main() -> None:
         f"every {k} steps (keeper)": (k, False, "keeper"),
     }
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    if args.only:
+        models = {k: v for k, v in models.items() if k.lower().startswith(args.only)}
     for name, (spec, table) in models.items():
         train(spec, table, modes["per-step shm + rescue (default)"])  # warm-up: worker processes, imports
         for _ in range(args.repeats):
             for mode, flags in modes.items():
                 runs.setdefault((name, mode), []).append(steady(train(spec, table, flags)))
                 print(name, mode, runs[name, mode][-1], file=sys.stderr)
+    if args.only:  # an experiment: step times and in-run shares only, no kills, no report
+        for (name, mode), values in runs.items():
+            print(f"{name} | {mode} | min step {min(v[0] for v in values):.2f} ms", file=sys.stderr)
+        return
 
     kills: dict[tuple[str, str], list[tuple[int, float, str]]] = {}
     long_digits = (ddp_spec(hidden=128, lr=1e-3, batch_size=64, epochs=40, seed=0, workers=2), digits)
