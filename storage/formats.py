@@ -105,8 +105,7 @@ def encode(value: Any, *, allow_pickle: bool = False) -> tuple[str, bytes | memo
 
         return fmt, pickle.dumps(value.value, protocol=5), {"type": type(value.value).__name__}
     if fmt == ARROW:
-        schema = {"columns": {f.name: str(f.type) for f in value.schema}, "num_rows": value.num_rows}
-        return fmt, _arrow_stream(value), schema
+        return fmt, _arrow_stream(value), arrow_schema(value)
     if fmt == SAFETENSORS:
         bundle = value if isinstance(value, Tensors) else Tensors(value)
         arrays = bundle.numpy()
@@ -119,15 +118,24 @@ def encode(value: Any, *, allow_pickle: bool = False) -> tuple[str, bytes | memo
     return fmt, _json_bytes(value), {"type": type(value).__name__}
 
 
+def arrow_schema(table: pa.Table) -> dict[str, Any]:
+    return {"columns": {f.name: str(f.type) for f in table.schema}, "num_rows": table.num_rows}
+
+
+def write_arrow(table: pa.Table, sink: Any) -> None:
+    """Write `table` as an IPC stream into `sink` (an Arrow stream or a Python file object): the bytes
+    `encode` returns for it, produced without holding them all in memory at once."""
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
 def _arrow_stream(table: pa.Table) -> memoryview:
     """IPC stream bytes written once into an exactly sized buffer (a growing buffer plus `to_pybytes`
     would copy a large table twice)."""
     mock = pa.MockOutputStream()
-    with pa.ipc.new_stream(mock, table.schema) as writer:
-        writer.write_table(table)
+    write_arrow(table, mock)
     buf = pa.allocate_buffer(mock.size())
-    with pa.ipc.new_stream(pa.FixedSizeBufferWriter(buf), table.schema) as writer:
-        writer.write_table(table)
+    write_arrow(table, pa.FixedSizeBufferWriter(buf))
     return memoryview(buf)
 
 

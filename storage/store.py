@@ -18,14 +18,17 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
+
+import pyarrow as pa
 
 from storage import formats
 from storage.config import StoreConfig
 from storage.errors import ArtifactNotFoundError, IntegrityError, StorageError
 from storage.hashing import CHUNK_BYTES, content_digest
 from storage.keys import validate_digest, validate_name
-from storage.tiers import BLOBS, FsspecTier, Tier, open_tier
+from storage.tiers import BLOBS, FsspecTier, MemoryTier, Tier, open_tier
 
 log = logging.getLogger(__name__)
 
@@ -105,19 +108,29 @@ class ArtifactStore:
         return self.tiers[:-1]
 
     # -- blobs ---------------------------------------------------------------------------------
-    def put_blob(self, data: bytes | memoryview) -> str:
+    def _streams_blobs(self) -> bool:
+        """Can blobs go to the durable tier as a stream, hashed while written (local, unencrypted)?"""
         durable = self.durable
-        if isinstance(durable, FsspecTier) and durable.local and durable.key is None and len(data) > CHUNK_BYTES:
-            digest = durable.write_content_addressed(blob_key, data)  # hash and disk write overlap
+        return isinstance(durable, FsspecTier) and durable.local and durable.key is None
+
+    def put_blob(self, data: bytes | memoryview) -> str:
+        if self._streams_blobs() and len(data) > CHUNK_BYTES:
+            digest, _ = self.durable.write_content_addressed(blob_key, lambda sink: sink.write(data))
         else:
             digest = sha256(data)
-            if not durable.exists(blob_key(digest)):  # same bytes are stored once
-                durable.write(blob_key(digest), data)
+            if not self.durable.exists(blob_key(digest)):  # same bytes are stored once
+                self.durable.write(blob_key(digest), data)
+        self._fill_caches(digest, data)
+        return digest
+
+    def _fill_caches(self, digest: str, data: bytes | memoryview | None) -> None:
+        """Copy a blob just made durable into the cache tiers (from the durable file if `data` is None)."""
         key = blob_key(digest)
         for tier in reversed(self.caches):
             if not tier.exists(key):
+                if data is None:
+                    data = self.durable.mapped(key)  # just written, so in the page cache
                 tier.put_cached(key, data)
-        return digest
 
     def get_blob(self, digest: str) -> bytes:
         """The verified bytes of `digest` from the fastest intact copy; corrupt copies are repaired.
@@ -182,16 +195,32 @@ class ArtifactStore:
     # -- artifacts -----------------------------------------------------------------------------
     def put(self, value: Any, *, run_id: str, stage: str) -> ArtifactRef:
         """Encode, store the blob, then publish the manifest: the artifact is committed on return."""
+        if (
+            isinstance(value, pa.Table)
+            and self._streams_blobs()
+            and not any(isinstance(t, MemoryTier) for t in self.caches)
+        ):
+            # Arrow writes the IPC stream straight into the durable temp file while the pool hashes it:
+            # no encoded copy of the table in memory. A hot tier needs that in-memory copy, so it encodes.
+            key = manifest_key(run_id, stage)
+            digest, size = self.durable.write_content_addressed(blob_key, partial(formats.write_arrow, value))
+            self._fill_caches(digest, None)
+            return self._publish(key, formats.ARROW, digest, size, formats.arrow_schema(value), run_id, stage)
         fmt, data, schema = formats.encode(value, allow_pickle=self.config.allow_pickle)
         return self.put_encoded(fmt, data, schema, run_id=run_id, stage=stage)
 
     def put_encoded(self, fmt: str, data: bytes, schema: dict[str, Any], *, run_id: str, stage: str) -> ArtifactRef:
         key = manifest_key(run_id, stage)  # validate names before any byte is written
         digest = self.put_blob(data)
+        return self._publish(key, fmt, digest, len(data), schema, run_id, stage)
+
+    def _publish(
+        self, key: str, fmt: str, digest: str, size: int, schema: dict[str, Any], run_id: str, stage: str
+    ) -> ArtifactRef:
         ref = ArtifactRef(
             digest=digest,
             format=fmt,
-            size_bytes=len(data),
+            size_bytes=size,
             run_id=run_id,
             stage=stage,
             uri=self.durable.url.rstrip("/") + "/" + blob_key(digest),

@@ -17,7 +17,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 
@@ -293,33 +293,42 @@ class FsspecTier(Tier):
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(key))
 
-    def write_content_addressed(self, key_of: Callable[[str], str], data: bytes | memoryview) -> str:
-        """Write `data` under the key named by its digest, hashing while the bytes go to disk.
+    def write_content_addressed(
+        self, key_of: Callable[[str], str], produce: Callable[[BinaryIO], Any]
+    ) -> tuple[str, int]:
+        """Write what `produce(sink)` writes into `sink` under the key named by its digest; return (digest, size).
 
-        Local, unencrypted tiers only: a temp file is written while the digest is computed, then renamed
-        into place (or dropped if that content is already there). Returns the digest.
+        Local, unencrypted tiers only. The bytes go to a temp file while the pool hashes them chunk by
+        chunk, then the file is fsynced (durable tier) and renamed into place, or dropped if that
+        content is already there.
         """
-        from storage.hashing import digest_in_background  # noqa: PLC0415
+        from storage.hashing import HashingWriter  # noqa: PLC0415
 
-        pending = digest_in_background(data)
         tmp_dir = self.path(f"{BLOBS}/incoming")
         os.makedirs(tmp_dir, exist_ok=True)
         tmp = posixpath.join(tmp_dir, f"{TMP_PREFIX}{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
-                f.write(data)
+                sink = HashingWriter(f)
+                produce(sink)
                 if self.role == DURABLE:
                     f.flush()
                     os.fsync(f.fileno())
-            digest = pending.result()
+            digest = sink.digest.hexdigest()
             final = self.path(key_of(digest))
             if not os.path.exists(final):
                 os.makedirs(posixpath.dirname(final), exist_ok=True)
                 os.replace(tmp, final)
-            return digest
+            return digest, sink.digest.total
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def mapped(self, key: str) -> memoryview:
+        """A local blob's bytes, memory-mapped and unverified: for copying what this process just wrote."""
+        from storage.hashing import map_file  # noqa: PLC0415
+
+        return map_file(self.path(key))
 
     def list(self, prefix: str) -> list[str]:
         base = self.path(prefix)

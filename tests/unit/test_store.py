@@ -192,3 +192,54 @@ def test_defaults_leave_a_ray_jobs_temporary_working_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets
     assert StoreConfig.default().durable_url == str(tmp_path / "home" / ".tierflow" / "store")
     assert default_tracking_uri() == f"sqlite:///{tmp_path / 'home' / '.tierflow' / 'mlflow.db'}"
+
+
+def test_a_large_table_streamed_to_disk_is_named_and_stored_like_its_encoding(tmp_path):
+    """A table put on a local durable tier is written by Arrow into the temp file while it is hashed; its
+    name, bytes and size must be those of the encoded stream (so it dedups with encoded puts), the warm
+    copy is made from the durable file, and a corrupt chunk is still caught on read, never decoded."""
+    from storage.formats import encode
+    from storage.hashing import CHUNK_BYTES
+
+    table = pa.table({"x": np.arange(2 * CHUNK_BYTES // 8 + 1000, dtype=np.float64)})  # 3 chunks
+    _, data, schema = encode(table)
+    store = ArtifactStore(StoreConfig.from_urls([str(tmp_path / "warm"), str(tmp_path / "durable")]))
+    ref = store.put(table, run_id="r", stage="s")
+    assert ref.digest == sha256(data) and ref.size_bytes == len(data) and ref.schema == schema
+    path = tmp_path / "durable" / blob_key(ref.digest)
+    assert path.read_bytes() == bytes(data) == (tmp_path / "warm" / blob_key(ref.digest)).read_bytes()
+    assert store.put_encoded("arrow-ipc", data, schema, run_id="r2", stage="s").digest == ref.digest
+    assert [p.name for p in (tmp_path / "durable" / "blobs").rglob("*") if p.is_file()] == [ref.digest]
+    with open(path, "r+b") as f:  # one flipped bit in the middle chunk, on the only durable copy
+        f.seek(CHUNK_BYTES + 4321)
+        byte = f.read(1)[0]
+        f.seek(CHUNK_BYTES + 4321)
+        f.write(bytes([byte ^ 1]))
+    fresh = ArtifactStore(StoreConfig.from_urls([str(tmp_path / "durable")]))
+    with pytest.raises(IntegrityError, match="no intact copy"):
+        fresh.get(ref)
+    assert not fresh.verify_blob(ref.digest)
+    assert store.get(ref).equals(table)  # the warm copy (made from the durable file) is intact
+
+
+def test_streamed_tables_of_every_shape_are_named_by_their_encoding(tmp_path):
+    """The streamed put hashes Arrow's pieces after they were written: every kind of buffer Arrow hands
+    over (sliced, realigned bitmaps, strings, dictionaries, nested) must still hold what was written."""
+    from storage.formats import encode
+
+    rng = np.random.default_rng(1)
+    n = 50_000
+    base = pa.table(
+        {
+            "f": pa.array(rng.random(n), mask=rng.random(n) < 0.1),
+            "s": pa.array([None if i % 7 == 0 else f"s{i}" for i in range(n)]),
+            "b": pa.array(rng.random(n) < 0.5),
+            "d": pa.array([f"k{i % 5}" for i in range(n)]).dictionary_encode(),
+            "l": pa.array([[i, i + 1] if i % 3 else None for i in range(n)]),
+        }
+    )
+    store = ArtifactStore(StoreConfig.from_urls([str(tmp_path / "durable")]))
+    for i, t in enumerate([base, base.slice(1234, 20_001), pa.concat_tables([base.slice(3, 10), base.slice(99)])]):
+        ref = store.put(t, run_id="r", stage=f"s{i}")
+        assert ref.digest == sha256(encode(t)[1])
+        assert store.get(ref).equals(t)
