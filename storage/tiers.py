@@ -33,6 +33,32 @@ TMP_PREFIX = ".tmp-"
 _SYNCED = (f"{BLOBS}/", "manifests/")
 
 
+def _dirs_to_sync(parent: str) -> list[str]:
+    """`parent`, and each ancestor up to the first that exists already: the directories whose entries
+    change when `parent` is created and a file is renamed into it."""
+    dirs = [parent]
+    while not os.path.isdir(dirs[-1]) and posixpath.dirname(dirs[-1]) != dirs[-1]:
+        dirs.append(posixpath.dirname(dirs[-1]))
+    return dirs
+
+
+def _publish(tmp: str, final: str, sync: bool, dirs: list[str] | None = None) -> None:
+    """Rename `tmp` to `final`; with `sync`, fsync the directories too, so the new name (and a new
+    directory's own entry) survives a machine crash, not only the bytes behind it. `dirs`: from
+    `_dirs_to_sync`, when the caller created `final`'s directory itself."""
+    parent = posixpath.dirname(final)
+    dirs = dirs or _dirs_to_sync(parent)
+    os.makedirs(parent, exist_ok=True)
+    os.replace(tmp, final)
+    if sync:
+        for d in dirs:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 @dataclass(frozen=True)
 class TierSpec:
     """A tier by URL and role. `capacity_bytes` bounds a non-durable tier (LRU eviction);
@@ -276,15 +302,17 @@ class FsspecTier(Tier):
         if not self.local:
             self.fs.pipe_file(final, bytes(data))  # botocore wants bytes
             return
+        dirs = _dirs_to_sync(parent)
         self.fs.makedirs(parent, exist_ok=True)
         tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        sync = self.role == DURABLE and key.startswith(_SYNCED)
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
-                if self.role == DURABLE and key.startswith(_SYNCED):
+                if sync:
                     f.flush()  # committed must survive a machine crash, not only a killed process
                     os.fsync(f.fileno())
-            os.replace(tmp, final)
+            _publish(tmp, final, sync, dirs)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -317,8 +345,7 @@ class FsspecTier(Tier):
             digest = sink.digest.hexdigest()
             final = self.path(key_of(digest))
             if not os.path.exists(final):
-                os.makedirs(posixpath.dirname(final), exist_ok=True)
-                os.replace(tmp, final)
+                _publish(tmp, final, self.role == DURABLE)
             return digest, sink.digest.total
         finally:
             if os.path.exists(tmp):

@@ -243,3 +243,27 @@ def test_streamed_tables_of_every_shape_are_named_by_their_encoding(tmp_path):
         ref = store.put(t, run_id="r", stage=f"s{i}")
         assert ref.digest == sha256(encode(t)[1])
         assert store.get(ref).equals(t)
+
+
+def test_a_commit_fsyncs_the_new_names_directories_on_the_durable_tier_only(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr("storage.tiers.os.fsync", recording_fsync)
+    durable = tmp_path / "d"
+    store = ArtifactStore(StoreConfig.from_urls([str(tmp_path / "w"), str(durable)]))
+    ref = store.put({"a": 1}, run_id="r1", stage="s")
+    blob_dir = (durable / blob_key(ref.digest)).parent
+    # The blob's and the manifest's directories were new: each is fsynced, and so is every new ancestor
+    # up to the first that existed before.
+    new = [blob_dir, blob_dir.parent, durable / "manifests" / "r1", durable / "manifests"]
+    assert {str(d) for d in new} <= set(synced)
+    assert not [p for p in synced if p.startswith(str(tmp_path / "w"))]  # the warm cache needs no fsync
