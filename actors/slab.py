@@ -181,13 +181,9 @@ class SlabWriter:
         self.paths = paths
         self._slots = [_Slot(p) for p in paths]
         self.copies = InFlight("slab")  # its wait_s: time spent waiting for the copy thread (callers time push)
-        self._memo: dict[str, tuple[Any, str]] = {}
-        self._last: tuple[Any, dict[str, np.ndarray], str, int] = (
-            None,
-            {},
-            "",
-            0,
-        )  # arrays, views, layout  # meta key -> (value, its JSON): most meta never changes
+        self._memo: dict[str, tuple[Any, str]] = {}  # meta key -> (value, its JSON): most meta never changes
+        # The last `arrays` pushed, their numpy views, the JSON of their specs and their data bytes.
+        self._last: tuple[Any, dict[str, np.ndarray], str, int] = (None, {}, "", 0)
 
     def push(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
         """Snapshot `arrays` as of `step`. Passing the same dict object again (unmodified) reuses its
@@ -200,11 +196,11 @@ class SlabWriter:
                 specs[name] = [a.dtype.str, list(a.shape), offset]
                 offset = _aligned(offset + a.nbytes)
             self._last = (arrays, views, json.dumps(specs, separators=(",", ":")), offset)
-        views = self._last[1]
-        if self._last[3] <= INLINE_BYTES:
-            self._write(step, views, meta)
-            return
-        self.copies.submit(self._write, step, views, meta)
+        _, views, specs, nbytes = self._last
+        if nbytes <= INLINE_BYTES:
+            self._write(step, views, specs, nbytes, meta)
+        else:
+            self.copies.submit(self._write, step, views, specs, nbytes, meta)
 
     def _json(self, key: str, value: Any) -> str:
         if isinstance(value, RawJSON):
@@ -214,15 +210,14 @@ class SlabWriter:
             memo = self._memo[key] = (value, json.dumps(value, separators=(",", ":")))
         return memo[1]
 
-    def _write(self, step: int, views: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-        _, _, specs, offset = self._last
+    def _write(self, step: int, views: dict[str, np.ndarray], specs: str, nbytes: int, meta: dict[str, Any]) -> None:
         fields = ",".join(f"{json.dumps(k)}:{self._json(k, v)}" for k, v in meta.items())
         header = f'{{"step":{step},"arrays":{specs},"meta":{{{fields}}}}}'.encode()
         slot = self._slots[step % 2]
         start = max(
             slot.layout[1] if slot.layout else 0, -(-(_PREFIX.size + len(header)) // _HEADER_UNIT) * _HEADER_UNIT
         )
-        buf = slot.ensure(start + max(offset, _ALIGN))
+        buf = slot.ensure(start + max(nbytes, _ALIGN))
         layout = (specs, start, slot.size)
         if slot.layout != layout:
             slot.layout = layout
@@ -235,7 +230,7 @@ class SlabWriter:
         buf[_PREFIX.size : _PREFIX.size + len(header)] = header
         for name, a in views.items():
             np.copyto(slot.views[name], a, casting="no")
-        _PREFIX.pack_into(buf, 0, _MAGIC, step, len(header), start, offset)
+        _PREFIX.pack_into(buf, 0, _MAGIC, step, len(header), start, nbytes)
 
     def wait(self) -> None:
         self.copies.wait()
