@@ -26,10 +26,11 @@ import numpy as np
 import ray
 
 from actors.errors import ActorsError
-from actors.slab import RawJSON, SlabWriter, slab_dir, slab_paths
+from actors.slab import INLINE_BYTES, RawJSON, SlabWriter, slab_dir, slab_paths
 from actors.snapshot import (
     SnapshotPusher,
     StateView,
+    apply_log,
     assign_shards,
     load_state,
     rng_state,
@@ -96,6 +97,12 @@ class DDPConfig:
     strategy: str = "SPREAD"  # placement group strategy; SPREAD keeps one node's loss to few ranks
     snapshot_every: int = 1  # 1 = just-in-time (every step); K = every K steps; 0 = no in-memory snapshots
     snapshot_to: str = "shm"  # per-step snapshots: "shm" = the rank's slab (a memcpy); "keeper" = a Ray call
+    # shm: the full share is copied every `full_every` steps and the share of the all-reduced gradients
+    # every step (a third of Adam's state); recovery redoes the logged optimizer steps. 1 = full every step.
+    full_every: int = 16
+    # ...for state shares over this many bytes; smaller ones cost a copy's fixed overhead whatever their
+    # size, so a log would save nothing and add a redo: they are copied whole every step.
+    log_min_bytes: int = INLINE_BYTES
     rescue: bool = True  # on a peer's death, survivors hand the keeper their (replicated) state
     durable_every: int = 0  # steps between durable checkpoints in the store; 0 = only on SIGTERM
     max_restarts: int = 3
@@ -112,6 +119,8 @@ class DDPConfig:
             raise DDPConfigError(f"snapshot_to={self.snapshot_to!r}; use one of {_SNAPSHOT_TO}")
         if self.strategy not in _STRATEGIES:
             raise DDPConfigError(f"strategy={self.strategy!r}; use one of {_STRATEGIES}")
+        if self.full_every < 1 or self.log_min_bytes < 0:
+            raise DDPConfigError(f"full_every={self.full_every} must be >= 1, log_min_bytes >= 0")
         if min(self.snapshot_every, self.durable_every, self.max_restarts) < 0:
             raise DDPConfigError("snapshot_every, durable_every and max_restarts must be >= 0")
 
@@ -131,7 +140,8 @@ class DDPWorker:
         self.step = 0
         self.keeper: Any = None
         self.pusher: SnapshotPusher | None = None
-        self.slab: SlabWriter | None = None
+        self.slab: SlabWriter | None = None  # state slots
+        self.gradlog: SlabWriter | None = None  # gradient-log slots
         self._loss_ref: Any = None  # slab mode: the batch of losses on its way to the keeper
         self._loss_n = 0
         self.tensors: list[Any] | None = None
@@ -165,9 +175,7 @@ class DDPWorker:
 
         if self.pusher is not None:
             self.pusher.close()
-        if self.slab is not None:
-            self.slab.close()
-            self.slab = None
+        self._close_slab()
         if dist.is_initialized():  # a survivor: its process group lost a peer
             dist.destroy_process_group()
         cuda = self.cfg.gpus_per_worker > 0 and torch.cuda.is_available()
@@ -193,42 +201,73 @@ class DDPWorker:
         restored = ray.get(self.keeper.restore.remote(self.rank))
         if restored:
             load_state(self.model, self.optimizer, restored["shared"], restored["shared_meta"])
+            apply_log(self.model, self.optimizer, restored["log"])
             set_rng_state(restored["arrays"], restored["meta"])
             self.step, source = restored["step"], restored["source"]
+            if restored["log"]:
+                source += f" + {len(restored['log'])} logged steps"
         else:
             self.step, source = 0, "none"
         self.ddp = DistributedDataParallel(self.model, device_ids=[0] if cuda else None)
         self.ddp.register_comm_hook(self, _snapshot_gate)
         self.pusher = SnapshotPusher(self.keeper, self.rank)
         rc = ray.get_runtime_context()
-        slab = None
-        if self._use_slab():
-            slab = {"node_id": rc.get_node_id(), "paths": slab_paths(*key, self.rank)}
-            self.slab = SlabWriter(slab["paths"])
+        slab = self._open_slab(key, rc.get_node_id())
         info = {"pid": os.getpid(), "node_id": rc.get_node_id(), "name": rc.get_actor_name(), "step": self.step}
         ray.get(self.keeper.register.remote(self.rank, info))
         return {"step": self.step, "source": source, "rows": int(rows), "slab": slab}
 
-    def _use_slab(self) -> bool:
-        """Per-step snapshots go to slabs only if every rank's node has room for two of its shares
-        (~4 bytes of state per parameter byte allows for Adam's moments); else every rank uses the keeper."""
+    def _open_slab(self, key: tuple[str, str], node_id: str) -> dict[str, Any] | None:
+        """Per-step snapshots to this rank's slab, if the gang agreed to use slabs: {"node_id", "paths"}."""
+        full_every = self._slab_full_every()
+        if not full_every:
+            return None
+        log_slots = full_every + 1 if full_every > 1 else 0  # the entries since the older full copy
+        paths = slab_paths(*key, self.rank, log_slots=log_slots)
+        self.slab, self._full_every = SlabWriter(paths[:2]), full_every
+        self.gradlog = SlabWriter(paths[2:]) if log_slots else None
+        named = {n: p.numel() * p.element_size() for n, p in self.model.named_parameters() if p.requires_grad}
+        owner = assign_shards(named, self.world)
+        params = dict(self.model.named_parameters())
+        self._my_grads = [(f"grad/{n}", params[n]) for n in named if owner[n] == self.rank]
+        # Map the slots now, at setup, not on the first steps' copies (as sized for the room check).
+        self.slab.reserve(4 * sum(named.values()) // self.world, 4 * len(named))
+        if self.gradlog is not None:
+            mine = sum(p.numel() * p.element_size() for _, p in self._my_grads)
+            self.gradlog.reserve(mine, len(self._my_grads))
+        # Copying gradients while the optimizer steps is safe only if it never writes them in place:
+        # torch.optim's own optimizers do not; for any other the copy is awaited first.
+        self._grads_read_only = type(self.optimizer).__module__.startswith("torch.optim")
+        return {"node_id": node_id, "paths": paths}
+
+    def _slab_full_every(self) -> int:
+        """How often the full share goes to the slab (the gradient log covers the steps between), or 0:
+        every rank snapshots to the keeper. Slabs need room on every rank's node for two state shares
+        (~4 bytes of state per parameter byte allows for Adam's moments) and the log; a log shortened
+        to fit is preferred to none. All ranks agree on the answer through an all-reduce."""
         import torch  # noqa: PLC0415
         import torch.distributed as dist  # noqa: PLC0415
 
         if self.cfg.snapshot_every != 1 or self.cfg.snapshot_to != "shm":
-            return False
-        params = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        need = 2 * 4 * params // self.world + (1 << 20)
-        fits = torch.tensor([int(shutil.disk_usage(slab_dir()).free >= need)])
-        dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # one answer for the whole gang
-        if not int(fits):
+            return 0
+        share = sum(p.numel() * p.element_size() for p in self.model.parameters()) // self.world
+        free = shutil.disk_usage(slab_dir()).free
+        wanted = every = self.cfg.full_every if 4 * share > self.cfg.log_min_bytes else 1
+        while every > 1 and 8 * share + (every + 1) * share + (1 << 20) > free:
+            every //= 2
+        if every == 1 and 8 * share + (1 << 20) > free:
+            every = 0
+        agreed = torch.tensor([every])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # one answer for the whole gang
+        if int(agreed) < wanted:
             log.warning(
-                "rank %d: not every node has %d MiB free in %s; snapshots go to the keeper",
+                "rank %d: not every node has room in %s for a %d-step gradient log; %s",
                 self.rank,
-                need >> 20,
                 slab_dir(),
+                wanted,
+                f"full copies every {int(agreed)} steps" if int(agreed) else "snapshots go to the keeper",
             )
-        return bool(int(fits))
+        return int(agreed)
 
     def _order(self, epoch: int) -> Any:
         import torch  # noqa: PLC0415
@@ -259,6 +298,8 @@ class DDPWorker:
         durable = self.cfg.durable_every
         times: list[float] = []
         first_step_at = None
+        if self.slab is not None:  # the gradient log starts from a full copy
+            self._to_slab()
         while self.step < total:
             t0 = time.perf_counter()
             self._reseed()
@@ -267,28 +308,29 @@ class DDPWorker:
             loss = self.spec.loss(self.ddp, [t[rows] for t in self.tensors])
             loss.backward()  # waits for the previous snapshot in _snapshot_gate; a dead peer surfaces here
             self._wait_snapshots()  # (a no-op unless DDP had nothing to all-reduce)
-            self._consistent = False
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
             value = float(loss.detach())
             self._losses.append((self.step, value))
             self._loss_json.append(f"[{self.step},{json.dumps(value)}]")  # slab meta without re-encoding
+            if self.gradlog is not None:
+                self._log_grads()
+            self._consistent = False
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self._consistent = True
             if self.step == total or (every and self.step % every == 0) or (durable and self.step % durable == 0):
                 self._push()
-            elif self.slab is not None:
-                self._to_slab()
+            if self.slab is not None and self.step % self._full_every == 0 and self.step < total:
+                self._to_slab()  # also after a push: the log's next entries need this full copy
             times.append(time.perf_counter() - t0)
             first_step_at = first_step_at or time.time()
             if self._preempted:
                 self._preempt()
         self.pusher.wait()
-        blocked = self.pusher.sends.wait_s + self._push_s + (self.slab.copies.wait_s if self.slab else 0.0)
-        background = self.pusher.sends.cpu_s + (self.slab.copies.cpu_s if self.slab else 0.0)
-        if self.slab is not None:  # the keeper holds the final step
-            self.slab.close(unlink=True)
-            self.slab = None
+        writers = [w for w in (self.slab, self.gradlog) if w is not None]
+        blocked = self.pusher.sends.wait_s + self._push_s + sum(w.copies.wait_s for w in writers)
+        background = self.pusher.sends.cpu_s + sum(w.copies.cpu_s for w in writers)
+        self._close_slab(unlink=True)  # the keeper holds the final step
         state = {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()} if self.rank == 0 else {}
         return {
             "rank": self.rank,
@@ -324,25 +366,47 @@ class DDPWorker:
         self._losses, self._loss_json, self._loss_ref, self._loss_n = [], [], None, 0
         self._push_s += time.perf_counter() - t0
 
-    def _to_slab(self) -> None:
-        """A snapshot to this rank's slab. RNG states need no copy: they are reseeded from the step.
-        The slab also holds the losses the keeper has not acknowledged, which go in batches."""
-        t0 = time.perf_counter()
+    def _slab_losses(self) -> RawJSON:
+        """The losses the keeper has not acknowledged, as JSON for the slab; they go in batches."""
         if self._loss_ref is not None and self.step % 16 == 0 and ray.wait([self._loss_ref], timeout=0)[0]:
             del self._losses[: self._loss_n], self._loss_json[: self._loss_n]
             self._loss_ref, self._loss_n = None, 0
         if self._loss_ref is None and len(self._losses) >= LOSS_BATCH:
             self._loss_ref = self.keeper.add_losses.remote(self.rank, list(self._losses))
             self._loss_n = len(self._losses)
+        return RawJSON(f"[{','.join(self._loss_json)}]")
+
+    def _to_slab(self) -> None:
+        """This rank's share of the state to its slab. RNG states need no copy: they are reseeded from
+        the step. Without a gradient log the slab also holds the unacknowledged losses."""
+        t0 = time.perf_counter()
         mine, meta = self._share()
-        meta["losses"] = RawJSON(f"[{','.join(self._loss_json)}]")
+        meta["kind"] = "state"
+        meta["losses"] = self._slab_losses() if self.gradlog is None else []
         self.slab.push(self.step, mine, meta)
+        self._push_s += time.perf_counter() - t0
+
+    def _log_grads(self) -> None:
+        """This rank's share of this step's all-reduced gradients to the log, stamped with the step they
+        complete: with the last full copy they rebuild the state after it. A third of Adam's state."""
+        t0 = time.perf_counter()
+        grads = {k: p.grad.detach() for k, p in self._my_grads if p.grad is not None}
+        self.gradlog.push(self.step + 1, grads, {"kind": "grads", "losses": self._slab_losses()})
+        if not self._grads_read_only:
+            self.gradlog.wait()
         self._push_s += time.perf_counter() - t0
 
     def _wait_snapshots(self) -> None:
         self.pusher.wait()
-        if self.slab is not None:
-            self.slab.wait()
+        for writer in (self.slab, self.gradlog):
+            if writer is not None:
+                writer.wait()
+
+    def _close_slab(self, unlink: bool = False) -> None:
+        for writer in (self.slab, self.gradlog):
+            if writer is not None:
+                writer.close(unlink=unlink)
+        self.slab = self.gradlog = None
 
     def _reseed(self) -> None:
         """Each rank's RNG streams are a function of (seed, rank, step): a lost rank's can be rebuilt."""

@@ -63,14 +63,20 @@ class Snapshot:
     shared_meta: dict[str, Any]  # optimizer param_groups and non-tensor state
     ranks: list[dict[str, Any]]  # per rank: {"arrays": {...}, "meta": {...}} (RNG states, data position)
     losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss over ranks, for MLflow
+    # Gradients ("grad/<param>") of the last len(log) steps: `shared` is the state after step - len(log)
+    # steps, and re-applying these with the optimizer (`apply_log`) gives the state after `step`.
+    log: list[dict[str, np.ndarray]] = field(default_factory=list)
 
     def to_tensors(self) -> Tensors:
         """safetensors arrays + one JSON metadata entry; no pickle anywhere."""
         arrays = {f"shared/{k}": v for k, v in self.shared.items()}
         for r, part in enumerate(self.ranks):
             arrays |= {f"rank{r}/{k}": v for k, v in part["arrays"].items()}
+        for i, grads in enumerate(self.log):
+            arrays |= {f"log{i}/{k}": v for k, v in grads.items()}
         meta = {
-            "format": 1,
+            "format": 2,
+            "log_len": len(self.log),
             "step": self.step,
             "world_size": self.world_size,
             "shared_meta": self.shared_meta,
@@ -91,7 +97,11 @@ class Snapshot:
                 arrays = {k.removeprefix(prefix): v for k, v in bundle.tensors.items() if k.startswith(prefix)}
                 ranks.append({"arrays": arrays, "meta": meta["rank_meta"][r]})
             losses = {int(k): float(v) for k, v in meta["losses"].items()}
-            return cls(int(meta["step"]), world, shared, meta["shared_meta"], ranks, losses)
+            grad_log = []
+            for i in range(int(meta.get("log_len", 0))):  # format 1 had no log
+                prefix = f"log{i}/"
+                grad_log.append({k.removeprefix(prefix): v for k, v in bundle.tensors.items() if k.startswith(prefix)})
+            return cls(int(meta["step"]), world, shared, meta["shared_meta"], ranks, losses, grad_log)
         except (KeyError, ValueError, TypeError, IndexError) as exc:
             raise CheckpointError(f"not a tierflow training checkpoint: {exc}") from exc
 
@@ -175,6 +185,27 @@ def load_state(model: Any, optimizer: Any, shared: dict[str, np.ndarray], meta: 
         state.setdefault(int(idx), {}).update(values)
     groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def grad_arrays(model: Any, names: Any) -> dict[str, Any]:
+    """The live gradients (no copy) of the named parameters that have one, keyed "grad/<name>"."""
+    params = dict(model.named_parameters())
+    return {f"grad/{n}": params[n].grad.detach() for n in names if params[n].grad is not None}
+
+
+def apply_log(model: Any, optimizer: Any, grad_log: list[dict[str, np.ndarray]]) -> None:
+    """Redo the optimizer steps of a gradient log: per entry, set every parameter's gradient (None
+    where the entry has none) and step. The optimizer is deterministic, so this reproduces the state
+    bit for bit on the same kind of machine, without a forward or backward pass."""
+    import torch  # noqa: PLC0415
+
+    params = list(model.named_parameters())
+    for grads in grad_log:
+        for name, p in params:
+            g = grads.get(f"grad/{name}")
+            p.grad = None if g is None else torch.from_numpy(np.array(g, copy=True)).to(p.device)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def rng_state() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -347,11 +378,13 @@ class SnapshotKeeper:
         self._slabs = list(slabs)
 
     def collect(self, slabs: list[dict[str, Any] | None] | None = None, local_only: bool = False) -> dict[str, int]:
-        """Adopt the newest step that every rank's slab holds whole, if newer than what this keeper
-        has. A rank's slab holds its last two steps, and no rank passes step k+1's all-reduce before
-        every rank's step k is in, so some step is common while the slabs survive.
+        """Adopt the newest step the ranks' slabs can rebuild, if newer than what this keeper has.
 
-        Returns {"step": the latest complete step held, "seen": the most steps any slab shows done}."""
+        A slab has two state slots (the rank's share after step b, for the last two such b) and, with a
+        gradient log, slots stamped s holding its share of the gradients of step s-1. Step k can be
+        rebuilt when every rank holds state b and log entries b+1..k. No rank passes step k+1's
+        all-reduce before every rank's writes for step k are in, so some step is whole while the slabs
+        survive. Returns {"step": the latest complete step held, "seen": the most steps any slab shows}."""
         if slabs is not None:
             self._slabs = list(slabs)
         latest = self._latest.step if self._latest else -1
@@ -359,31 +392,40 @@ class SnapshotKeeper:
             return {"step": latest, "seen": latest}
         found = read_slabs(self._slabs, local_only=local_only)
         seen = max((slot["step"] for slots in found for slot in slots), default=-1)
+        states = [{s["step"]: s for s in slots if s["meta"].get("kind", "state") == "state"} for slots in found]
+        logs = [{s["step"]: s for s in slots if s["meta"].get("kind") == "grads"} for slots in found]
+        base, step = -1, -1
+        for b in set.intersection(*(set(d) for d in states)):
+            k = b
+            while all(k + 1 in d for d in logs):
+                k += 1
+            if k > step:
+                base, step = b, k
         with self._lock:
             for r, slots in enumerate(found):
                 for slot in slots:
                     self._add_losses(r, slot["meta"].get("losses", []))
-            by_step = [{slot["step"]: slot for slot in slots} for slots in found]
-            common = set.intersection(*(set(d) for d in by_step))
             latest = self._latest.step if self._latest else -1
-            if common and max(common) > latest:
-                step = max(common)
+            if step > latest:
                 parts = {
-                    r: {"shared": d[step]["arrays"], "arrays": {}, "meta": d[step]["meta"]}
-                    for r, d in enumerate(by_step)
+                    r: {"shared": d[base]["arrays"], "arrays": {}, "meta": d[base]["meta"]}
+                    for r, d in enumerate(states)
                 }
-                self._complete(step, parts)
+                entries = range(base + 1, step + 1)
+                grad_log = [{k: v for d in logs for k, v in d[s]["arrays"].items()} for s in entries]
+                self._complete(step, parts, grad_log)
                 self.source = "shm"
                 latest = step
             return {"step": latest, "seen": max(seen, latest)}
 
-    def _complete(self, step: int, parts: dict[int, dict[str, Any]]) -> None:
+    def _complete(self, step: int, parts: dict[int, dict[str, Any]], grad_log: list | None = None) -> None:
         self._latest = Snapshot(
             step,
             self.cfg.world_size,
             {k: v for r in range(self.cfg.world_size) for k, v in parts[r]["shared"].items()},
             parts[0]["meta"]["shared"],
             [{"arrays": parts[r]["arrays"], "meta": parts[r]["meta"]["rank"]} for r in range(self.cfg.world_size)],
+            log=grad_log or [],
         )
         self.source = "memory"
         for old in [s for s in self._pending if s <= step]:
@@ -402,6 +444,7 @@ class SnapshotKeeper:
             snap.shared_meta,
             snap.ranks,
             self._mean_losses(snap.step),
+            snap.log,
         )
 
     def _mean_losses(self, upto: int) -> dict[int, float]:
@@ -458,6 +501,7 @@ class SnapshotKeeper:
                 "source": self.source,
                 "shared": snap.shared,
                 "shared_meta": snap.shared_meta,
+                "log": snap.log,
                 "arrays": part["arrays"],
                 "meta": part["meta"],
             }

@@ -90,14 +90,20 @@ def param_count(spec: TrainSpec) -> int:
 
 
 # -- runs -------------------------------------------------------------------------------------------
-Mode = tuple[int, bool, str]  # snapshot_every, rescue, snapshot_to
+Mode = tuple[int, bool, str, int]  # snapshot_every, rescue, snapshot_to, full_every
 
 
 def train(spec: TrainSpec, table: pa.Table, mode: Mode, run_id: str | None = None) -> TrainResult:
-    every, rescue, to = mode
+    every, rescue, to, full_every = mode
     ctx = StageContext(run_id or f"bench-{uuid.uuid4().hex[:8]}", "train", "", "cpu")
     config = DDPConfig(
-        workers=2, cpus_per_worker=1, snapshot_every=every, snapshot_to=to, rescue=rescue, strategy="PACK"
+        workers=2,
+        cpus_per_worker=1,
+        snapshot_every=every,
+        snapshot_to=to,
+        full_every=full_every,
+        rescue=rescue,
+        strategy="PACK",
     )
     return train_data_parallel(ctx, table, spec, config)
 
@@ -175,13 +181,15 @@ def main() -> None:
         ),
     }
     k = args.every
+    full = DDPConfig().full_every
     modes: dict[str, Mode] = {
-        "none": (0, False, "shm"),
-        "per-step, shm slab": (1, False, "shm"),
-        "per-step, Ray call to keeper": (1, False, "keeper"),
-        "survivor rescue only": (0, True, "shm"),
-        "per-step shm + rescue (default)": (1, True, "shm"),
-        f"every {k} steps (keeper)": (k, False, "keeper"),
+        "none": (0, False, "shm", full),
+        "per-step, shm, full share every step": (1, False, "shm", 1),
+        f"per-step, shm, gradient log + full every {full}": (1, False, "shm", full),
+        "per-step, Ray call to keeper": (1, False, "keeper", full),
+        "survivor rescue only": (0, True, "shm", full),
+        "per-step shm + rescue (default)": (1, True, "shm", full),
+        f"every {k} steps (keeper)": (k, False, "keeper", full),
     }
     runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
     if args.only:

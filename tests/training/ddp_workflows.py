@@ -23,11 +23,18 @@ def slowed(loss: Any, delay_s: float, model: Any, batch: Any) -> Any:
     return loss(model, batch)
 
 
-def fit(ctx: Any, table: Any, epochs: int, delay_s: float, durable_every: int, rescue: bool = True) -> Tensors:
+def fit(
+    ctx: Any, table: Any, epochs: int, delay_s: float, durable_every: int, rescue: bool = True, log: bool = False
+) -> Tensors:
     spec = ddp_spec(hidden=128, lr=LR, batch_size=64, epochs=epochs, seed=0, workers=2)
     spec = replace(spec, loss=functools.partial(slowed, spec.loss, delay_s))
     config = DDPConfig(
-        workers=2, cpus_per_worker=0.5, durable_every=durable_every, rescue=rescue, placement_timeout_s=30
+        workers=2,
+        cpus_per_worker=0.5,
+        durable_every=durable_every,
+        rescue=rescue,
+        placement_timeout_s=30,
+        log_min_bytes=0 if log else DDPConfig.log_min_bytes,  # digits is small: no gradient log by default
     )
     return train_ddp(ctx, table, spec, config)
 
@@ -39,8 +46,9 @@ def slow_train(ctx, preprocess: Any, epochs: int = 2, delay_s: float = 0.0, dura
 
 @stage(cpus=0.5, resources={"coordinator": 1})
 def pinned_train(ctx, preprocess: Any, epochs: int = 2, delay_s: float = 0.0, rescue: bool = True) -> Tensors:
-    """The coordinator on the node offering `coordinator`, so removing another node only hits workers."""
-    return fit(ctx, preprocess, epochs, delay_s, 0, rescue)
+    """The coordinator on the node offering `coordinator`, so removing another node only hits workers.
+    Per-step snapshots go through the gradient log, as a large model's would."""
+    return fit(ctx, preprocess, epochs, delay_s, 0, rescue, log=True)
 
 
 def sigterm() -> Workflow:

@@ -3,6 +3,7 @@ SIGTERM + resume, and the MLflow loss curves they leave. One `Cluster` for the m
 ~9 s here); the node-removal test adds and removes its own node."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import ray
 from mlflow import MlflowClient
 from ray.cluster_utils import Cluster
 
+from actors.ddp import DDPConfig
 from actors.slab import read_slab, slab_paths
 from actors.snapshot import NAMESPACE, Snapshot, keeper_name, latest_durable
 from serving.model import from_tensors, predict_proba
@@ -98,7 +100,8 @@ def keeper_status(run_id: str, stage: str, timeout_s: float = 120) -> dict:
 
 def slab_step(run_id: str, stage: str) -> int:
     """Steps both ranks have snapshotted into their shared-memory slabs (this host's /dev/shm)."""
-    return min(max((s["step"] for s in read_slab(slab_paths(run_id, stage, r))), default=-1) for r in (0, 1))
+    paths = [slab_paths(run_id, stage, r, log_slots=DDPConfig().full_every + 1) for r in (0, 1)]
+    return min(max((s["step"] for s in read_slab(p)), default=-1) for p in paths)
 
 
 def wait_for_step(run_id: str, stage: str, step: int, timeout_s: float = 120) -> dict:
@@ -150,6 +153,8 @@ def test_killed_workers_and_a_lost_node_each_cost_at_most_one_minibatch(cluster,
     assert child.data.metrics["ddp_restarts"] == 2, recoveries
     assert child.data.metrics["ddp_replayed_steps"] <= 1, recoveries
     assert recoveries.count("from shm") == 1 and recoveries.count("from survivor") == 1, recoveries
+    # Killed at step ~8 of 46, between full copies (every 16 steps): the gradient log was redone.
+    assert re.search(r"from shm \+ \d+ logged steps", recoveries), recoveries
     steps = loss_steps(shared["uri"], child.info.run_id)
     assert steps == list(range(STEPS))  # strictly increasing, no duplicates, none missing
     # Restored state is exact (weights, optimizer, RNG, data position): the same model as without faults.
