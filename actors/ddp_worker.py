@@ -1,7 +1,8 @@
 """One data-parallel rank (`DDPWorker`), its configuration and its errors; actors.ddp runs the gang.
 
 A rank trains torch DDP (gloo on CPU, NCCL on GPU) on its shard of the input. After every optimizer
-step it snapshots its share of the state (actors.slab, actors.snapshot); the comm hook
+step it snapshots its share of the state (actors.slab, actors.snapshot): all of it, or, for a large
+share, the step's all-reduced gradients with the full share every `full_every` steps; the comm hook
 `_snapshot_gate` keeps it from joining the next all-reduce before that snapshot is whole, which is
 what bounds the replay after a failure to one step.
 """

@@ -2,8 +2,9 @@
 
 The model and optimizer tensors are identical on every rank under DDP, so rank r snapshots only the
 tensors assigned to it (a size-balanced split), plus its data position and losses. After every
-optimizer step the share goes to the rank's shared-memory slab (actors.slab: a memcpy); every K
-steps, at durable-checkpoint steps and at the end it is pushed to a `SnapshotKeeper` actor instead.
+optimizer step the share goes to the rank's shared-memory slab (actors.slab: a memcpy; for a large
+share, the full share every K steps and the step's gradients in between, which `apply_log` redoes);
+every K steps, at durable-checkpoint steps and at the end it is pushed to a `SnapshotKeeper` actor.
 A step is *complete* once every rank's share is there; the keeper holds the latest complete step
 while the next one arrives (two generations: the double buffer), and after a failure it `collect`s
 the slabs and keeps whichever is newest: its own, the slabs', or a survivor's whole replica.
