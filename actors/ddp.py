@@ -127,7 +127,12 @@ class _Gang:
             log.warning("snapshot keeper is gone; a new one starts from the latest durable checkpoint")
             ray.kill(self.keeper, no_restart=True)
         config = KeeperConfig(
-            self.ctx.run_id, self.ctx.stage, self.cfg.workers, self.ctx.store_config, self.cfg.durable_every
+            self.ctx.run_id,
+            self.ctx.stage,
+            self.cfg.workers,
+            self.ctx.store_config,
+            self.cfg.durable_every,
+            self.cfg.keep_durable,
         )
         name = keeper_name(self.ctx.run_id, self.ctx.stage)
         options = {

@@ -106,6 +106,9 @@ class DDPConfig:
     log_min_bytes: int = INLINE_BYTES
     rescue: bool = True  # on a peer's death, survivors hand the keeper their (replicated) state
     durable_every: int = 0  # steps between durable checkpoints in the store; 0 = only on SIGTERM
+    keep_durable: int = (
+        0  # keep the newest N durable checkpoints (older manifests removed; `store gc` frees them); 0 = all
+    )
     max_restarts: int = 3
     placement_timeout_s: float = 60.0
     collective_timeout_s: float = 60.0
@@ -122,8 +125,8 @@ class DDPConfig:
             raise DDPConfigError(f"strategy={self.strategy!r}; use one of {_STRATEGIES}")
         if self.full_every < 1 or self.log_min_bytes < 0:
             raise DDPConfigError(f"full_every={self.full_every} must be >= 1, log_min_bytes >= 0")
-        if min(self.snapshot_every, self.durable_every, self.max_restarts) < 0:
-            raise DDPConfigError("snapshot_every, durable_every and max_restarts must be >= 0")
+        if min(self.snapshot_every, self.durable_every, self.keep_durable, self.max_restarts) < 0:
+            raise DDPConfigError("snapshot_every, durable_every, keep_durable and max_restarts must be >= 0")
 
 
 # -- the worker -----------------------------------------------------------------------------------

@@ -284,6 +284,7 @@ class KeeperConfig:
     world_size: int
     store_config: StoreConfig | None = None
     durable_every: int = 0  # steps between durable checkpoints; 0 = only on SIGTERM
+    keep_durable: int = 0  # how many of the newest durable checkpoints to keep; 0 = all
     handle_sigterm: bool = True  # off when a keeper is built outside an actor (tests)
 
 
@@ -468,7 +469,20 @@ class SnapshotKeeper:
             pass
         self._store.put(snap.to_tensors(), run_id=self.cfg.run_id, stage=name)
         log.info("durable checkpoint %s/%s", self.cfg.run_id, name)
+        if self.cfg.keep_durable:
+            self._prune()
         return name
+
+    def _prune(self) -> None:
+        """Forget all but the newest `keep_durable` checkpoints of this stage; only once a newer one is committed."""
+        found = []
+        for ref in self._store.manifests(self.cfg.run_id):
+            m = _CKPT.fullmatch(ref.stage)
+            if m and m["stage"] == self.cfg.stage:
+                found.append((int(m["step"]), ref.stage))
+        for _, stage in sorted(found)[: -self.cfg.keep_durable]:
+            self._store.forget(self.cfg.run_id, stage)
+            log.info("forgot superseded checkpoint %s/%s", self.cfg.run_id, stage)
 
     def persist(self, min_step: int = -1, timeout_s: float = 30.0) -> str:
         """Write the latest complete snapshot (waiting until it reaches `min_step`) durably; its name."""

@@ -252,6 +252,11 @@ class ArtifactStore:
             raise ArtifactNotFoundError(f"no committed artifact for stage {stage!r} of run {run_id!r}")
         return ArtifactRef.from_json(self.durable.read(key))
 
+    def forget(self, run_id: str, stage: str) -> None:
+        """Remove a stage's manifest (e.g. a superseded training checkpoint). Its blob stays until `store gc`
+        finds nothing else referring to it."""
+        self.durable.delete(manifest_key(run_id, stage))
+
     def manifests(self, run_id: str | None = None) -> list[ArtifactRef]:
         prefix = f"manifests/{validate_name(run_id, 'run id')}" if run_id else "manifests"
         return [ArtifactRef.from_json(self.durable.read(k)) for k in self.durable.list(prefix) if k.endswith(".json")]

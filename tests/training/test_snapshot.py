@@ -22,7 +22,9 @@ from actors.snapshot import (
     set_rng_state,
     state_arrays,
 )
+from storage import ArtifactStore, StoreConfig
 from storage.formats import SAFETENSORS, decode, encode
+from storage.maintenance import gc
 
 
 def trained() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -276,6 +278,20 @@ def test_the_keeper_rebuilds_the_newest_step_from_full_copies_and_the_gradient_l
         f.write((-1).to_bytes(8, "little", signed=True))
     fresh = SnapshotKeeper(KeeperConfig("run-2", "train", 2, handle_sigterm=False))
     assert fresh.collect(slabs)["step"] == 3 and len(fresh.restore(0)["log"]) == 1
+
+
+def test_only_the_newest_durable_checkpoints_are_kept_when_asked(tmp_path):
+    config = StoreConfig.from_urls([str(tmp_path / "store")])
+    keeper = SnapshotKeeper(KeeperConfig("run-1", "train", 2, config, keep_durable=2, handle_sigterm=False))
+    model, opt = trained()
+    for step in (3, 6, 9):
+        keeper._latest = snapshot_of(model, opt, step)
+        keeper.persist()
+    store = ArtifactStore(config)
+    assert sorted(r.stage for r in store.manifests("run-1")) == ["train.ckpt-0000000006", "train.ckpt-0000000009"]
+    assert gc(store, min_age_s=0)  # the forgotten checkpoint's blob is now garbage
+    # A resumed run's keeper finds the newest.
+    assert SnapshotKeeper(KeeperConfig("run-1", "train", 2, config, handle_sigterm=False)).restore(0)["step"] == 9
 
 
 def test_snapshot_to_is_validated():
