@@ -257,8 +257,9 @@ class SlabWriter:
             slot.unlink() if unlink else slot.close()
 
 
-def _read_slot(path: str) -> dict[str, Any] | None:
-    """{"step", "arrays" (owned copies), "meta"} of a whole slot, or None (missing, torn or foreign)."""
+def _read_slot(path: str, with_arrays: bool = True) -> dict[str, Any] | None:
+    """{"step", "arrays" (owned copies; {} without `with_arrays`), "meta", "path"} of a whole slot, or
+    None (missing, torn or foreign)."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -273,22 +274,22 @@ def _read_slot(path: str) -> dict[str, Any] | None:
             return None
         header = json.loads(bytes(buf[_PREFIX.size : _PREFIX.size + hlen]))
         arrays = {}
-        for name, (dtype, shape, offset) in header["arrays"].items():
+        for name, (dtype, shape, offset) in header["arrays"].items() if with_arrays else ():
             dt = np.dtype(dtype)
             count = int(np.prod(shape, dtype=np.int64))
             arrays[name] = np.frombuffer(buf, dtype=dt, count=count, offset=start + offset).reshape(shape).copy()
         if struct.unpack_from("<q", buf, _STEP_AT)[0] != step or header["step"] != step:
             return None  # rewritten while we copied
-        return {"step": step, "arrays": arrays, "meta": header["meta"]}
+        return {"step": step, "arrays": arrays, "meta": header["meta"], "path": path}
     except (ValueError, KeyError, TypeError, struct.error):
         return None
     finally:
         buf.close()
 
 
-def read_slab(paths: list[str]) -> list[dict[str, Any]]:
-    """Every whole slot of one rank's slab."""
-    return [slot for p in paths if (slot := _read_slot(p)) is not None]
+def read_slab(paths: list[str], with_arrays: bool = True) -> list[dict[str, Any]]:
+    """Every whole slot of one rank's slab (headers only without `with_arrays`)."""
+    return [slot for p in paths if (slot := _read_slot(p, with_arrays)) is not None]
 
 
 def unlink_slab(paths: list[str]) -> None:
@@ -301,8 +302,10 @@ _read_remote = ray.remote(num_cpus=0, max_retries=0)(read_slab)
 _unlink_remote = ray.remote(num_cpus=0, max_retries=0)(unlink_slab)
 
 
-def _on_nodes(fn: Any, remote: Any, slabs: list[dict[str, Any] | None], local_only: bool, timeout_s: float) -> list:
-    """fn(paths) per rank: here for slabs on this node (node_id None: this host), else in a task
+def _on_nodes(
+    fn: Any, remote: Any, slabs: list[dict[str, Any] | None], local_only: bool, timeout_s: float, *args: Any
+) -> list:
+    """fn(paths, *args) per rank: here for slabs on this node (node_id None: this host), else in a task
     pinned to the slab's node."""
     here = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     results: list[Any] = [None] * len(slabs)
@@ -311,10 +314,10 @@ def _on_nodes(fn: Any, remote: Any, slabs: list[dict[str, Any] | None], local_on
         if info is None:
             continue
         if info["node_id"] in (here, None):
-            results[r] = fn(info["paths"])
+            results[r] = fn(info["paths"], *args)
         elif not local_only and here is not None:
             strategy = NodeAffinitySchedulingStrategy(info["node_id"], soft=False)
-            refs[r] = remote.options(scheduling_strategy=strategy).remote(info["paths"])
+            refs[r] = remote.options(scheduling_strategy=strategy).remote(info["paths"], *args)
     deadline = time.monotonic() + timeout_s
     for r, ref in refs.items():
         try:  # a dead node's task fails or never runs: its slab is gone with it
@@ -324,9 +327,12 @@ def _on_nodes(fn: Any, remote: Any, slabs: list[dict[str, Any] | None], local_on
     return results
 
 
-def read_slabs(slabs: list[dict[str, Any] | None], local_only: bool = False, timeout_s: float = 10.0) -> list:
+def read_slabs(
+    slabs: list[dict[str, Any] | None], local_only: bool = False, timeout_s: float = 10.0, with_arrays: bool = True
+) -> list:
     """Per rank (`{"node_id", "paths"}` or None), its whole slots; [] where unreadable."""
-    return [found or [] for found in _on_nodes(read_slab, _read_remote, slabs, local_only, timeout_s)]
+    found = _on_nodes(read_slab, _read_remote, slabs, local_only, timeout_s, with_arrays)
+    return [slots or [] for slots in found]
 
 
 def discard_slabs(slabs: list[dict[str, Any] | None], timeout_s: float = 5.0) -> None:

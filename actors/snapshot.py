@@ -188,12 +188,6 @@ def load_state(model: Any, optimizer: Any, shared: dict[str, np.ndarray], meta: 
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def grad_arrays(model: Any, names: Any) -> dict[str, Any]:
-    """The live gradients (no copy) of the named parameters that have one, keyed "grad/<name>"."""
-    params = dict(model.named_parameters())
-    return {f"grad/{n}": params[n].grad.detach() for n in names if params[n].grad is not None}
-
-
 def apply_log(model: Any, optimizer: Any, grad_log: list[dict[str, np.ndarray]]) -> None:
     """Redo the optimizer steps of a gradient log: per entry, set every parameter's gradient (None
     where the entry has none) and step. The optimizer is deterministic, so this reproduces the state
@@ -274,6 +268,34 @@ class SnapshotPusher:
 
     def close(self) -> None:
         self.sends.shutdown(finish=False)
+
+
+# -- reading the slabs -----------------------------------------------------------------------------
+def _by_kind(found: list[list[dict[str, Any]]]) -> tuple[list[dict[int, Any]], list[dict[int, Any]]]:
+    """Per rank: its state slots by step, and its gradient-log slots by the step they complete."""
+    states = [{s["step"]: s for s in slots if s["meta"].get("kind", "state") == "state"} for slots in found]
+    logs = [{s["step"]: s for s in slots if s["meta"].get("kind") == "grads"} for slots in found]
+    return states, logs
+
+
+def _newest_chain(found: list[list[dict[str, Any]]]) -> tuple[int, int]:
+    """(b, k) for the largest k such that every rank holds state b and log entries b+1..k; (-1, -1) if none."""
+    states, logs = _by_kind(found)
+    base, step = -1, -1
+    for b in set.intersection(*(set(d) for d in states)) if states else ():
+        k = b
+        while all(k + 1 in d for d in logs):
+            k += 1
+        if k > step:
+            base, step = b, k
+    return base, step
+
+
+def _only(info: dict[str, Any], slots: list[dict[str, Any]], base: int, step: int) -> dict[str, Any]:
+    """`info` narrowed to the slots that rebuild `step` from `base`."""
+    states, logs = _by_kind([slots])
+    paths = [states[0][base]["path"]] + [logs[0][s]["path"] for s in range(base + 1, step + 1)]
+    return {"node_id": info["node_id"], "paths": paths}
 
 
 # -- the keeper actor -------------------------------------------------------------------------------
@@ -392,33 +414,35 @@ class SnapshotKeeper:
         latest = self._latest.step if self._latest else -1
         if not self._slabs or any(info is None for info in self._slabs):
             return {"step": latest, "seen": latest}
-        found = read_slabs(self._slabs, local_only=local_only)
-        seen = max((slot["step"] for slots in found for slot in slots), default=-1)
-        states = [{s["step"]: s for s in slots if s["meta"].get("kind", "state") == "state"} for slots in found]
-        logs = [{s["step"]: s for s in slots if s["meta"].get("kind") == "grads"} for slots in found]
-        base, step = -1, -1
-        for b in set.intersection(*(set(d) for d in states)):
-            k = b
-            while all(k + 1 in d for d in logs):
-                k += 1
-            if k > step:
-                base, step = b, k
+        # Headers first (steps, kinds, losses), then the arrays of only the slots the newest step needs.
+        heads = read_slabs(self._slabs, local_only=local_only, with_arrays=False)
+        seen = max((slot["step"] for slots in heads for slot in slots), default=-1)
         with self._lock:
-            for r, slots in enumerate(found):
+            for r, slots in enumerate(heads):
                 for slot in slots:
                     self._add_losses(r, slot["meta"].get("losses", []))
             latest = self._latest.step if self._latest else -1
-            if step > latest:
-                parts = {
-                    r: {"shared": d[base]["arrays"], "arrays": {}, "meta": d[base]["meta"]}
-                    for r, d in enumerate(states)
-                }
-                entries = range(base + 1, step + 1)
-                grad_log = [{k: v for d in logs for k, v in d[s]["arrays"].items()} for s in entries]
-                self._complete(step, parts, grad_log)
-                self.source = "shm"
-                latest = step
-            return {"step": latest, "seen": max(seen, latest)}
+        base, step = _newest_chain(heads)
+        if step > latest:
+            narrowed = [_only(info, slots, base, step) for info, slots in zip(self._slabs, heads, strict=True)]
+            found = read_slabs(narrowed, local_only=local_only)
+            if _newest_chain(found) != (base, step):  # rewritten or lost in between: whatever is whole now
+                found = read_slabs(self._slabs, local_only=local_only)
+                base, step = _newest_chain(found)
+            with self._lock:
+                latest = self._latest.step if self._latest else -1
+                if step > latest:
+                    states, logs = _by_kind(found)
+                    parts = {
+                        r: {"shared": d[base]["arrays"], "arrays": {}, "meta": d[base]["meta"]}
+                        for r, d in enumerate(states)
+                    }
+                    entries = range(base + 1, step + 1)
+                    grad_log = [{k: v for d in logs for k, v in d[s]["arrays"].items()} for s in entries]
+                    self._complete(step, parts, grad_log)
+                    self.source = "shm"
+                    latest = step
+        return {"step": latest, "seen": max(seen, latest)}
 
     def _complete(self, step: int, parts: dict[int, dict[str, Any]], grad_log: list | None = None) -> None:
         self._latest = Snapshot(

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from actors import snapshot as snapshot_module
 from actors.ddp_worker import DDPConfig, DDPConfigError
-from actors.slab import SlabWriter, read_slab, slab_paths
+from actors.slab import SlabWriter, read_slab, read_slabs, slab_paths
 from actors.snapshot import (
     KeeperConfig,
     Snapshot,
@@ -16,7 +17,6 @@ from actors.snapshot import (
     StateView,
     apply_log,
     assign_shards,
-    grad_arrays,
     load_state,
     rng_state,
     set_rng_state,
@@ -200,9 +200,7 @@ def train_logging(model, opt, steps: int) -> list[dict[str, np.ndarray]]:
     grads = []
     for _ in range(steps):
         model(torch.randn(5, 4)).pow(2).mean().backward()
-        grads.append(
-            {k: v.numpy().copy() for k, v in grad_arrays(model, [n for n, _ in model.named_parameters()]).items()}
-        )
+        grads.append({f"grad/{n}": p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
         opt.zero_grad(set_to_none=True)
     return grads
@@ -241,7 +239,7 @@ def log_push(writer, model, step: int, rank: int, grads: dict[str, np.ndarray], 
     writer.wait()
 
 
-def test_the_keeper_rebuilds_the_newest_step_from_full_copies_and_the_gradient_log(keeper, slab_env):
+def test_the_keeper_rebuilds_the_newest_step_from_full_copies_and_the_gradient_log(keeper, slab_env, monkeypatch):
     live = net()
     train_logging(*live, 2)
     model, opt = live
@@ -259,7 +257,13 @@ def test_the_keeper_rebuilds_the_newest_step_from_full_copies_and_the_gradient_l
             if not (rank == 1 and i == 2):  # rank 1 died before its share of step 4's gradients was in
                 log_push(logs[rank], model, 3 + i, rank, g, [(2 + i, float(rank))])
     slabs = [{"node_id": None, "paths": p} for p in paths]
+    reads = []
+    spy = lambda slabs, *a, **kw: reads.append((slabs, kw.get("with_arrays", True))) or read_slabs(slabs, *a, **kw)  # noqa: E731
+    monkeypatch.setattr(snapshot_module, "read_slabs", spy)
     assert keeper.collect(slabs) == {"step": 4, "seen": 5}
+    # Headers of every slot, then the arrays of just the full copy of step 2 and log entries 3 and 4.
+    assert [(len(s[0]["paths"]), arrays) for s, arrays in reads] == [(len(paths[0]), False), (3, True)]
+    monkeypatch.undo()
     got = keeper.restore(0)
     assert got["step"] == 4 and got["source"] == "shm" and len(got["log"]) == 2
     rebuilt = net()
