@@ -37,11 +37,18 @@ class ServeConfig:
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 2.0
-    # overload: past these, Serve answers 503 at once instead of queueing without bound
-    # (Ray Serve's proxy retries a full replica with backoff; slots well above the batch size keep
-    # batches full without leaving requests to back off)
+    # overload: a replica holds max_ongoing_requests (slots well above the batch size keep batches full), Serve's
+    # router queues max_queued_requests more and answers 503 to the rest at once. Requests should wait in the
+    # replica, not the router: 2 routing tasks per replica poll a full replica with exponential backoff (Serve's
+    # default 25 ms doubling up to 0.5 s) and hand out the oldest request first without resetting their own
+    # backoff, so a deep router queue reaches the replica about one request per sleep. With 128 queued, a replica
+    # serving ~250 req/s got 4 req/s under overload and accepted requests waited 10 s or more. A short router
+    # queue (it absorbs requests Serve still counts for a moment after their answer left) and a capped backoff
+    # refill a freed slot within ~20 ms, far sooner than a full replica drains.
     max_ongoing_requests: int = 64
-    max_queued_requests: int = 128
+    max_queued_requests: int = 8
+    router_initial_backoff_s: float = 0.005
+    router_max_backoff_s: float = 0.02
     # dynamic batching (max_batch_size=1 turns it off). With no wait a batch is whatever queued while the
     # previous batch ran: a lone request at low load goes straight to the model, and batches grow on their
     # own as load rises. A positive wait holds every batch open that long for more requests (it can help a
@@ -68,6 +75,8 @@ class ServeConfig:
             "target_ongoing_requests": self.target_ongoing_requests > 0,
             "max_ongoing_requests": self.max_ongoing_requests >= 1,
             "max_queued_requests": self.max_queued_requests >= -1,
+            "router_initial_backoff_s": 0 < self.router_initial_backoff_s <= self.router_max_backoff_s,
+            "router_max_backoff_s": 0 < self.router_max_backoff_s <= 10,
             "max_batch_size": self.max_batch_size >= 1,
             "batch_wait_timeout_s": 0 <= self.batch_wait_timeout_s <= 10,
             "max_body_bytes": self.max_body_bytes >= 1024,
@@ -111,6 +120,11 @@ class ServeConfig:
             "ray_actor_options": ray_actor_options,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "request_router_config": {
+                "initial_backoff_s": self.router_initial_backoff_s,
+                "backoff_multiplier": 2,
+                "max_backoff_s": self.router_max_backoff_s,
+            },
             "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
             "max_constructor_retry_count": self.max_constructor_retry_count,

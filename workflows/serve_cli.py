@@ -20,6 +20,7 @@ _SETTINGS = (
     "batch_wait_timeout_s",
     "max_ongoing_requests",
     "max_queued_requests",
+    "router_max_backoff_s",
     "max_body_bytes",
 )
 
@@ -49,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--store", help="tier URLs or a .toml file (rollout state lives on the durable tier)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
         for name in _SETTINGS:
-            p.add_argument(f"--{name.replace('_', '-')}", type=float if "timeout" in name or "cpus" in name else int)
+            p.add_argument(f"--{name.replace('_', '-')}", type=float if name.endswith("_s") or "cpus" in name else int)
 
 
 def _config(args: argparse.Namespace) -> ServeConfig:

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,9 +15,10 @@ import yaml
 from mlflow import MlflowClient
 from ray import serve
 
+from serving.app import bind
 from serving.config import ModelSource, RolloutRefused, ServeConfig
 from serving.loading import registry_source
-from serving.rollout import Rollout, wait_running
+from serving.rollout import Rollout, replica_options, wait_running
 from storage import StoreConfig
 from tests.conftest import free_port, start_local_ray
 from workflows import StageFailedError, Workflow
@@ -220,6 +222,47 @@ def test_overload_answers_503_fast_and_recovers(env, built):
     assert r.status_code == 200, r.text
     stats = httpx.get(f"http://127.0.0.1:{env['port']}/built/stats", timeout=10).json()
     assert stats["requests"] >= 3 and stats["batch_size_max"] >= 2  # concurrent requests were batched
+
+
+async def _open_loop(url: str, rate: float, seconds: float) -> list[tuple[int, float]]:
+    """(status, latency from the scheduled send time) of requests sent at a fixed rate; -1 = no answer."""
+    async with httpx.AsyncClient(timeout=10, limits=httpx.Limits(max_connections=None)) as client:
+
+        async def one(at: float) -> tuple[int, float]:
+            try:
+                status = (await client.post(url, json={"instances": [[0.0] * 64]})).status_code
+            except httpx.HTTPError:
+                status = -1
+            return status, time.perf_counter() - at
+
+        t0, tasks = time.perf_counter(), []
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(t0 + i / rate)))
+        return await asyncio.gather(*tasks)
+
+
+def test_sustained_overload_refuses_fast_keeps_latency_bounded_and_recovers(env):
+    # A replica that takes 8 requests per ~0.1 s batch (the batch can never fill 16, so it waits): ~75 req/s,
+    # offered 150 req/s for 3 s, with the ServeConfig defaults for the router queue and its backoff. With
+    # Serve's own (128 queued, backoff up to 0.5 s) this app answered ~4 req/s and accepted requests waited
+    # seconds: the router handed the queue to the replica one request per backoff sleep.
+    config = cfg(env, app_name="overload", max_ongoing_requests=8, max_batch_size=16, batch_wait_timeout_s=0.1)
+    source = registry_source(f"models:/{MODEL}/1", env["uri"])
+    serve.run(bind(source, config, replica_options(config)), name="overload", route_prefix="/overload")
+    url = f"http://127.0.0.1:{env['port']}/overload/predict"
+    try:
+        results = asyncio.run(_open_loop(url, rate=150, seconds=3))
+        ok = sorted(t for c, t in results if c == 200)
+        refused = sorted(t for c, t in results if c == 503)
+        assert {c for c, _ in results} <= {200, 503}, Counter(c for c, _ in results)  # nothing timed out
+        assert len(ok) >= 100, (len(ok), len(refused))  # >= ~45% of capacity answered, not a trickle
+        assert refused and refused[len(refused) // 2] < 0.1 and refused[-1] < 1.0  # refused at once
+        assert ok[int(0.99 * len(ok))] < 1.0  # accepted: a few batches of waiting, not seconds
+        t0 = time.perf_counter()  # recovered as soon as the load stops
+        assert predict(env, app="overload").status_code == 200 and time.perf_counter() - t0 < 0.5
+    finally:
+        serve.delete("overload", _blocking=False)
 
 
 def serve_cli_start(env, *args: str) -> subprocess.Popen:

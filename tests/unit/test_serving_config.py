@@ -15,7 +15,13 @@ def test_fixed_replicas_or_autoscaling():
     opts = ServeConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=3).deployment_options({})
     assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
     assert "num_replicas" not in opts
-    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (64, 128)
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (64, 8)
+
+
+def test_the_router_queue_is_short_and_polls_a_full_replica_often():
+    # Serve's defaults (backoff to 0.5 s, a deep queue) starved a replica under overload: see ServeConfig
+    opts = ServeConfig().deployment_options({})
+    assert opts["request_router_config"] == {"initial_backoff_s": 0.005, "backoff_multiplier": 2, "max_backoff_s": 0.02}
 
 
 def test_batches_do_not_wait_by_default_but_can():
@@ -48,6 +54,8 @@ def test_replicas_are_placed_like_stages():
         ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"max_queued_requests": -2}, "max_queued_requests"),
+        ({"router_max_backoff_s": 0.001}, "router_initial_backoff_s"),
+        ({"router_max_backoff_s": 0}, "router_max_backoff_s"),
         ({"canary_share": 1.0}, "canary_share"),
         ({"max_body_bytes": 10}, "max_body_bytes"),
         ({"num_gpus": 1.5}, "fractions are allowed below 1 only"),

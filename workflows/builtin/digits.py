@@ -276,7 +276,7 @@ def serve(
     max_batch_size: int = 32,
     batch_wait_timeout_s: float = 0.0,
     max_ongoing_requests: int = 64,
-    max_queued_requests: int = 128,
+    max_queued_requests: int = 8,
     canary_share: float = 0.0,
 ) -> dict[str, Any]:
     """Roll the evaluated model out on Ray Serve (blue/green, optional canary); answer with the URL."""
