@@ -106,9 +106,8 @@ class DDPConfig:
     log_min_bytes: int = INLINE_BYTES
     rescue: bool = True  # on a peer's death, survivors hand the keeper their (replicated) state
     durable_every: int = 0  # steps between durable checkpoints in the store; 0 = only on SIGTERM
-    keep_durable: int = (
-        0  # keep the newest N durable checkpoints (older manifests removed; `store gc` frees them); 0 = all
-    )
+    # keep the newest N durable checkpoints (older ones lose their manifests; `store gc` frees them); 0 = all
+    keep_durable: int = 0
     max_restarts: int = 3
     placement_timeout_s: float = 60.0
     collective_timeout_s: float = 60.0
