@@ -15,7 +15,6 @@ os.environ["RAY_SERVE_LOG_TO_STDERR"] = "0"  # access logs to files only: not st
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import platform
@@ -29,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import fastapi
-import httpx
 import numpy as np
 import pydantic
 import ray
@@ -50,10 +49,15 @@ from workflows.builtin.digits import N_FEATURES, _bundle, _raw_test_rows, prepro
 
 SECTION = "serving_load"
 PEERS = {"tf-batch": "tierflow, batching on", "tf-nobatch": "tierflow, batching off", "bare": "bare Ray Serve"}
-CLIENTS = 8  # httpx clients, requests spread round-robin
 ROLES = ("client", "proxy", "replica", "ray", "outside")
 SHORT = {"tf-batch": "on", "tf-nobatch": "off", "bare": "bare"}
 SATURATION = "saturation"  # closed loop, concurrency = max_ongoing_requests; round 1 gives the peer's C
+JSON = {"content-type": "application/json"}
+BARE_OPTIONS = ("ray_actor_options", "max_ongoing_requests", "max_queued_requests", "request_router_config")
+# A closed-loop worker refused with a 503 pauses this long: Serve's router counts a request until its response
+# stream has ended, a little after the client has the answer, so a loop as wide as max_ongoing_requests is now
+# and then one over and refused; resent at once, refusals would spin and take the proxy's CPU from the replica.
+REFUSED_PAUSE_S = 0.01
 COMMON = "0.5xCmin"  # every peer at the same open-loop rate, half the smallest C: the p50 comparison
 
 
@@ -94,15 +98,16 @@ class Run:
     cpu: dict[str, float] = field(default_factory=dict)  # % of one core by role
     stats: dict[str, Any] = field(default_factory=dict)  # tierflow's /stats after a limits setting
 
-    def lat(self, q: float) -> float:
-        ok = [t for t, s in self.recs if s == 200]
+    def lat(self, q: float, status: int = 200) -> float:
+        ok = [t for t, s in self.recs if s == status]
         return float(np.percentile(ok, q)) * 1e3 if ok else float("nan")
 
     def cells(self) -> str:
         c = Counter(s for _, s in self.recs)
         cpu = " / ".join(f"{self.cpu[k]:.0f}" for k in ROLES)
+        refused = f"{c[503]} | {self.lat(99, 503):.1f}" if c[503] else "0 | -"
         return (
-            f"{self.ok_in_window / self.duration:,.1f} | {self.lat(50):.1f} | {self.lat(99):.1f} | {c[503]} | "
+            f"{self.ok_in_window / self.duration:,.1f} | {self.lat(50):.1f} | {self.lat(99):.1f} | {refused} | "
             f"{sum(c.values()) - c[200] - c[503]} | {cpu} |"
         )
 
@@ -139,36 +144,48 @@ async def measured(run: Run, work: Any) -> Run:
     return run
 
 
-async def post(client: httpx.AsyncClient, url: str, body: bytes, start: float, end: float, run: Run) -> None:
+async def post(client: aiohttp.ClientSession, url: str, body: bytes, start: float, end: float, run: Run) -> int:
     try:
-        status = (await client.post(url, content=body, headers={"content-type": "application/json"})).status_code
-    except httpx.HTTPError:
+        async with client.post(url, data=body, headers=JSON) as response:
+            await response.read()
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError):
         status = -1
     done = time.perf_counter()
     run.recs.append((done - start, status))
     run.ok_in_window += status == 200 and done <= end
+    return status
 
 
-async def open_loop(clients: list[httpx.AsyncClient], url: str, bodies: list[bytes], run: Run) -> None:
+async def open_loop(client: aiohttp.ClientSession, url: str, bodies: list[bytes], run: Run) -> None:
     t0, tasks = time.perf_counter() + 0.05, []
     for i in range(int(run.offered * run.duration)):
         sched = t0 + i / run.offered
         if (delay := sched - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
         run.lag_ms.append((time.perf_counter() - sched) * 1e3)
-        work = post(clients[i % len(clients)], url, bodies[i % len(bodies)], sched, t0 + run.duration, run)
+        work = post(client, url, bodies[i % len(bodies)], sched, t0 + run.duration, run)
         tasks.append(asyncio.create_task(work))
     await asyncio.gather(*tasks)
 
 
-async def closed_loop(clients: list[httpx.AsyncClient], url: str, bodies: list[bytes], run: Run, conc: int) -> None:
+async def closed_loop(client: aiohttp.ClientSession, url: str, bodies: list[bytes], run: Run, conc: int) -> None:
     end = time.perf_counter() + run.duration
 
     async def worker(k: int) -> None:
         while (now := time.perf_counter()) < end:
-            await post(clients[k % len(clients)], url, bodies[(k + len(run.recs)) % len(bodies)], now, end, run)
+            if await post(client, url, bodies[(k + len(run.recs)) % len(bodies)], now, end, run) == 503:
+                await asyncio.sleep(REFUSED_PAUSE_S)
 
     await asyncio.gather(*(worker(k) for k in range(conc)))
+
+
+def session() -> aiohttp.ClientSession:
+    """The load generator's HTTP client: no connection cap (an open loop must not queue in the client), 30 s
+    per request. aiohttp costs ~0.1 ms CPU per request here, httpx ~0.9 ms (both measured against a trivial
+    server): the generator shares the 2 cores with the system under test, so a lighter one frees CPU for every
+    peer alike."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=30))
 
 
 async def bench(
@@ -176,25 +193,24 @@ async def bench(
 ) -> list[Run]:
     """Per peer: saturation (its C), open loop at 0.5/1/2 x its own C, then `rounds` x (every peer at one common
     rate, 0.5 x the smallest C) and further saturation rounds. Peers interleaved at every step."""
-    # several small pools: one httpx pool slows down with many connections in flight (encode/httpx#3215)
-    async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(httpx.AsyncClient(timeout=30)) for _ in range(CLIENTS)]
+    async with session() as client:
 
         async def one(peer: str, mode: str, conc: int = 0, offered: float = 0.0) -> Run:
             await asyncio.sleep(1.0)  # let queues drain
             run, url = Run(model, tag, peer, mode, duration, offered), f"{base}/{peer}/predict"
-            work = closed_loop(clients, url, bodies, run, conc) if conc else open_loop(clients, url, bodies, run)
+            work = closed_loop(client, url, bodies, run, conc) if conc else open_loop(client, url, bodies, run)
             return await measured(run, work)
 
         for peer in PEERS:  # warm-up: connections, replica code paths
-            await closed_loop(clients, f"{base}/{peer}/predict", bodies, Run(model, tag, peer, "warm-up", 1.0), 16)
+            await closed_loop(client, f"{base}/{peer}/predict", bodies, Run(model, tag, peer, "warm-up", 1.0), 16)
         runs = [await one(p, f"{SATURATION} 1", conc=sat) for p in PEERS]
         cap = {r.peer: r.ok_in_window / duration for r in runs}
         runs += [await one(p, f"{m:g}xC", offered=m * cap[p]) for m in (0.5, 1.0, 2.0) for p in PEERS]
         common = 0.5 * min(cap.values())
         runs += [await one(p, f"{COMMON} {k + 1}", offered=common) for k in range(rounds) for p in PEERS]
         runs += [await one(p, f"{SATURATION} {k + 1}", conc=sat) for k in range(1, rounds) for p in PEERS]
-        runs[0].stats = (await clients[0].get(f"{base}/tf-batch/stats")).json()
+        async with client.get(f"{base}/tf-batch/stats") as response:
+            runs[0].stats = await response.json()
     return runs
 
 
@@ -243,7 +259,8 @@ def deploy(source: ModelSource, port: int, ongoing: int, queued: int, wait_s: fl
     on = ServeConfig(app_name="tf-batch", max_batch_size=32, batch_wait_timeout_s=wait_s, **common)
     Rollout(store_cfg, on).deploy(source)
     Rollout(store_cfg, ServeConfig(app_name="tf-nobatch", max_batch_size=1, **common)).deploy(source)
-    opts = {"ray_actor_options": replica_options(on), "max_ongoing_requests": ongoing, "max_queued_requests": queued}
+    # bare gets the same limits and router backoff as tierflow's peers
+    opts = {k: v for k, v in on.deployment_options(replica_options(on)).items() if k in BARE_OPTIONS}
     serve.run(Bare.options(num_replicas=1, **opts).bind(source), name="bare", route_prefix="/bare")
 
 
@@ -315,9 +332,9 @@ def summary(model: str, limits: str, runs: list[Run]) -> str:
 
 def report(runs: list[Run], head: list[str]) -> str:
     cpu = "CPU % client / proxy / replica / rest of Ray / outside"
-    tail = f"send lag p99 ms | throughput (200/s) | p50 ms | p99 ms | 503 | other errors | {cpu} |"
+    tail = f"send lag p99 ms | throughput (200/s) | p50 ms | p99 ms | 503 | 503 p99 ms | other errors | {cpu} |"
     lines = [*head, "", f"| model | limits | load | peer | offered req/s | {tail}"]
-    lines += ["|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         offered = f"{r.offered:,.0f} | {np.percentile(r.lag_ms, 99):.1f}" if r.offered else "closed loop | -"
         lines.append(f"| {r.model} | {r.limits} | {r.mode} | {PEERS[r.peer]} | {offered} | {r.cells()}")
@@ -380,14 +397,17 @@ def main() -> None:
         f"- Machine: {machine()}; load average (1/5/15 min) {' '.join(load_before)} before, "
         f"{' '.join(load_after)} after",
         f"- Python {platform.python_version()}, Ray {ray.__version__}, torch {torch.__version__}, FastAPI "
-        f"{fastapi.__version__}, pydantic {pydantic.__version__}, httpx {httpx.__version__}; local Ray started "
+        f"{fastapi.__version__}, pydantic {pydantic.__version__}, aiohttp {aiohttp.__version__}; local Ray started "
         "in-process with `num_cpus=2`; `RAY_SERVE_LOG_TO_STDERR=0` (Serve access logs go to files only)",
         f"- Command: `{command}`",
         "- Models (every peer serves the same weights; forward pass = median `predict_proba` time on one thread, "
         "as replicas run torch, measured in the driver before the runs):",
         *(f"  - {m.describe()}" for m in models),
         f"- Each peer: 1 replica, `num_cpus={dflt.num_cpus}`; limits = `max_ongoing_requests/max_queued_requests`, "
-        f"the same for all peers ({defaults} = ServeConfig defaults). Batching on: `max_batch_size=32, "
+        f"the same for all peers ({defaults} = ServeConfig defaults), as is the router's backoff on a full replica "
+        f"(`request_router_config` {dflt.router_initial_backoff_s * 1e3:g} ms doubling to "
+        f"{dflt.router_max_backoff_s * 1e3:g} ms, ServeConfig's; Serve's own is 25 ms to 0.5 s). Batching on: "
+        "`max_batch_size=32, "
         f"batch_wait_timeout_s={args.batch_wait_s:g}`; off: `max_batch_size=1`. Bare: plain `@serve.deployment`, "
         "`await request.json()`, `predict_proba` inline, JSON out; no validation, no batching.",
         f"- Method. `{SATURATION} k` = closed loop at concurrency = `max_ongoing_requests` (as many requests "
@@ -402,8 +422,12 @@ def main() -> None:
         "That target is meaningful for `wide` only: digits' forward pass (~0.03 ms) is ~1% of a request's CPU cost, "
         "so batching has almost nothing to save there; its ratio is printed for completeness. "
         f"One digits row (64 floats) per POST, {duration:g} s per run, 1 s pause between runs, peers interleaved at "
-        "each step. The load generator (one asyncio loop, 8 httpx clients, in the driver process) **shares the 2 "
-        "cores** with the Serve proxy and replicas. CPU % = % of one core (200 = the whole machine) per process "
+        f"each step; a closed-loop worker refused with a 503 waits {REFUSED_PAUSE_S * 1e3:g} ms before its next "
+        "request (Serve counts a request until its response stream ends, a moment after the client has the answer, "
+        "so a loop as wide as `max_ongoing_requests` is refused now and then). The load generator (one asyncio "
+        "loop, one aiohttp session with no connection cap, in the driver process) **shares the 2 cores** with the "
+        "Serve proxy and replicas; it used httpx before, which costs ~0.9 ms CPU per request here against ~0.1 ms "
+        "for aiohttp. CPU % = % of one core (200 = the whole machine) per process "
         "group during the run; `outside` = machine busy time not in this benchmark's processes.",
     ]
     body = report(runs, head)
