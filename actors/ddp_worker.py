@@ -233,11 +233,16 @@ class DDPWorker:
         owner = assign_shards(named, self.world)
         params = dict(self.model.named_parameters())
         self._my_grads = [(f"grad/{n}", params[n]) for n in named if owner[n] == self.rank]
+        # Buffers (BatchNorm's running statistics) change in forward, not in the optimizer: the log
+        # carries them too, and a redo ends with the last entry's.
+        buffers = {n: b.numel() * b.element_size() for n, b in self.model.named_buffers()}
+        owner = assign_shards(buffers, self.world)
+        self._my_buffers = [n for n in buffers if owner[n] == self.rank]
         # Map the slots now, at setup, not on the first steps' copies (as sized for the room check).
         self.slab.reserve(4 * sum(named.values()) // self.world, 4 * len(named))
         if self.gradlog is not None:
-            mine = sum(p.numel() * p.element_size() for _, p in self._my_grads)
-            self.gradlog.reserve(mine, len(self._my_grads))
+            mine = sum(p.numel() * p.element_size() for _, p in self._my_grads) + sum(buffers.values())
+            self.gradlog.reserve(mine, len(self._my_grads) + len(self._my_buffers))
         # Copying gradients while the optimizer steps is safe only if it never writes them in place:
         # torch.optim's own optimizers do not; for any other the copy is awaited first.
         self._grads_read_only = type(self.optimizer).__module__.startswith("torch.optim")
@@ -394,6 +399,9 @@ class DDPWorker:
         complete: with the last full copy they rebuild the state after it. A third of Adam's state."""
         t0 = time.perf_counter()
         grads = {k: p.grad.detach() for k, p in self._my_grads if p.grad is not None}
+        if self._my_buffers:  # cloned: the next forward updates them in place while the copy may still run
+            live = dict(self.model.named_buffers())
+            grads |= {f"buffer/{n}": live[n].detach().clone() for n in self._my_buffers}
         self.gradlog.push(self.step + 1, grads, {"kind": "grads", "losses": self._slab_losses()})
         if not self._grads_read_only:
             self.gradlog.wait()

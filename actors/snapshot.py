@@ -190,17 +190,26 @@ def load_state(model: Any, optimizer: Any, shared: dict[str, np.ndarray], meta: 
 
 def apply_log(model: Any, optimizer: Any, grad_log: list[dict[str, np.ndarray]]) -> None:
     """Redo the optimizer steps of a gradient log: per entry, set every parameter's gradient (None
-    where the entry has none) and step. The optimizer is deterministic, so this reproduces the state
-    bit for bit on the same kind of machine, without a forward or backward pass."""
+    where the entry has none) and step; then take the buffers ("buffer/<name>", which forward passes
+    update) from the last entry. The optimizer is deterministic, so this reproduces the state bit for
+    bit on the same kind of machine, without a forward or backward pass."""
     import torch  # noqa: PLC0415
+
+    def tensor(a: np.ndarray, like: Any) -> Any:
+        return torch.from_numpy(np.array(a, copy=True)).to(like.device)
 
     params = list(model.named_parameters())
     for grads in grad_log:
         for name, p in params:
             g = grads.get(f"grad/{name}")
-            p.grad = None if g is None else torch.from_numpy(np.array(g, copy=True)).to(p.device)
+            p.grad = None if g is None else tensor(g, p)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if grad_log:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if (value := grad_log[-1].get(f"buffer/{name}")) is not None:
+                    b.copy_(tensor(value, b))
 
 
 def rng_state() -> tuple[dict[str, np.ndarray], dict[str, Any]]:

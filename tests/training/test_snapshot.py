@@ -232,6 +232,25 @@ def test_redoing_the_logged_gradients_rebuilds_the_state_bit_for_bit():
     assert torch.equal(live[0](x), rebuilt[0](x))
 
 
+def test_redoing_the_log_restores_the_buffers_forward_passes_update():
+    def bn_net():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    live = bn_net()
+    train_logging(*live, 2)
+    base = copied(*live)
+    log = []
+    for entry in train_logging(*live, 3):  # as a rank logs them: the buffers after the step's forward
+        log.append(entry | {f"buffer/{n}": b.numpy().copy() for n, b in live[0].named_buffers()})
+    rebuilt = bn_net()
+    load_state(*rebuilt, *base)
+    apply_log(*rebuilt, log)
+    assert_same_state(live, rebuilt)
+    assert int(rebuilt[0][1].num_batches_tracked) == 5  # not the full copy's 2
+
+
 def log_push(writer, model, step: int, rank: int, grads: dict[str, np.ndarray], losses=()):
     owner = assign_shards({k: v.nbytes for k, v in grads.items()}, 2)
     mine = {k: v for k, v in grads.items() if owner[k] == rank}
