@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 _STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 _SNAPSHOT_TO = ("shm", "keeper")
 LOSS_BATCH = 256  # slab mode: losses go to the keeper in batches of this many steps
+STATE_PER_PARAM_BYTE = 4  # bytes of training state per parameter byte a slab makes room for (Adam: 3, + slack)
 
 
 class GangError(ActorsError):
@@ -229,9 +230,9 @@ class DDPWorker:
         paths = slab_paths(*key, self.rank, log_slots=log_slots)
         self.slab, self._full_every = SlabWriter(paths[:2]), full_every
         self.gradlog = SlabWriter(paths[2:]) if log_slots else None
-        named = {n: p.numel() * p.element_size() for n, p in self.model.named_parameters() if p.requires_grad}
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        named = {n: p.numel() * p.element_size() for n, p in params.items()}
         owner = assign_shards(named, self.world)
-        params = dict(self.model.named_parameters())
         self._my_grads = [(f"grad/{n}", params[n]) for n in named if owner[n] == self.rank]
         # Buffers (BatchNorm's running statistics) change in forward, not in the optimizer: the log
         # carries them too, and a redo ends with the last entry's.
@@ -239,7 +240,7 @@ class DDPWorker:
         owner = assign_shards(buffers, self.world)
         self._my_buffers = [n for n in buffers if owner[n] == self.rank]
         # Map the slots now, at setup, not on the first steps' copies (as sized for the room check).
-        self.slab.reserve(4 * sum(named.values()) // self.world, 4 * len(named))
+        self.slab.reserve(STATE_PER_PARAM_BYTE * sum(named.values()) // self.world, 4 * len(named))
         if self.gradlog is not None:
             mine = sum(p.numel() * p.element_size() for _, p in self._my_grads) + sum(buffers.values())
             self.gradlog.reserve(mine, len(self._my_grads) + len(self._my_buffers))
@@ -251,19 +252,20 @@ class DDPWorker:
     def _slab_full_every(self) -> int:
         """How often the full share goes to the slab (the gradient log covers the steps between), or 0:
         every rank snapshots to the keeper. Slabs need room on every rank's node for two state shares
-        (~4 bytes of state per parameter byte allows for Adam's moments) and the log; a log shortened
-        to fit is preferred to none. All ranks agree on the answer through an all-reduce."""
+        (`STATE_PER_PARAM_BYTE`) and the log; a log shortened to fit is preferred to none. All ranks
+        agree on the answer through an all-reduce."""
         import torch  # noqa: PLC0415
         import torch.distributed as dist  # noqa: PLC0415
 
         if self.cfg.snapshot_every != 1 or self.cfg.snapshot_to != "shm":
             return 0
         share = sum(p.numel() * p.element_size() for p in self.model.parameters()) // self.world
+        state = STATE_PER_PARAM_BYTE * share
         free = shutil.disk_usage(slab_dir()).free
-        wanted = every = self.cfg.full_every if 4 * share > self.cfg.log_min_bytes else 1
-        while every > 1 and 8 * share + (every + 1) * share + (1 << 20) > free:
+        wanted = every = self.cfg.full_every if state > self.cfg.log_min_bytes else 1
+        while every > 1 and 2 * state + (every + 1) * share + (1 << 20) > free:  # + the log's slots
             every //= 2
-        if every == 1 and 8 * share + (1 << 20) > free:
+        if every == 1 and 2 * state + (1 << 20) > free:
             every = 0
         agreed = torch.tensor([every])
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # one answer for the whole gang

@@ -3,9 +3,9 @@
 Each rank copies its share of the training state into one of two memory-mapped files under /dev/shm
 (tmpfs: RAM that outlives the worker process), alternating slots so the previous copy stays whole
 while the next one is written; for a large share, only every K steps, and its share of each step's
-gradients into a ring of K + 1 more slots in between (the gradient log, actors.ddp_worker). That costs
-one memcpy: no Ray call, no serialisation, no other process woken. A Ray call per step cost more than a whole
-digits step (3 ms) on two cores; see BENCHMARKS.md. The slabs are read only when needed: after a
+gradients into a ring of K + 1 more slots in between (the gradient log, actors.ddp_worker). That
+costs one memcpy: no Ray call, no serialisation, no other process woken. A Ray call per step cost
+more than a whole digits step (3 ms) on two cores; see BENCHMARKS.md. The slabs are read only when needed: after a
 failure and on SIGTERM (`SnapshotKeeper.collect`). A node's slabs die with the node, which survivor
 rescue (actors.snapshot) covers; a dead process's slabs stay readable.
 
