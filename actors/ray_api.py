@@ -23,6 +23,10 @@ def connect(address: str | None = None, **init_kwargs: Any) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        # Serve's direct ingress (opt-in, RAY_SERVE_ENABLE_DIRECT_INGRESS=1) holds a stopping replica open
+        # 30 s for external load balancers to deregister it; a local Ray we start has none.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
     # "local" never re-attaches to a stale cluster file left by an earlier `ray start`.
     ray.init(address=address or "local", log_to_driver=True, **init_kwargs)
     return address is None

@@ -9,9 +9,17 @@ the digits scaler, saved the same way) whose forward pass is a real part of it. 
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ["RAY_AUTH_MODE"] = "token"  # before Ray is imported (tierflow's clusters run token auth)
 os.environ["RAY_SERVE_LOG_TO_STDERR"] = "0"  # access logs to files only: not streamed into this process
+# --direct-ingress: read by Serve's processes when they start, as on a real cluster; no load balancer here
+# to deregister a stopping replica from, so no minimum drain
+os.environ.update(
+    {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+    if "--direct-ingress" in sys.argv
+    else {}
+)
 
 import argparse
 import asyncio
@@ -20,7 +28,6 @@ import json
 import platform
 import shlex
 import socket
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -43,11 +50,12 @@ from actors.context import StageContext
 from serving.config import ModelSource, ServeConfig
 from serving.loading import load_model
 from serving.model import build_mlp, predict_proba
-from serving.rollout import Rollout, replica_options
+from serving.rollout import Rollout, direct_urls, replica_options
 from storage import ArtifactStore, StoreConfig
 from workflows.builtin.digits import N_FEATURES, _bundle, _raw_test_rows, preprocess, train
 
-SECTION = "serving_load"
+DIRECT = "--direct-ingress" in sys.argv
+SECTION = "serving_load_direct" if DIRECT else "serving_load"
 PEERS = {"tf-batch": "tierflow, batching on", "tf-nobatch": "tierflow, batching off", "bare": "bare Ray Serve"}
 ROLES = ("client", "proxy", "replica", "ray", "outside")
 SHORT = {"tf-batch": "on", "tf-nobatch": "off", "bare": "bare"}
@@ -59,6 +67,13 @@ BARE_OPTIONS = ("ray_actor_options", "max_ongoing_requests", "max_queued_request
 # and then one over and refused; resent at once, refusals would spin and take the proxy's CPU from the replica.
 REFUSED_PAUSE_S = 0.01
 COMMON = "0.5xCmin"  # every peer at the same open-loop rate, half the smallest C: the p50 comparison
+INGRESS_NOTE = (
+    "; **direct ingress**: `RAY_SERVE_ENABLE_DIRECT_INGRESS=1` (and "
+    "`RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=0`) set before Ray starts, so each peer's replica also "
+    "serves HTTP on a port of its own; every request below goes "
+    "there (`tierflow serve status` lists those URLs as `direct_urls`), past Serve's proxy and the two Ray calls it "
+    "makes per request (proxy to replica, and the replica's call back for the request body)"
+)
 
 
 @serve.deployment
@@ -189,7 +204,7 @@ def session() -> aiohttp.ClientSession:
 
 
 async def bench(
-    base: str, bodies: list[bytes], duration: float, model: str, tag: str, sat: int, rounds: int
+    urls: dict[str, str], bodies: list[bytes], duration: float, model: str, tag: str, sat: int, rounds: int
 ) -> list[Run]:
     """Per peer: saturation (its C), open loop at 0.5/1/2 x its own C, then `rounds` x (every peer at one common
     rate, 0.5 x the smallest C) and further saturation rounds. Peers interleaved at every step."""
@@ -197,19 +212,19 @@ async def bench(
 
         async def one(peer: str, mode: str, conc: int = 0, offered: float = 0.0) -> Run:
             await asyncio.sleep(1.0)  # let queues drain
-            run, url = Run(model, tag, peer, mode, duration, offered), f"{base}/{peer}/predict"
+            run, url = Run(model, tag, peer, mode, duration, offered), urls[peer]
             work = closed_loop(client, url, bodies, run, conc) if conc else open_loop(client, url, bodies, run)
             return await measured(run, work)
 
         for peer in PEERS:  # warm-up: connections, replica code paths
-            await closed_loop(client, f"{base}/{peer}/predict", bodies, Run(model, tag, peer, "warm-up", 1.0), 16)
+            await closed_loop(client, urls[peer], bodies, Run(model, tag, peer, "warm-up", 1.0), 16)
         runs = [await one(p, f"{SATURATION} 1", conc=sat) for p in PEERS]
         cap = {r.peer: r.ok_in_window / duration for r in runs}
         runs += [await one(p, f"{m:g}xC", offered=m * cap[p]) for m in (0.5, 1.0, 2.0) for p in PEERS]
         common = 0.5 * min(cap.values())
         runs += [await one(p, f"{COMMON} {k + 1}", offered=common) for k in range(rounds) for p in PEERS]
         runs += [await one(p, f"{SATURATION} {k + 1}", conc=sat) for k in range(1, rounds) for p in PEERS]
-        async with client.get(f"{base}/tf-batch/stats") as response:
+        async with client.get(urls["tf-batch"].removesuffix("/predict") + "/stats") as response:
             runs[0].stats = await response.json()
     return runs
 
@@ -262,6 +277,14 @@ def deploy(source: ModelSource, port: int, ongoing: int, queued: int, wait_s: fl
     # bare gets the same limits and router backoff as tierflow's peers
     opts = {k: v for k, v in on.deployment_options(replica_options(on)).items() if k in BARE_OPTIONS}
     serve.run(Bare.options(num_replicas=1, **opts).bind(source), name="bare", route_prefix="/bare")
+
+
+def peer_url(peer: str, port: int) -> str:
+    """Through Serve's proxy; with --direct-ingress, straight to the peer's one replica on its own port."""
+    if not DIRECT:
+        return f"http://127.0.0.1:{port}/{peer}/predict"
+    [url] = direct_urls(peer)
+    return f"{url}/predict"
 
 
 def pooled_p50(runs: list[Run]) -> float:
@@ -366,6 +389,12 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=2, help="interleaved rounds of the saturation and common-rate runs (default 2)"
     )
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="start Serve with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and send every peer's requests to its replica's own "
+        "port, past the proxy (written to its own section)",
+    )
     parser.add_argument("--write", action="store_true", help=f"update the section in {'BENCHMARKS.md'}")
     args = parser.parse_args()
     duration = 2.0 if args.quick else args.duration_s
@@ -382,8 +411,8 @@ def main() -> None:
                 for limits in args.limits:
                     ongoing, queued = (int(v) for v in limits.split("/"))
                     deploy(model.source, port, ongoing, queued, args.batch_wait_s)
-                    base = f"http://127.0.0.1:{port}"
-                    runs += asyncio.run(bench(base, bodies, duration, model.name, limits, ongoing, args.rounds))
+                    urls = {p: peer_url(p, port) for p in PEERS}
+                    runs += asyncio.run(bench(urls, bodies, duration, model.name, limits, ongoing, args.rounds))
                     for app in PEERS:
                         serve.delete(app)
     finally:
@@ -391,14 +420,16 @@ def main() -> None:
         ray.shutdown()
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     head = [
-        "## Serving under load: tierflow Serve app (batching on / off) vs bare Ray Serve, 1 replica",
+        f"## Serving under load{', direct ingress' if DIRECT else ''}: tierflow Serve app (batching on / off) vs "
+        "bare Ray Serve, 1 replica",
         "",
         f"- Date: {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         f"- Machine: {machine()}; load average (1/5/15 min) {' '.join(load_before)} before, "
         f"{' '.join(load_after)} after",
         f"- Python {platform.python_version()}, Ray {ray.__version__}, torch {torch.__version__}, FastAPI "
         f"{fastapi.__version__}, pydantic {pydantic.__version__}, aiohttp {aiohttp.__version__}; local Ray started "
-        "in-process with `num_cpus=2`; `RAY_SERVE_LOG_TO_STDERR=0` (Serve access logs go to files only)",
+        "in-process with `num_cpus=2`; `RAY_SERVE_LOG_TO_STDERR=0` (Serve access logs go to files only)"
+        + (INGRESS_NOTE if DIRECT else ""),
         f"- Command: `{command}`",
         "- Models (every peer serves the same weights; forward pass = median `predict_proba` time on one thread, "
         "as replicas run torch, measured in the driver before the runs):",

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+import ray
 from ray import serve
 from ray.serve.schema import ApplicationStatus
 
@@ -29,6 +30,8 @@ _WAIT_S = 300.0
 # A candidate has no route and its only requests are the smoke calls, awaited before it is deleted:
 # nothing to drain, so its replica need not sleep Serve's 2 s drain loop before exiting.
 _CANDIDATE_DRAIN_LOOP_S = 0.1
+_REPLICA_TARGET = "SERVE_REPLICA::"  # Serve's replica actor names; proxy targets are SERVE_PROXY_ACTOR-...
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # noqa: S104  # names, not binds: such a replica is reached by node IP
 
 
 def _candidate(app: str) -> str:
@@ -146,10 +149,14 @@ class Rollout:
             "app": self.app,
             "url": self.config.url,
             "applications": live,
+            "direct_urls": self.direct_urls(),
             "stable": state["stable"],
             "canary": state["canary"],
             "versions": len(state["history"]),
         }
+
+    def direct_urls(self) -> list[str]:
+        return direct_urls(self.app, self.config.host)
 
     def log_stats(self, tracking_uri: str, stats: dict[str, Any]) -> str:
         """Summarise the endpoint's request statistics in MLflow: one run per app in `tierflow-serving`."""
@@ -201,6 +208,26 @@ class Rollout:
     def _drop_canary(self, state: dict[str, Any]) -> None:
         _delete(_canary(self.app))
         state["canary"] = None
+
+
+def direct_urls(app: str, host: str = "127.0.0.1") -> list[str]:
+    """Base URLs of `app`'s ingress replicas when Serve runs with direct ingress; [] when it does not.
+
+    With `RAY_SERVE_ENABLE_DIRECT_INGRESS=1` in the environment Ray's processes start in, every ingress
+    replica also serves HTTP on a port of its own (30000-31000, on the proxy's host), which skips the proxy
+    and the two Ray calls it makes per request (see BENCHMARKS.md). The ports change whenever a rollout
+    replaces replicas. Serve 2.60 publishes them only through its controller's `get_target_groups`, the call
+    its own HAProxy integration reads, so this asks there.
+    """
+    controller = serve.context._get_global_client()._controller  # no public accessor in 2.60
+    groups = ray.get(controller.get_target_groups.remote(app), timeout=30)
+    return [
+        f"http://{t.ip if host in _WILDCARD_HOSTS else host}:{t.port}{g.route_prefix.rstrip('/')}"
+        for g in groups
+        if g.app_name == app and g.protocol == "HTTP"
+        for t in g.targets
+        if t.name.startswith(_REPLICA_TARGET)
+    ]
 
 
 def _run(app: Any, *, name: str, route_prefix: str | None) -> Any:

@@ -250,23 +250,27 @@ def _endpoints(run: RunInfo) -> list[tuple[StageRecord, dict[str, Any]]]:
 
 
 def _smoke_requests(run: RunInfo) -> list[dict[str, Any]]:
-    """Send each deployed endpoint its example request, as a user would."""
+    """Send each deployed endpoint its example request, as a user would (and each direct-ingress replica)."""
     answers = []
     for rec, info in _endpoints(run):
         body = json.dumps(info.get("example", {})).encode()
-        headers = {"Content-Type": "application/json"}
-        req = urllib.request.Request(info["predict_url"], data=body, headers=headers)  # noqa: S310  # http(s) from our stage
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310  # our own loopback URL
-                answer = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            answer = {"error": f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}"}
-        except (urllib.error.URLError, TimeoutError) as exc:
-            answer = {"error": str(exc)}
-        answers.append(
-            {"stage": rec.name, "url": info["predict_url"], "expected": info.get("example_label"), "response": answer}
-        )
+        answer = {"stage": rec.name, "url": info["predict_url"], "expected": info.get("example_label")}
+        answer["response"] = _ask(info["predict_url"], body)
+        if direct := info.get("direct_predict_urls"):
+            answer["direct"] = [{"url": url, "response": _ask(url, body)} for url in direct]
+        answers.append(answer)
     return answers
+
+
+def _ask(url: str, body: bytes) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})  # noqa: S310  # http(s) from our stage
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310  # our own loopback URL
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return {"error": f"HTTP {exc.code}: {exc.read().decode(errors='replace')[:500]}"}
+    except (urllib.error.URLError, TimeoutError) as exc:
+        return {"error": str(exc)}
 
 
 def _undeploy(run: RunInfo) -> None:
@@ -328,6 +332,9 @@ def _print_summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> No
             f"  example request -> {json.dumps(a['response'].get('predictions', a['response']))} "
             f"(true label {a['expected']})"
         )
+        for d in a.get("direct", []):
+            answer = d["response"].get("predictions", d["response"])
+            console.print(f"  direct ingress: {d['url']} -> {json.dumps(answer)}")
     ml = data["mlflow"]
     console.print(f"MLflow: {ml['tracking_uri']}  experiment {ml['experiment_id']}  run {ml['run_id']}")
     if ml["tracking_uri"].startswith("sqlite:"):

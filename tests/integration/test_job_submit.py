@@ -260,6 +260,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     # On SIGTERM `ray start --block` first drains the node for up to 30 s, and cannot (its GCS got the
     # same SIGTERM): skip straight to ending its processes.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+    # Serve's direct ingress, as a cluster turns it on: ingress replicas also answer on ports of their own.
+    # Their 30 s minimum drain (for external load balancers to deregister them) is off: nothing here balances.
+    env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "0"
     cmd = [RAY, "start", "--head", "--block", "--num-cpus", "2", "--dashboard-host", "127.0.0.1"]
     cmd += ["--include-dashboard", "true", "--disable-usage-stats", "--temp-dir", str(temp_dir)]
     for flag, port in head_ports.items():
@@ -320,6 +324,18 @@ def json_summary(output: str) -> dict:
     pytest.fail(f"no JSON run summary in the job's output:\n{output[-6000:]}")
 
 
+def _answers(url: str) -> int | None:
+    """The HTTP status a prediction request to `url` gets, None if nothing listens there."""
+    try:
+        req = urllib.request.Request(url, data=b'{"instances": [[0]]}', method="POST")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
 def jobs(head: RayHead) -> list[dict]:
     status, body = head.api("/api/jobs/")
     assert status == 200, body
@@ -369,16 +385,15 @@ def test_submitted_digits_job_trains_serves_and_records_lineage(ray_head: RayHea
     assert endpoint["response"].get("predictions") == [endpoint["expected"]], endpoint
     served = next(s for s in summary["stages"] if s["stage"] == "compress")  # what serve deployed
     assert endpoint["response"]["model_digest"] == served["digest"]
+    # The head runs Serve with direct ingress: the replica answered the same request on its own port.
+    [direct] = endpoint["direct"]
+    port = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/digits/predict", direct["url"])
+    assert port and 30000 <= int(port.group(1)) <= 31000, direct
+    assert direct["response"].get("predictions") == [endpoint["expected"]], direct
+    assert direct["response"]["model_digest"] == served["digest"]
     # ... and the app was deleted when the job ended (the proxy may still answer, but not this route).
-    try:
-        req = urllib.request.Request(endpoint["url"], data=b'{"instances": [[0]]}', method="POST")
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            still_served = resp.status
-    except urllib.error.HTTPError as exc:
-        still_served = exc.code
-    except (urllib.error.URLError, OSError):
-        still_served = None
-    assert still_served in (404, None), f"the digits app still answers ({still_served}) after the job ended"
+    for url in (endpoint["url"], direct["url"]):
+        assert _answers(url) in (404, None), f"{url} still answers after the job ended"
 
     # MLflow lineage landed in the sqlite file the job was told to use.
     ml = summary["mlflow"]

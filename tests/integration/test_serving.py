@@ -316,6 +316,7 @@ def test_cli_deploy_status_with_mlflow_summary_and_rollback(env):
     assert status.returncode == 0, status.stdout + status.stderr
     doc = json.loads(status.stdout[status.stdout.index("{") :])
     assert doc["stable"]["version"] == "1" and doc["applications"]["digits"] == "RUNNING"
+    assert doc["direct_urls"] == []  # this cluster runs Serve without direct ingress (test_job_submit's does)
     assert doc["stats"]["requests"] >= 5 and doc["stats"]["latency_ms_p99"] >= doc["stats"]["latency_ms_p50"] > 0
     run = MlflowClient(env["uri"]).get_run(doc["mlflow_run_id"])
     assert run.data.tags["tierflow.model_version"] == "1" and run.data.metrics["requests"] >= 5

@@ -306,12 +306,15 @@ def serve(
         max_ongoing_requests=max_ongoing_requests,
         max_queued_requests=max_queued_requests,
     )
-    url = Rollout(ctx.store_config, config).deploy(source, canary_share=canary_share)  # type: ignore[arg-type]
+    rollout = Rollout(ctx.store_config, config)
+    url = rollout.deploy(source, canary_share=canary_share)  # type: ignore[arg-type]
     ctx.set_tag("tierflow.endpoint", url)
+    direct = rollout.direct_urls()  # [] unless the cluster runs Serve with direct ingress
     x, y = _raw_test_rows(preprocess)
     return {
         "url": url,
         "predict_url": f"{url}/predict",
+        "direct_predict_urls": [f"{u}/predict" for u in direct],
         "app_name": app_name,
         "accuracy": evaluate["accuracy"],
         "model_digest": facts["digest"],
