@@ -5,18 +5,21 @@ model, and none is a 500. Past `max_ongoing_requests` + `max_queued_requests`, S
 """
 
 import asyncio
+import os
 import random
 import time
 from collections import deque
 from typing import Annotated, Any
 
 import numpy as np
+import ray
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import metrics
 
+from actors.runner import detect_device
 from serving.config import ModelSource, ServeConfig
 from serving.loading import load_model
 from serving.model import predict_proba
@@ -26,6 +29,19 @@ FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # thread costs ~60 us plus a GIL hand-off (up to the 5 ms switch interval when the loop is busy), more than a
 # small model's whole forward pass. Longer ones go to a thread so the loop keeps parsing the next requests.
 INLINE_FORWARD_S = 0.001
+
+
+def serving_device(gpu_ids: list[str], *, compressed: bool) -> tuple[str, str]:
+    """The torch device a replica runs its model on, and why (both reported at `/info`)."""
+    if gpu_ids and compressed:
+        return "cpu", "int8 dynamic quantisation (torch.ao) runs on CPU only; serve the float model to use the GPU"
+    device = detect_device(gpu_ids)  # the stages' rule: cuda only when Ray assigned a GPU and torch has CUDA
+    if device != "cpu":
+        return device, f"Ray assigned GPU {gpu_ids}"
+    if gpu_ids:
+        return "cpu", f"Ray assigned GPU {gpu_ids} but torch sees no CUDA device (CPU-only build or no driver)"
+    return "cpu", "no GPU assigned to this replica"
+
 
 api = FastAPI(title="tierflow model endpoint", description="Predictions from a tierflow-trained model.")
 
@@ -117,6 +133,9 @@ class ModelServer:
         self.source = source
         self.config = config
         self.n_features = int(self.model_config["layers"][0])
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        self.device, self.device_reason = serving_device(self.gpu_ids, compressed="compression" in self.model_config)
+        self.model.to(self.device)
         api.state.max_body_bytes = config.max_body_bytes
         self.canary = serve.get_deployment_handle("ModelServer", app_name=canary_app) if canary_app else None
         self.canary_app = canary_app
@@ -165,7 +184,7 @@ class ModelServer:
     def _forward(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
         """Probabilities and the seconds the forward pass took (timed where it runs, without the thread hop)."""
         t0 = time.perf_counter()
-        proba = predict_proba(self.model, rows)
+        proba = predict_proba(self.model, rows, self.device)
         return proba, time.perf_counter() - t0
 
     async def infer(self, rows: np.ndarray) -> np.ndarray:
@@ -226,6 +245,10 @@ class ModelServer:
             "compression": self.model_config.get("compression", {}).get("method", "none"),
             "canary_app": self.canary_app or "",
             "canary_share": self.config.canary_share,
+            "device": self.device,
+            "device_reason": self.device_reason,
+            "gpu_ids": self.gpu_ids,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             **self.source.lineage,
         }
 
@@ -255,9 +278,12 @@ def bind(
 def build_app(args: dict[str, Any]) -> Any:
     """Serve application builder: `import_path: serving.app:build_app` in a Serve config (`serve run`)."""
     from serving.loading import registry_source  # noqa: PLC0415
+    from serving.rollout import replica_options  # noqa: PLC0415
 
     args = dict(args)
     source = registry_source(args.pop("model_uri"), args.pop("tracking_uri"))
-    actor_options = args.pop("ray_actor_options", {"num_cpus": args.get("num_cpus", 0.25)})
+    explicit = args.pop("ray_actor_options", None)
     config = ServeConfig(**args)
-    return bind(source, config, actor_options)
+    # placed as a rollout places it (declared resources, else the CPU fallback), against the nodes of the
+    # cluster `serve run` / `serve deploy` builds on, unless the config spells out ray_actor_options itself
+    return bind(source, config, explicit if explicit is not None else replica_options(config))

@@ -13,6 +13,7 @@ from storage import ArtifactRef, StoreConfig
 
 log = logging.getLogger(__name__)
 _APP = re.compile(r"[a-z][a-z0-9-]{0,47}")
+_SERVE_METRICS_INTERVAL_S = 10.0
 
 
 class ServingError(Exception):
@@ -33,10 +34,17 @@ class ServeConfig:
     num_gpus: float = 0.0
     accelerator_type: str | None = None
     fallback: str | None = None
-    # scaling: a fixed count when min == max, else Serve autoscaling on ongoing requests
+    # scaling: a fixed count when min == max, else Serve autoscaling on ongoing requests. The delays and
+    # windows are Serve's own defaults, which react to a change of load in tens of seconds and scale down
+    # after 10 minutes. metrics_interval_s is how often replicas and routers push their counts to Serve's
+    # controller (deprecated in Serve's config in favour of environment variables, but what 2.60 uses).
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 2.0
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+    look_back_period_s: float = 30.0
+    metrics_interval_s: float = 10.0
     # overload: a replica holds max_ongoing_requests (slots well above the batch size keep batches full), Serve's
     # router queues max_queued_requests more and answers 503 to the rest at once. Requests should wait in the
     # replica, not the router: 2 routing tasks per replica poll a full replica with exponential backoff (Serve's
@@ -69,33 +77,43 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not _APP.fullmatch(self.app_name):
             raise ServingError(f"app_name {self.app_name!r}: use 1-48 lowercase letters, digits or '-'")
+        # (holds, the rule that says how to fix it)
         checks = {
-            "port": 0 < self.port < 65536,
-            "min_replicas": 0 < self.min_replicas <= self.max_replicas,
-            "target_ongoing_requests": self.target_ongoing_requests > 0,
-            "max_ongoing_requests": self.max_ongoing_requests >= 1,
-            "max_queued_requests": self.max_queued_requests >= -1,
-            "router_initial_backoff_s": 0 < self.router_initial_backoff_s <= self.router_max_backoff_s,
-            "router_max_backoff_s": 0 < self.router_max_backoff_s <= 10,
-            "max_batch_size": self.max_batch_size >= 1,
-            "batch_wait_timeout_s": 0 <= self.batch_wait_timeout_s <= 10,
-            "max_body_bytes": self.max_body_bytes >= 1024,
-            "max_rows": self.max_rows >= 1,
-            "canary_share": 0.0 <= self.canary_share < 1.0,
-            "graceful_shutdown_wait_loop_s": 0 < self.graceful_shutdown_wait_loop_s <= 60,
-            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s >= 0,
-            "max_constructor_retry_count": self.max_constructor_retry_count >= 1,
+            "port": (0 < self.port < 65536, "1..65535"),
+            "min_replicas": (0 < self.min_replicas <= self.max_replicas, "1 <= min_replicas <= max_replicas"),
+            "target_ongoing_requests": (self.target_ongoing_requests > 0, "> 0"),
+            "upscale_delay_s": (self.upscale_delay_s >= 0, ">= 0"),
+            "downscale_delay_s": (self.downscale_delay_s >= 0, ">= 0"),
+            "metrics_interval_s": (self.metrics_interval_s > 0, "> 0"),
+            # Serve averages the pushed counts over this window: it needs more than one push in it
+            "look_back_period_s": (self.look_back_period_s > self.metrics_interval_s, "> metrics_interval_s"),
+            "max_ongoing_requests": (self.max_ongoing_requests >= 1, ">= 1"),
+            "max_queued_requests": (self.max_queued_requests >= -1, ">= 0, or -1 for no limit"),
+            "router_initial_backoff_s": (
+                0 < self.router_initial_backoff_s <= self.router_max_backoff_s,
+                "0 < router_initial_backoff_s <= router_max_backoff_s",
+            ),
+            "router_max_backoff_s": (0 < self.router_max_backoff_s <= 10, "in (0, 10]"),
+            "max_batch_size": (self.max_batch_size >= 1, ">= 1 (1 turns batching off)"),
+            "batch_wait_timeout_s": (0 <= self.batch_wait_timeout_s <= 10, "in [0, 10]"),
+            "max_body_bytes": (self.max_body_bytes >= 1024, ">= 1024"),
+            "max_rows": (self.max_rows >= 1, ">= 1"),
+            "canary_share": (0.0 <= self.canary_share < 1.0, "in [0, 1): promote a canary to give it everything"),
+            "graceful_shutdown_wait_loop_s": (0 < self.graceful_shutdown_wait_loop_s <= 60, "in (0, 60]"),
+            "graceful_shutdown_timeout_s": (self.graceful_shutdown_timeout_s >= 0, ">= 0"),
+            "max_constructor_retry_count": (self.max_constructor_retry_count >= 1, ">= 1"),
         }
-        bad = [k for k, ok in checks.items() if not ok]
-        if not bad and self.max_batch_size > self.max_ongoing_requests:
+        bad = {k: rule for k, (ok, rule) in checks.items() if not ok}
+        if bad:
+            problems = "; ".join(f"{k}={getattr(self, k)!r} (must be {rule})" for k, rule in bad.items())
+            raise ServingError(f"invalid serving settings: {problems}")
+        if self.max_batch_size > self.max_ongoing_requests:
             log.warning(
                 "max_batch_size=%d can never fill with max_ongoing_requests=%d: every batch waits the full "
                 "batch_wait_timeout_s; raise max_ongoing_requests (2x the batch size is a good start)",
                 self.max_batch_size,
                 self.max_ongoing_requests,
             )
-        if bad:
-            raise ServingError(f"invalid serving settings {bad}: { ({k: getattr(self, k) for k in bad}) }")
         try:
             self.resources()
         except ResourceSpecError as exc:
@@ -134,7 +152,12 @@ class ServeConfig:
                 "min_replicas": self.min_replicas,
                 "max_replicas": self.max_replicas,
                 "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+                "look_back_period_s": self.look_back_period_s,
             }
+            if self.metrics_interval_s != _SERVE_METRICS_INTERVAL_S:  # Serve warns whenever it is set otherwise
+                opts["autoscaling_config"]["metrics_interval_s"] = self.metrics_interval_s
         else:
             opts["num_replicas"] = self.min_replicas
         return opts

@@ -51,5 +51,6 @@ def from_tensors(bundle: Tensors) -> tuple[nn.Sequential, dict[str, Any]]:
 
 
 @torch.inference_mode()
-def predict_proba(model: nn.Module, rows: np.ndarray) -> np.ndarray:
-    return torch.softmax(model(torch.as_tensor(rows, dtype=torch.float32)), dim=1).numpy()
+def predict_proba(model: nn.Module, rows: np.ndarray, device: str = "cpu") -> np.ndarray:
+    x = torch.as_tensor(rows, dtype=torch.float32, device=device)
+    return torch.softmax(model(x), dim=1).cpu().numpy()

@@ -56,6 +56,7 @@ class Rollout:
         self.store = ArtifactStore(store_config)
         self.config = config
         self.app = config.app_name
+        self.replica_options: dict[str, Any] = {}  # what the last deploy placed its replicas with
 
     # -- state -----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -73,7 +74,7 @@ class Rollout:
         share = self.config.canary_share if canary_share is None else canary_share
         serve.start(http_options={"host": self.config.host, "port": self.config.port})
         state = self.state()
-        actor_opts = replica_options(self.config)
+        actor_opts = self.replica_options = replica_options(self.config)
         target = _canary(self.app) if share > 0 and state["stable"] else _candidate(self.app)
         self._start_checked(target, source, actor_opts)
         entry = _entry(source, role="canary" if target == _canary(self.app) else "stable", share=share)

@@ -12,17 +12,26 @@ from rich.console import Console
 
 from serving.config import ServeConfig
 
-_SETTINGS = (
-    "num_cpus",
-    "min_replicas",
-    "max_replicas",
-    "max_batch_size",
-    "batch_wait_timeout_s",
-    "max_ongoing_requests",
-    "max_queued_requests",
-    "router_max_backoff_s",
-    "max_body_bytes",
-)
+# ServeConfig fields that are also flags (--num-gpus 0.5 ...), with the type argparse parses them as
+_SETTINGS: dict[str, type] = {
+    "num_cpus": float,
+    "num_gpus": float,
+    "accelerator_type": str,
+    "fallback": str,
+    "min_replicas": int,
+    "max_replicas": int,
+    "target_ongoing_requests": float,
+    "upscale_delay_s": float,
+    "downscale_delay_s": float,
+    "look_back_period_s": float,
+    "metrics_interval_s": float,
+    "max_batch_size": int,
+    "batch_wait_timeout_s": float,
+    "max_ongoing_requests": int,
+    "max_queued_requests": int,
+    "router_max_backoff_s": float,
+    "max_body_bytes": int,
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,8 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--address", help="Ray cluster (default: $RAY_ADDRESS)")
         p.add_argument("--store", help="tier URLs or a .toml file (rollout state lives on the durable tier)")
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-        for name in _SETTINGS:
-            p.add_argument(f"--{name.replace('_', '-')}", type=float if name.endswith("_s") or "cpus" in name else int)
+        for name, kind in _SETTINGS.items():
+            p.add_argument(f"--{name.replace('_', '-')}", type=kind)
 
 
 def _config(args: argparse.Namespace) -> ServeConfig:

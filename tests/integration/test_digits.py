@@ -120,6 +120,8 @@ def test_endpoint_predicts_and_reports_its_lineage(digits_run):
     assert info["model_digest"] == digits_run["run"].records["compress"].artifact.digest
     assert info["compression"] == "dynamic-int8"
     assert info["model_version"] == out["model_version"] and info["tierflow_run"] == digits_run["run"].run_id
+    # the serve stage's replica asks for no GPU by default; int8 weights would run on CPU anyway
+    assert out["replica_resources"] == {"num_cpus": 0.25} and info["device"] == "cpu" and info["gpu_ids"] == []
     assert httpx.get(f"{out['url']}/healthz", timeout=30).json() == {"status": "ok"}
     assert httpx.get(f"{out['url']}/openapi.json", timeout=30).status_code == 200
 

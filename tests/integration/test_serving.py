@@ -55,39 +55,42 @@ def env(tmp_path_factory):
     store = StoreConfig.from_urls([str(tmp / "store")])
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     building = serve_build(port, uri, tmp / "serve_config.yaml")  # runs while the models train
-    start_local_ray(num_cpus=4)
-    wf = Workflow("serving_models", [preprocess, train, evaluate])
-    with ThreadPoolExecutor(1) as pool:
-        starting = pool.submit(serve.start, http_options={"host": "127.0.0.1", "port": port})  # also meanwhile
-        for seed in (0, 1):
-            run_workflow(
-                wf, params={"train.epochs": 8, "train.seed": seed}, store_config=store, hooks=[MLflowHook(uri)]
-            )
-        starting.result()
-    build = finish(building)
-    assert build.returncode == 0, build.stdout + build.stderr
-    built = ServeDeploySchema.model_validate(yaml.safe_load((tmp / "serve_config.yaml").read_text()))
-    app = built.applications[0]
-    # v2 is registered: run the built config as `serve run` would; its replica starts while the tests go on
-    serve.run_many(
-        [serve.RunTarget(build_app(app.args), name=app.name, route_prefix=app.route_prefix)],
-        wait_for_applications_running=False,
-    )
-    with pytest.raises(StageFailedError, match="GateFailed"):
-        run_workflow(
-            wf,
-            params={"train.epochs": 1, "train.seed": 2, "evaluate.threshold": 0.999},
-            store_config=store,
-            hooks=[MLflowHook(uri)],
+    # one declared T4 (no real GPU here): replicas that ask for a fraction of it get it assigned by Ray
+    start_local_ray(num_cpus=4, num_gpus=1, resources={"accelerator_type:T4": 1})
+    try:  # a failed setup must not leave this module's Ray running for the next module
+        wf = Workflow("serving_models", [preprocess, train, evaluate])
+        with ThreadPoolExecutor(1) as pool:
+            starting = pool.submit(serve.start, http_options={"host": "127.0.0.1", "port": port})  # also meanwhile
+            for seed in (0, 1):
+                run_workflow(
+                    wf, params={"train.epochs": 8, "train.seed": seed}, store_config=store, hooks=[MLflowHook(uri)]
+                )
+            starting.result()
+        build = finish(building)
+        assert build.returncode == 0, build.stdout + build.stderr
+        built = ServeDeploySchema.model_validate(yaml.safe_load((tmp / "serve_config.yaml").read_text()))
+        app = built.applications[0]
+        # v2 is registered: run the built config as `serve run` would; its replica starts while the tests go on
+        serve.run_many(
+            [serve.RunTarget(build_app(app.args), name=app.name, route_prefix=app.route_prefix)],
+            wait_for_applications_running=False,
         )
-    from storage import ArtifactStore
+        with pytest.raises(StageFailedError, match="GateFailed"):
+            run_workflow(
+                wf,
+                params={"train.epochs": 1, "train.seed": 2, "evaluate.threshold": 0.999},
+                store_config=store,
+                hooks=[MLflowHook(uri)],
+            )
+        from storage import ArtifactStore
 
-    prep = next(m for m in ArtifactStore(store).manifests() if m.stage == "preprocess")
-    table = ArtifactStore(store).get(prep)
-    x, y = _raw_test_rows(table)
-    yield {"store": store, "uri": uri, "port": port, "x": x, "y": y, "tmp": tmp, "built": built}
-    serve.shutdown()
-    ray.shutdown()
+        prep = next(m for m in ArtifactStore(store).manifests() if m.stage == "preprocess")
+        table = ArtifactStore(store).get(prep)
+        x, y = _raw_test_rows(table)
+        yield {"store": store, "uri": uri, "port": port, "x": x, "y": y, "tmp": tmp, "built": built}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def cfg(env, **kw) -> ServeConfig:
@@ -263,6 +266,96 @@ def test_sustained_overload_refuses_fast_keeps_latency_bounded_and_recovers(env)
         assert predict(env, app="overload").status_code == 200 and time.perf_counter() - t0 < 0.5
     finally:
         serve.delete("overload", _blocking=False)
+
+
+def replica_states(app: str) -> dict[str, int]:
+    found = serve.status().applications.get(app)
+    return dict(found.deployments["ModelServer"].replica_states) if found else {}
+
+
+def test_replicas_are_pinned_to_declared_gpus_or_fall_back_to_cpu(env):
+    import ray
+
+    source = registry_source(f"models:/{MODEL}/1", env["uri"])
+    on_gpu = cfg(env, app_name="gpu", num_gpus=0.5, accelerator_type="T4")
+    fallback = cfg(env, app_name="fallback", num_gpus=1, accelerator_type="A100", fallback="cpu")  # no A100 here
+    placed = {c.app_name: replica_options(c) for c in (on_gpu, fallback)}
+    assert placed == {
+        "gpu": {"num_cpus": 0.25, "num_gpus": 0.5, "accelerator_type": "T4"},
+        "fallback": {"num_cpus": 0.25},
+    }
+    serve.run_many(
+        [
+            serve.RunTarget(bind(source, c, placed[c.app_name]), name=c.app_name, route_prefix=c.route_prefix)
+            for c in (on_gpu, fallback)
+        ],
+        wait_for_applications_running=False,
+    )
+    try:
+        wait_running("gpu")
+        wait_running("fallback")
+        assert ray.available_resources().get("GPU", 0) == pytest.approx(0.5)  # half the T4 is the replica's
+        gpu = httpx.get(f"{on_gpu.url}/info", timeout=10).json()
+        # Ray assigned the GPU and set CUDA_VISIBLE_DEVICES; torch here is a CPU build, so the model runs on CPU
+        assert (gpu["gpu_ids"], gpu["cuda_visible_devices"]) == (["0"], "0")
+        assert gpu["device"] == "cpu" and "torch sees no CUDA device" in gpu["device_reason"]
+        cpu = httpx.get(f"{fallback.url}/info", timeout=10).json()
+        assert cpu["gpu_ids"] == [] and cpu["device_reason"] == "no GPU assigned to this replica"
+        for c in (on_gpu, fallback):
+            assert predict(env, app=c.app_name).json()["model_version"] == "1"
+    finally:
+        for c in (on_gpu, fallback):
+            serve.delete(c.app_name, _blocking=False)
+    with pytest.raises(RolloutRefused, match=r"A100.*no node can satisfy it"):
+        replica_options(cfg(env, app_name="strict", num_gpus=1, accelerator_type="A100"))  # no fallback: refused
+
+
+async def _hold_load(url: str, workers: int, until) -> int:
+    """`workers` closed loops of one-row requests until `until()` is true; the number answered 200."""
+    answered = 0
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def loop() -> None:
+            nonlocal answered
+            while not await asyncio.to_thread(until):
+                r = await client.post(url, json={"instances": [[0.0] * 64]})
+                answered += r.status_code == 200
+
+        await asyncio.gather(*(loop() for _ in range(workers)))
+    return answered
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(env):
+    # Each request waits ~0.3 s for a batch that never fills, so 6 closed loops keep ~6 requests ongoing:
+    # 6x the target of 1 per replica. Serve's delays are seconds here instead of its 30 s / 10 min defaults.
+    config = cfg(
+        env,
+        app_name="auto",
+        max_replicas=2,
+        target_ongoing_requests=1,
+        upscale_delay_s=0,
+        downscale_delay_s=1,
+        look_back_period_s=1,
+        metrics_interval_s=0.2,
+        max_batch_size=64,
+        batch_wait_timeout_s=0.3,
+    )
+    source = registry_source(f"models:/{MODEL}/1", env["uri"])
+    serve.run(bind(source, config, replica_options(config)), name="auto", route_prefix="/auto")
+    try:
+        assert replica_states("auto") == {"RUNNING": 1}
+        deadline = time.monotonic() + 60
+        scaled = lambda: replica_states("auto").get("RUNNING", 0) == 2 or time.monotonic() > deadline  # noqa: E731
+        answered = asyncio.run(_hold_load(f"{config.url}/predict", 6, scaled))
+        assert replica_states("auto").get("RUNNING") == 2, replica_states("auto")
+        assert answered > 0
+        deadline = time.monotonic() + 60  # no load now: back to min_replicas once downscale_delay_s has passed
+        while replica_states("auto") != {"RUNNING": 1} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert replica_states("auto") == {"RUNNING": 1}
+        assert predict(env, app="auto").status_code == 200
+    finally:
+        serve.delete("auto", _blocking=False)
 
 
 def serve_cli_start(env, *args: str) -> subprocess.Popen:

@@ -13,9 +13,28 @@ GPU = NodeInfo("gpu", {"CPU": 4.0, "GPU": 1.0, "accelerator_type:T4": 1.0})
 def test_fixed_replicas_or_autoscaling():
     assert ServeConfig().deployment_options({"num_cpus": 1})["num_replicas"] == 1
     opts = ServeConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=3).deployment_options({})
-    assert opts["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3}
+    assert opts["autoscaling_config"] == {  # Serve's own delays and window unless the workflow sets them
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 3,
+        "upscale_delay_s": 30.0,
+        "downscale_delay_s": 600.0,
+        "look_back_period_s": 30.0,
+    }
     assert "num_replicas" not in opts
     assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (64, 8)
+
+
+def test_autoscaling_can_react_in_seconds_and_serve_accepts_the_config():
+    from ray.serve.config import AutoscalingConfig
+
+    fast = ServeConfig(
+        max_replicas=2, upscale_delay_s=0, downscale_delay_s=1, look_back_period_s=1, metrics_interval_s=0.2
+    )
+    auto = fast.deployment_options({})["autoscaling_config"]
+    assert (auto["upscale_delay_s"], auto["downscale_delay_s"], auto["metrics_interval_s"]) == (0, 1, 0.2)
+    parsed = AutoscalingConfig(**auto)  # what Serve itself validates the dict with
+    assert (parsed.max_replicas, parsed.look_back_period_s) == (2, 1)
 
 
 def test_the_router_queue_is_short_and_polls_a_full_replica_often():
@@ -60,11 +79,29 @@ def test_replicas_are_placed_like_stages():
         ({"max_body_bytes": 10}, "max_body_bytes"),
         ({"num_gpus": 1.5}, "fractions are allowed below 1 only"),
         ({"accelerator_type": "A100"}, "needs gpus > 0"),
+        ({"upscale_delay_s": -1}, r"upscale_delay_s=-1 \(must be >= 0\)"),
+        ({"look_back_period_s": 5, "metrics_interval_s": 10}, r"look_back_period_s=5 \(must be > metrics_interval_s\)"),
+        ({"min_replicas": 0}, r"must be 1 <= min_replicas <= max_replicas"),
     ],
 )
 def test_bad_settings_name_the_problem(kwargs, needle):
     with pytest.raises(ServingError, match=needle):
         ServeConfig(**kwargs)
+
+
+def test_replicas_use_a_gpu_only_when_ray_assigned_one_and_torch_has_cuda():
+    import torch
+
+    from serving.app import serving_device
+
+    assert serving_device([], compressed=False) == ("cpu", "no GPU assigned to this replica")
+    device, why = serving_device(["0"], compressed=True)
+    assert device == "cpu" and "CPU only" in why  # torch.ao dynamic int8 kernels are CPU kernels
+    device, why = serving_device(["0"], compressed=False)
+    if torch.cuda.is_available():  # not on this project's build machines (CPU-only torch, declared GPUs)
+        assert device.startswith("cuda")
+    else:
+        assert device == "cpu" and "torch sees no CUDA device" in why
 
 
 def test_a_model_source_needs_an_artifact_or_a_registry_version():

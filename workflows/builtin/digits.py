@@ -14,11 +14,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.context import StageContext
+from serving.config import ModelSource, ServeConfig
 from storage import Tensors
 from workflows.errors import GateFailed
 from workflows.model import Workflow, stage
 
 N_FEATURES = 64
+_SERVE = ServeConfig()  # the serve stage's defaults are ServeConfig's
 
 
 def _features(table: pa.Table, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -267,20 +269,30 @@ def serve(
     preprocess: pa.Table,
     model: Tensors,
     evaluate: dict[str, float],
-    app_name: str = "digits",
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    replica_cpus: float = 0.25,
-    min_replicas: int = 1,
-    max_replicas: int = 1,
-    max_batch_size: int = 32,
-    batch_wait_timeout_s: float = 0.0,
-    max_ongoing_requests: int = 64,
-    max_queued_requests: int = 8,
-    canary_share: float = 0.0,
+    app_name: str = _SERVE.app_name,
+    host: str = _SERVE.host,
+    port: int = _SERVE.port,
+    replica_cpus: float = _SERVE.num_cpus,
+    replica_gpus: float = _SERVE.num_gpus,
+    replica_accelerator_type: str | None = _SERVE.accelerator_type,
+    replica_fallback: str | None = "cpu",
+    min_replicas: int = _SERVE.min_replicas,
+    max_replicas: int = _SERVE.max_replicas,
+    target_ongoing_requests: float = _SERVE.target_ongoing_requests,
+    upscale_delay_s: float = _SERVE.upscale_delay_s,
+    downscale_delay_s: float = _SERVE.downscale_delay_s,
+    max_batch_size: int = _SERVE.max_batch_size,
+    batch_wait_timeout_s: float = _SERVE.batch_wait_timeout_s,
+    max_ongoing_requests: int = _SERVE.max_ongoing_requests,
+    max_queued_requests: int = _SERVE.max_queued_requests,
+    canary_share: float = _SERVE.canary_share,
 ) -> dict[str, Any]:
-    """Roll the evaluated model out on Ray Serve (blue/green, optional canary); answer with the URL."""
-    from serving.config import ModelSource, ServeConfig  # noqa: PLC0415
+    """Roll the evaluated model out on Ray Serve (blue/green, optional canary); answer with the URL.
+
+    Replicas are placed like stages: `replica_gpus` (fractions allowed) and `replica_accelerator_type` are
+    honoured where a node has them, else the replica falls back to CPU (`replica_fallback=None` refuses
+    instead). `min_replicas < max_replicas` turns on Serve autoscaling around `target_ongoing_requests`.
+    """
     from serving.rollout import Rollout  # noqa: PLC0415
 
     facts = ctx.upstream["model"]
@@ -299,8 +311,14 @@ def serve(
         host=host,
         port=port,
         num_cpus=replica_cpus,
+        num_gpus=replica_gpus,
+        accelerator_type=replica_accelerator_type,
+        fallback=replica_fallback if replica_gpus else None,
         min_replicas=min_replicas,
         max_replicas=max_replicas,
+        target_ongoing_requests=target_ongoing_requests,
+        upscale_delay_s=upscale_delay_s,
+        downscale_delay_s=downscale_delay_s,
         max_batch_size=max_batch_size,
         batch_wait_timeout_s=batch_wait_timeout_s,
         max_ongoing_requests=max_ongoing_requests,
@@ -309,6 +327,7 @@ def serve(
     rollout = Rollout(ctx.store_config, config)
     url = rollout.deploy(source, canary_share=canary_share)  # type: ignore[arg-type]
     ctx.set_tag("tierflow.endpoint", url)
+    ctx.set_tag("tierflow.replica_resources", json.dumps(rollout.replica_options, sort_keys=True))
     direct = rollout.direct_urls()  # [] unless the cluster runs Serve with direct ingress
     x, y = _raw_test_rows(preprocess)
     return {
@@ -316,6 +335,7 @@ def serve(
         "predict_url": f"{url}/predict",
         "direct_predict_urls": [f"{u}/predict" for u in direct],
         "app_name": app_name,
+        "replica_resources": rollout.replica_options,
         "accuracy": evaluate["accuracy"],
         "model_digest": facts["digest"],
         "example": {"instances": [x[0].round(4).tolist()]},
