@@ -23,6 +23,7 @@ class NodeInfo:
     resources: dict[str, float]
     address: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    metrics_port: int = 0  # where the node's Ray metrics agent serves Prometheus text (0: unknown)
 
     def describe(self) -> str:
         shown = []

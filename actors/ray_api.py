@@ -40,6 +40,7 @@ def cluster_nodes() -> list[NodeInfo]:
             resources=dict(n.get("Resources", {})),
             address=n.get("NodeManagerAddress", ""),
             labels=dict(n.get("Labels", {}) or {}),
+            metrics_port=int(n.get("MetricsExportPort") or 0),
         )
         for n in ray.nodes()
         if n.get("Alive")

@@ -160,7 +160,8 @@ class Rollout:
         return direct_urls(self.app, self.config.host)
 
     def log_stats(self, tracking_uri: str, stats: dict[str, Any]) -> str:
-        """Summarise the endpoint's request statistics in MLflow: one run per app in `tierflow-serving`."""
+        """Record the endpoint's request statistics in MLflow: one run per app in `tierflow-serving`, one step
+        per call. Keys as given (`tierflow serve status` logs a replica's `/stats` and `deployment_*`)."""
         from mlflow import MlflowClient  # noqa: PLC0415
         from mlflow.entities import Metric  # noqa: PLC0415
 
@@ -178,7 +179,8 @@ class Rollout:
         }.items():
             client.set_tag(run_id, key, value)
         now = int(time.time() * 1000)
-        step = len(client.get_metric_history(run_id, "requests"))
+        counted = "requests" if "requests" in stats else "deployment_requests"
+        step = len(client.get_metric_history(run_id, counted))
         numeric = {k: float(v) for k, v in stats.items() if isinstance(v, int | float)}
         client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in numeric.items()])
         return run_id

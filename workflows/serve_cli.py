@@ -94,16 +94,27 @@ def run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"rolled back to {back['model_name']} v{back['version']} ({back['digest'][:12]})")
     else:
         status = _status(rollout)
-        if args.log_mlflow and "error" not in status["stats"]:
-            status["mlflow_run_id"] = rollout.log_stats(tracking_uri, status["stats"])
+        if args.log_mlflow:
+            numbers = {} if "error" in status["stats"] else dict(status["stats"])
+            numbers |= {f"deployment_{k}": v for k, v in status["deployment"].items() if k not in _NOT_METRICS}
+            if numbers:
+                status["mlflow_run_id"] = rollout.log_stats(tracking_uri, numbers)
         console.print_json(json.dumps(status, default=str))
     return 0
 
 
+_NOT_METRICS = ("endpoints", "errors", "error")
+
+
 def _status(rollout: Any) -> dict[str, Any]:
+    """Rollout state, the answering replica's `/stats`, and the whole app's metrics from Ray's endpoints."""
     import urllib.request  # noqa: PLC0415
 
+    from actors.ray_api import cluster_nodes  # noqa: PLC0415
+    from serving.metrics import deployment_metrics  # noqa: PLC0415
+
     status = rollout.status()
+    status["deployment"] = deployment_metrics(rollout.app, cluster_nodes())
     try:
         with urllib.request.urlopen(f"{status['url']}/stats", timeout=5) as resp:  # noqa: S310  # our loopback URL
             status["stats"] = json.loads(resp.read())

@@ -55,7 +55,10 @@ def env(tmp_path_factory):
     store = StoreConfig.from_urls([str(tmp / "store")])
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     building = serve_build(port, uri, tmp / "serve_config.yaml")  # runs while the models train
-    # one declared T4 (no real GPU here): replicas that ask for a fraction of it get it assigned by Ray
+    # one declared T4 (no real GPU here): replicas that ask for a fraction of it get it assigned by Ray.
+    # Ray's processes export metrics every 0.5 s instead of 10 s, so `serve status` sees recent requests.
+    restore = pytest.MonkeyPatch()
+    restore.setenv("RAY_metrics_report_interval_ms", "500")
     start_local_ray(num_cpus=4, num_gpus=1, resources={"accelerator_type:T4": 1})
     try:  # a failed setup must not leave this module's Ray running for the next module
         wf = Workflow("serving_models", [preprocess, train, evaluate])
@@ -91,6 +94,7 @@ def env(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        restore.undo()
 
 
 def cfg(env, **kw) -> ServeConfig:
@@ -405,15 +409,25 @@ def test_cli_deploy_status_with_mlflow_summary_and_rollback(env):
     assert refused.returncode == 2 and "tierflow.gate=failed" in refused.stdout, refused.stdout + refused.stderr
     for _ in range(5):
         assert predict(env).json()["model_version"] == "1"
+    for _ in range(3):
+        assert predict(env, rows=[[0.0] * 63]).status_code == 422
+    time.sleep(1.0)  # two of Ray's metric reports (every 0.5 s here, 10 s by default)
     status = serve_cli(env, "status", "--log-mlflow")
     assert status.returncode == 0, status.stdout + status.stderr
     doc = json.loads(status.stdout[status.stdout.index("{") :])
     assert doc["stable"]["version"] == "1" and doc["applications"]["digits"] == "RUNNING"
     assert doc["direct_urls"] == []  # this cluster runs Serve without direct ingress (test_job_submit's does)
     assert doc["stats"]["requests"] >= 5 and doc["stats"]["latency_ms_p99"] >= doc["stats"]["latency_ms_p50"] > 0
+    # the whole app as Ray's metrics endpoints count it, over every version and replica it has had
+    deployment = doc["deployment"]
+    assert deployment["endpoints"] == 1 and deployment["errors"] == []
+    assert deployment["requests_2xx"] >= 5 and deployment["requests_4xx"] >= 3 and deployment["requests_5xx"] == 0
+    assert deployment["latency_ms_p99"] >= deployment["latency_ms_p50"] > 0 and deployment["model_calls"] >= 5
     run = MlflowClient(env["uri"]).get_run(doc["mlflow_run_id"])
     assert run.data.tags["tierflow.model_version"] == "1" and run.data.metrics["requests"] >= 5
     assert {"latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "batch_size_mean"} <= set(run.data.metrics)
+    assert run.data.metrics["deployment_requests_4xx"] == deployment["requests_4xx"]
+    assert {"deployment_latency_ms_p99", "deployment_batch_size_mean"} <= set(run.data.metrics)
     # Rolling back from a blue/green deploy returns to the version the canary was promoted to.
     back = serve_cli(env, "rollback")
     assert back.returncode == 0 and "v2" in back.stdout, back.stdout + back.stderr
