@@ -23,6 +23,7 @@ os.environ.update(
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -56,9 +57,15 @@ from workflows.builtin.digits import N_FEATURES, _bundle, _raw_test_rows, prepro
 
 DIRECT = "--direct-ingress" in sys.argv
 SECTION = "serving_load_direct" if DIRECT else "serving_load"
-PEERS = {"tf-batch": "tierflow, batching on", "tf-nobatch": "tierflow, batching off", "bare": "bare Ray Serve"}
+PEERS = {
+    "tf-batch": "tierflow, batching on",
+    "tf-nobatch": "tierflow, batching off",
+    "bare": "bare Ray Serve",
+    "tf-thread": "tierflow, batching on, Serve's user-code thread",
+}
+OPEN = ("tf-batch", "tf-nobatch", "bare")  # tf-thread runs the saturation rounds only
 ROLES = ("client", "proxy", "replica", "ray", "outside")
-SHORT = {"tf-batch": "on", "tf-nobatch": "off", "bare": "bare"}
+SHORT = {"tf-batch": "on", "tf-nobatch": "off", "bare": "bare", "tf-thread": "on with the thread"}
 SATURATION = "saturation"  # closed loop, concurrency = max_ongoing_requests; round 1 gives the peer's C
 JSON = {"content-type": "application/json"}
 BARE_OPTIONS = ("ray_actor_options", "max_ongoing_requests", "max_queued_requests", "request_router_config")
@@ -220,9 +227,9 @@ async def bench(
             await closed_loop(client, urls[peer], bodies, Run(model, tag, peer, "warm-up", 1.0), 16)
         runs = [await one(p, f"{SATURATION} 1", conc=sat) for p in PEERS]
         cap = {r.peer: r.ok_in_window / duration for r in runs}
-        runs += [await one(p, f"{m:g}xC", offered=m * cap[p]) for m in (0.5, 1.0, 2.0) for p in PEERS]
-        common = 0.5 * min(cap.values())
-        runs += [await one(p, f"{COMMON} {k + 1}", offered=common) for k in range(rounds) for p in PEERS]
+        runs += [await one(p, f"{m:g}xC", offered=m * cap[p]) for m in (0.5, 1.0, 2.0) for p in OPEN]
+        common = 0.5 * min(cap[p] for p in OPEN)
+        runs += [await one(p, f"{COMMON} {k + 1}", offered=common) for k in range(rounds) for p in OPEN]
         runs += [await one(p, f"{SATURATION} {k + 1}", conc=sat) for k in range(1, rounds) for p in PEERS]
         async with client.get(urls["tf-batch"].removesuffix("/predict") + "/stats") as response:
             runs[0].stats = await response.json()
@@ -274,8 +281,10 @@ def deploy(source: ModelSource, port: int, ongoing: int, queued: int, wait_s: fl
     on = ServeConfig(app_name="tf-batch", max_batch_size=32, batch_wait_timeout_s=wait_s, **common)
     Rollout(store_cfg, on).deploy(source)
     Rollout(store_cfg, ServeConfig(app_name="tf-nobatch", max_batch_size=1, **common)).deploy(source)
-    # bare gets the same limits and router backoff as tierflow's peers
-    opts = {k: v for k, v in on.deployment_options(replica_options(on)).items() if k in BARE_OPTIONS}
+    Rollout(store_cfg, dataclasses.replace(on, app_name="tf-thread", separate_user_code_thread=True)).deploy(source)
+    # bare gets the same limits and router backoff as tierflow's peers, but Serve's own user-code thread
+    serve_default = dataclasses.replace(on, separate_user_code_thread=True)
+    opts = {k: v for k, v in serve_default.deployment_options(replica_options(on)).items() if k in BARE_OPTIONS}
     serve.run(Bare.options(num_replicas=1, **opts).bind(source), name="bare", route_prefix="/bare")
 
 
@@ -321,25 +330,31 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def per_round(a: list[Run], b: list[Run]) -> str:
+    """Throughput ratios of two peers' interleaved rounds."""
+    return ", ".join(f"{x.ok_in_window / max(y.ok_in_window, 1):.2f}x" for x, y in zip(a, b, strict=True))
+
+
 def summary(model: str, limits: str, runs: list[Run]) -> str:
     """The two targets from the rows of one model and limits setting."""
     sat = {p: [r for r in runs if r.peer == p and r.mode.startswith(SATURATION)] for p in PEERS}
-    common = {p: [r for r in runs if r.peer == p and r.mode.startswith(COMMON)] for p in PEERS}
+    common = {p: [r for r in runs if r.peer == p and r.mode.startswith(COMMON)] for p in OPEN}
     half = {r.peer: r.lat(50) for r in runs if r.mode == "0.5xC"}  # each at 0.5x its own C
     cap = {p: rs[0].ok_in_window / rs[0].duration for p, rs in sat.items()}
     tput = {p: float(np.mean([r.ok_in_window / r.duration for r in rs])) for p, rs in sat.items()}
-    on_off = zip(sat["tf-batch"], sat["tf-nobatch"], strict=True)
-    per_round = ", ".join(f"{on.ok_in_window / max(off.ok_in_window, 1):.2f}x" for on, off in on_off)
+    on_off = per_round(sat["tf-batch"], sat["tf-nobatch"])
 
     cpu = ", ".join(f"{n} {cpu_ms(sat[p], ('replica',)):.1f} / {cpu_ms(sat[p]):.1f}" for p, n in SHORT.items())
     p50 = {p: pooled_p50(rs) for p, rs in common.items()}
     batch_x, p50_x = tput["tf-batch"] / tput["tf-nobatch"], p50["tf-batch"] / p50["bare"]
     stats = sat["tf-batch"][0].stats
+    loop_x = tput["tf-batch"] / tput["tf-thread"]
+    loop_rounds = per_round(sat["tf-batch"], sat["tf-thread"])
     lines = [
         f"- `{model}`, `{limits}`: C (req/s, `{SATURATION} 1`) = batching on {cap['tf-batch']:,.0f}, "
         f"off {cap['tf-nobatch']:,.0f}, bare {cap['bare']:,.0f}.",
         f"  - **Batching on / off at saturation: {batch_x:.2f}x** (mean of {len(sat['tf-batch'])} interleaved "
-        f"rounds; per round {per_round}; target >= 3x: {verdict(batch_x >= 3)}). Saturation throughput vs bare: "
+        f"rounds; per round {on_off}; target >= 3x: {verdict(batch_x >= 3)}). Saturation throughput vs bare: "
         f"on {tput['tf-batch'] / tput['bare']:.2f}x, off {tput['tf-nobatch'] / tput['bare']:.2f}x. CPU ms per "
         f"answered request at saturation, replica / all the benchmark's processes: {cpu}.",
         f"  - **tierflow (batching on) p50 / bare p50 at `{COMMON}` ({common['bare'][0].offered:,.0f} req/s, every "
@@ -347,6 +362,8 @@ def summary(model: str, limits: str, runs: list[Run]) -> str:
         f"{len(common['bare'])} rounds; target <= 1.2x: {verdict(p50_x <= 1.2)}); batching off / bare "
         f"{p50['tf-nobatch'] / p50['bare']:.2f}x. For reference, at 0.5x each peer's own C (not the same rate): "
         f"on / bare {half['tf-batch'] / half['bare']:.2f}x, off / bare {half['tf-nobatch'] / half['bare']:.2f}x.",
+        f"  - User code on the replica's main loop (ServeConfig default) / on Serve's separate user-code thread, "
+        f"batching on, saturation throughput: {loop_x:.2f}x (per round {loop_rounds}).",
         f"  - Batching-on replica `/stats` after all runs (last <= 10,000 batches): mean batch "
         f"{stats['batch_size_mean']:.2f} rows, max {stats['batch_size_max']}.",
     ]
@@ -440,7 +457,9 @@ def main() -> None:
         f"{dflt.router_max_backoff_s * 1e3:g} ms, ServeConfig's; Serve's own is 25 ms to 0.5 s). Batching on: "
         "`max_batch_size=32, "
         f"batch_wait_timeout_s={args.batch_wait_s:g}`; off: `max_batch_size=1`. Bare: plain `@serve.deployment`, "
-        "`await request.json()`, `predict_proba` inline, JSON out; no validation, no batching.",
+        "`await request.json()`, `predict_proba` inline, JSON out; no validation, no batching. tierflow's replicas run "
+        "their code on the replica's main event loop (`separate_user_code_thread=False`, the ServeConfig default); "
+        "bare runs Serve's default, a separate user-code thread.",
         f"- Method. `{SATURATION} k` = closed loop at concurrency = `max_ongoing_requests` (as many requests "
         "in flight as the replica accepts), run for each peer; round 1 gives that peer's own capacity C. Open loop "
         "(fixed interval, latency from the scheduled send time, so generator lag counts against it) at 0.5/1/2 x "

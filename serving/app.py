@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve import metrics
 
 from actors.runner import detect_device
-from serving.config import ModelSource, ServeConfig
+from serving.config import USER_CODE_THREAD_ENV, ModelSource, ServeConfig
 from serving.loading import load_model
 from serving.model import predict_proba
 
@@ -249,6 +249,8 @@ class ModelServer:
             "device_reason": self.device_reason,
             "gpu_ids": self.gpu_ids,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            # as Serve reads it when the replica's process starts (ServeConfig.separate_user_code_thread)
+            "user_code_loop": "separate" if os.environ.get(USER_CODE_THREAD_ENV, "1") != "0" else "main",
             **self.source.lineage,
         }
 

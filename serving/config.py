@@ -14,6 +14,7 @@ from storage import ArtifactRef, StoreConfig
 log = logging.getLogger(__name__)
 _APP = re.compile(r"[a-z][a-z0-9-]{0,47}")
 _SERVE_METRICS_INTERVAL_S = 10.0
+USER_CODE_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
 
 
 class ServingError(Exception):
@@ -67,6 +68,12 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_rows: int = 1024
     canary_share: float = 0.0
+    # Serve runs a replica's user code on an event loop of its own by default, so that code which blocks its
+    # loop cannot stall the replica's control plane (health checks, the routers' queue-length probes).
+    # ModelServer never blocks its loop (forward passes over INLINE_FORWARD_S go to a worker thread), so it
+    # runs on the replica's main loop and skips two cross-thread hand-offs per request: ~20% more requests
+    # per CPU second through Serve's proxy here (BENCHMARKS.md, serving_load).
+    separate_user_code_thread: bool = False
     # replica lifecycle (Ray Serve's defaults): a stopping replica re-checks for in-flight requests every
     # graceful_shutdown_wait_loop_s and is killed after graceful_shutdown_timeout_s; a version whose
     # replicas fail to construct max_constructor_retry_count times (at most 3 per replica) is refused
@@ -134,8 +141,13 @@ class ServeConfig:
 
     def deployment_options(self, ray_actor_options: dict[str, Any]) -> dict[str, Any]:
         """Options for `Deployment.options(...)`."""
+        actor = dict(ray_actor_options)
+        if not self.separate_user_code_thread:  # read by Serve when the replica's process starts
+            runtime_env = dict(actor.get("runtime_env") or {})
+            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), USER_CODE_THREAD_ENV: "0"}
+            actor["runtime_env"] = runtime_env
         opts: dict[str, Any] = {
-            "ray_actor_options": ray_actor_options,
+            "ray_actor_options": actor,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "request_router_config": {

@@ -123,6 +123,7 @@ def test_deploy_from_the_registry_and_predict(env):
     assert sum(p == t for p, t in zip(body["predictions"], env["y"][:4], strict=True)) >= 3
     info = httpx.get(f"{url}/info", timeout=10).json()
     assert info["model_name"] == MODEL and info["gate"] == "passed"
+    assert info["user_code_loop"] == "main"  # the replica's process started with Serve's thread turned off
     assert httpx.get(f"{url}/readyz", timeout=10).json()["ready"] is True
     assert "/predict" in httpx.get(f"{url}/openapi.json", timeout=10).text
 

@@ -37,6 +37,15 @@ def test_autoscaling_can_react_in_seconds_and_serve_accepts_the_config():
     assert (parsed.max_replicas, parsed.look_back_period_s) == (2, 1)
 
 
+def test_replicas_run_user_code_on_the_main_loop_unless_asked_not_to():
+    opts = ServeConfig().deployment_options({"num_cpus": 1, "runtime_env": {"env_vars": {"A": "1"}}})
+    env = opts["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env == {"A": "1", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    assert opts["ray_actor_options"]["num_cpus"] == 1
+    serve_default = ServeConfig(separate_user_code_thread=True).deployment_options({"num_cpus": 1})
+    assert serve_default["ray_actor_options"] == {"num_cpus": 1}
+
+
 def test_the_router_queue_is_short_and_polls_a_full_replica_often():
     # Serve's defaults (backoff to 0.5 s, a deep queue) starved a replica under overload: see ServeConfig
     opts = ServeConfig().deployment_options({})
