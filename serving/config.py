@@ -71,8 +71,9 @@ class ServeConfig:
     # Serve runs a replica's user code on an event loop of its own by default, so that code which blocks its
     # loop cannot stall the replica's control plane (health checks, the routers' queue-length probes).
     # ModelServer never blocks its loop (forward passes over INLINE_FORWARD_S go to a worker thread), so it
-    # runs on the replica's main loop and skips two cross-thread hand-offs per request: ~20% more requests
-    # per CPU second through Serve's proxy here (BENCHMARKS.md, serving_load).
+    # runs on the replica's main loop and skips two cross-thread hand-offs per request. Measured side by side
+    # (BENCHMARKS.md): 1.4x the requests at saturation for a model whose forward pass is ~free through direct
+    # ingress, but 0.76-0.96x for a 34M-parameter model with batching; True restores Serve's thread.
     separate_user_code_thread: bool = False
     # replica lifecycle (Ray Serve's defaults): a stopping replica re-checks for in-flight requests every
     # graceful_shutdown_wait_loop_s and is killed after graceful_shutdown_timeout_s; a version whose
