@@ -13,7 +13,7 @@ from storage import ArtifactRef, StoreConfig
 
 log = logging.getLogger(__name__)
 _APP = re.compile(r"[a-z][a-z0-9-]{0,47}")
-_SERVE_METRICS_INTERVAL_S = 10.0
+_SERVE_METRICS_INTERVAL_S = 10.0  # Serve's default; it warns whenever the field is set to anything else
 USER_CODE_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
 
 
@@ -45,7 +45,7 @@ class ServeConfig:
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     look_back_period_s: float = 30.0
-    metrics_interval_s: float = 10.0
+    metrics_interval_s: float = _SERVE_METRICS_INTERVAL_S
     # overload: a replica holds max_ongoing_requests (slots well above the batch size keep batches full), Serve's
     # router queues max_queued_requests more and answers 503 to the rest at once. Requests should wait in the
     # replica, not the router: 2 routing tasks per replica poll a full replica with exponential backoff (Serve's
@@ -169,7 +169,7 @@ class ServeConfig:
                 "downscale_delay_s": self.downscale_delay_s,
                 "look_back_period_s": self.look_back_period_s,
             }
-            if self.metrics_interval_s != _SERVE_METRICS_INTERVAL_S:  # Serve warns whenever it is set otherwise
+            if self.metrics_interval_s != _SERVE_METRICS_INTERVAL_S:
                 opts["autoscaling_config"]["metrics_interval_s"] = self.metrics_interval_s
         else:
             opts["num_replicas"] = self.min_replicas

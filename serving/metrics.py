@@ -18,6 +18,7 @@ import math
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,16 +57,29 @@ def endpoints(nodes: Iterable[NodeInfo]) -> list[str]:
     return urls
 
 
+def _read(url: str, timeout_s: float) -> list[Sample] | str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310  # Ray's own node addresses
+            return parse(resp.read().decode())
+    except (OSError, ValueError) as exc:
+        return f"{url}: {exc}"
+
+
 def scrape(urls: Iterable[str], timeout_s: float = 5.0) -> tuple[list[Sample], list[str]]:
-    """Every sample the endpoints serve, and one message per endpoint that could not be read."""
+    """Every sample the endpoints serve, and one message per endpoint that could not be read.
+
+    Endpoints are read concurrently, so an unreachable node costs one timeout, not one per node."""
+    urls = list(urls)
     samples: list[Sample] = []
     errors: list[str] = []
-    for url in urls:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310  # Ray's own node addresses
-                samples += parse(resp.read().decode())
-        except (OSError, ValueError) as exc:
-            errors.append(f"{url}: {exc}")
+    if not urls:
+        return samples, errors
+    with ThreadPoolExecutor(min(16, len(urls))) as pool:
+        for got in pool.map(lambda u: _read(u, timeout_s), urls):
+            if isinstance(got, str):
+                errors.append(got)
+            else:
+                samples += got
     return samples, errors
 
 
