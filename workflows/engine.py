@@ -63,12 +63,17 @@ def run_workflow(
     workflow_ref: str = "",
     nodes: list[NodeInfo] | None = None,
     streaming: bool = True,
+    keep_warm_s: float = 60.0,
+    placement_timeout_s: float = 60.0,
 ) -> RunInfo:
     """Run `workflow` on the connected Ray cluster and return its final state.
 
     `resume=RUN_ID` continues a run whose driver stopped: committed stages are restored, not re-run.
     `rerun` names stages that skip the cache, with everything downstream of them.
     `streaming=False` runs every streaming stage alone to completion before its consumers (barrier mode).
+    `keep_warm_s`: after a successful run its idle actors stay warm this long for the next run of this
+    process (a notebook, a test suite, a service); 0 ends them with the run. `release_warm_actors()` ends them now.
+    `placement_timeout_s`: how long a stage's actor may stay unplaced while nothing else of the run runs.
     Raises a `ValidationError` before anything starts, or `StageFailedError` after committed work is kept.
     """
     store = ArtifactStore(store_config)
@@ -97,7 +102,22 @@ def run_workflow(
     )
     if journal is not None:
         _restore(run, journal, store)
-    driver = Driver(workflow, run, store, list(hooks), use_cache, descendants(workflow, rerun), journals, streaming)
+    if not (keep_warm_s >= 0 and placement_timeout_s > 0):
+        raise ValidationError(
+            f"keep_warm_s={keep_warm_s!r} must be >= 0 and placement_timeout_s={placement_timeout_s!r} > 0 (seconds)"
+        )
+    driver = Driver(
+        workflow,
+        run,
+        store,
+        list(hooks),
+        use_cache,
+        descendants(workflow, rerun),
+        journals,
+        streaming,
+        keep_warm_s=keep_warm_s,
+        placement_timeout_s=placement_timeout_s,
+    )
     return driver.execute()
 
 
