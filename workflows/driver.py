@@ -7,7 +7,6 @@ their inputs from the store instead, so a lost object or a dead driver never los
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import threading
@@ -25,13 +24,12 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-from actors.context import Metric
 from actors.errors import StageExecutionError
 from actors.placement import PlacementDecision, decide, ray_options
 from actors.pool import StartFailure, explain_start_failure, shared_pools
 from actors.ray_api import cluster_nodes
 from actors.resources import Resources
-from actors.runner import StageCall, StageResult
+from actors.runner import StageCall, StageResult, stream_stage_result
 from actors.streaming import StreamSource
 from storage import ArtifactStore
 from workflows.cache import cache_key
@@ -300,6 +298,7 @@ class Driver:
             input_refs=dict(rec.inputs),
             stream_params=tuple(e.param for e in edges if self.wf.stages[e.upstream].stream is not None),
             stream_source=self._stream_source(name) if stage.stream is not None else None,
+            attempt=rec.attempts + 1,
         )
         # A retry reads inputs from the store: the objects of a dead worker may be gone. A streaming
         # input is a recipe the consumer's actor starts, or the committed stream.
@@ -349,6 +348,8 @@ class Driver:
             spec=st.stream,
             ray_options=rec.decision.ray_options(),
             inputs={e.param: self.run.records[e.upstream].artifact for e in self.wf.upstream(name)},  # type: ignore[misc]
+            cache_key=rec.cache_key,
+            attempt=rec.attempts,
         )
 
     def _input_keys(self, name: str) -> dict[str, str]:
@@ -367,25 +368,11 @@ class Driver:
         """Record the streams a consumer committed as the results of their own stages."""
         for name, commit in result.streams.items():
             rec = self.run.records[name]
-            metrics = [Metric(k, float(v), 0, int(commit.started_at * 1000)) for k, v in commit.metrics().items()]
             rec.status, rec.artifact, rec.error = SUCCEEDED, commit.artifact, ""
-            rec.result = dataclasses.replace(
-                result,
-                stage=name,
-                artifact=commit.artifact,
-                started_at=commit.started_at,
-                duration_s=commit.wall_s,
-                metrics=metrics,
-                tags={"tierflow.stream.consumer": consumer.name, "tierflow.stream.workers": str(commit.workers)},
-                sources=[],
-                streams={},
-            )
-            at = int(time.time() * 1000)
-            for e in self.wf.upstream(consumer.name):
+            rec.result = stream_stage_result(result, commit)  # as its record says (the actor wrote it)
+            for e in self.wf.upstream(consumer.name):  # the consumer's metrics of it came with its result
                 if e.upstream == name:
                     consumer.inputs[e.param] = commit.artifact
-                    metrics = commit.consumer_metrics(e.param, result.duration_s).items()
-                    result.metrics.extend(Metric(k, float(v), 0, at) for k, v in metrics)
             if self.wf.stages[name].cache:
                 self.store.record_cache(rec.cache_key, commit.artifact)
             self._notify(rec)

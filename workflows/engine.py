@@ -11,12 +11,14 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from actors.errors import RecordError
 from actors.placement import NodeInfo, PlacementDecision, decide
 from actors.ray_api import cluster_nodes
-from storage import ArtifactNotFoundError, ArtifactStore, StoreConfig, validate_name
+from actors.record import RestoredStage, from_record
+from storage import ArtifactNotFoundError, ArtifactRef, ArtifactStore, StorageError, StoreConfig, validate_name
 from workflows.driver import Driver
 from workflows.errors import UnsatisfiableResourcesError, ValidationError
-from workflows.hooks import DONE, SUCCEEDED, RunHook, RunInfo, StageRecord
+from workflows.hooks import CACHED, DONE, SUCCEEDED, RunHook, RunInfo, StageRecord
 from workflows.journal import Journal, Journals
 from workflows.model import Workflow
 
@@ -134,7 +136,8 @@ def _resume_params(workflow: Workflow, journal: Journal, params: Mapping[str, An
 
 
 def _restore(run: RunInfo, journal: Journal, store: ArtifactStore) -> None:
-    """Mark stages whose outputs are committed (manifest present, blob verifies) as done."""
+    """Mark stages whose outputs are committed (manifest present, blob verifies) as done, with what their
+    records say they measured, so hooks can log them as if the driver that ran them had lived."""
     run.resumed = True
     run.started_at = journal.started_at
     run.annotations.update(journal.annotations)
@@ -147,8 +150,26 @@ def _restore(run: RunInfo, journal: Journal, store: ArtifactStore) -> None:
             log.warning("run %s: committed output of %s is missing or corrupt; it will run again", run.run_id, name)
             continue
         entry = journal.stages.get(name)
-        rec.status = entry.status if entry and entry.status in DONE else SUCCEEDED
+        restored = _restored(run.run_id, name, ref, store)
+        if restored is not None:  # it ran in this run (a cache hit adopts a manifest and has no record)
+            rec.status = SUCCEEDED
+            rec.result, rec.inputs, rec.cache_key = restored.result, restored.inputs, restored.cache_key
+            rec.attempts = restored.attempt
+        elif entry and entry.status in DONE:
+            rec.status = entry.status
+        else:  # the journal was behind: an adopted manifest names its producer run
+            rec.status = SUCCEEDED if ref.run_id == run.run_id else CACHED
         rec.artifact, rec.restored = ref, True
         if entry:
             rec.annotations.update(entry.annotations)
-            rec.attempts = entry.attempts
+            rec.attempts = max(rec.attempts, entry.attempts)
+
+
+def _restored(run_id: str, stage: str, ref: ArtifactRef, store: ArtifactStore) -> RestoredStage | None:
+    """The stage's committed record, or None (a cache hit; a manifest older than records; unreadable)."""
+    try:
+        doc = store.record(run_id, stage)
+        return None if doc is None else from_record(doc, ref, run_id=run_id, stage=stage)
+    except (RecordError, StorageError) as exc:  # lineage is lost for this stage, not the run
+        log.warning("run %s: the record of stage %s is unreadable (%s); it is restored without it", run_id, stage, exc)
+        return None
