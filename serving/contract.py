@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -206,7 +207,7 @@ def code_reference(builder: str | Callable[..., Any]) -> tuple[str, list[dict[st
         )
     module_name = builder.__module__
     path = _defining_file(builder)
-    if module_name == "__main__" or module_name.startswith("tierflow_user_") or module_name not in sys.modules:
+    if module_name == "__main__" or module_name.startswith("tierflow_user_") or not _importable(module_name, path):
         # a workflow file loaded by path (or a script): ship it and import it by its file name
         if path is None or not path.is_file():
             raise ModelContractError(f"builder {qualname!r}: cannot find the file that defines it to ship with it")
@@ -216,6 +217,18 @@ def code_reference(builder: str | Callable[..., Any]) -> tuple[str, list[dict[st
         return f"{module_name}:{qualname}", [{"path": path.name, "source": path.read_text()}]
     ref = f"{module_name}:{qualname}"
     return ref, ([] if path is None or _is_installed(path) else _ship(module_name, path))
+
+
+def _importable(module_name: str, path: Path | None) -> bool:
+    """`module_name` imports from the file that defines the builder (a function shipped by value to a Ray
+    worker keeps its module's name even where that module was never imported)."""
+    if module_name in sys.modules:
+        return True
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.origin is not None and path is not None and Path(spec.origin).resolve() == path
 
 
 def _ship(module_name: str, path: Path) -> list[dict[str, str]]:
