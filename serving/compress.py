@@ -142,6 +142,13 @@ def compress(bundle: Tensors, *, prune_amount: float = 0.3) -> Tensors:
     return Tensors(tensors, {**bundle.metadata, "config": json.dumps(config)})
 
 
+def compress_if_supported(bundle: Tensors, *, prune_amount: float = 0.3) -> tuple[Tensors, str | None]:
+    """(the int8 bundle, None), or (`bundle` unchanged, why int8 does not apply to this model)."""
+    if reason := unsupported(bundle):
+        return bundle, reason
+    return compress(bundle, prune_amount=prune_amount), None
+
+
 def load_compressed(bundle: Tensors) -> nn.Module:
     """The network of a compressed bundle, its Linear layers running on the stored int8 weights."""
     import torch.ao.nn.quantized.dynamic as nnqd  # noqa: PLC0415

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from serving.compress import compress, load_compressed, unsupported
+from serving.compress import compress, compress_if_supported, load_compressed, unsupported
 from serving.contract import InputSpec, ModelContractError, forward, load_any, spec_of, torch_model
 from serving.model import build_mlp, to_tensors
 from serving.registry import RegistrationError, load_back, save_pyfunc
@@ -176,6 +176,8 @@ def test_a_model_without_linear_layers_is_passed_through_with_a_reason():
     assert "no nn.Linear layers" in unsupported(bundle)
     with pytest.raises(ModelContractError, match=r"no nn\.Linear layers"):
         compress(bundle)
+    kept, reason = compress_if_supported(bundle)
+    assert kept is bundle and "Conv" not in reason and "no nn.Linear" in reason
 
 
 def test_bundles_from_before_the_contract_still_load():

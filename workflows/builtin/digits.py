@@ -243,12 +243,14 @@ def compress(
     """
     import torch  # noqa: PLC0415
 
-    from serving.compress import compress as compress_bundle  # noqa: PLC0415
-    from serving.compress import measure  # noqa: PLC0415
+    from serving.compress import compress_if_supported, measure  # noqa: PLC0415
 
     if max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop={max_accuracy_drop!r} must be >= 0")
-    candidate = compress_bundle(train, prune_amount=prune_amount)
+    candidate, unsupported = compress_if_supported(train, prune_amount=prune_amount)
+    if unsupported:  # a model int8 cannot apply to passes through, and says why
+        ctx.set_tag("tierflow.compression", f"unsupported: {unsupported}")
+        return train
     x, y = _raw_test_rows(preprocess)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # comparable latencies; restored because the actor may run other stages
