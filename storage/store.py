@@ -100,6 +100,10 @@ def _doc_key(parts: tuple[str, ...]) -> str:
     return "/".join(validate_name(p, "path segment") for p in parts) + ".json"
 
 
+def _log_key(parts: tuple[str, ...]) -> str:
+    return _doc_key(parts).removesuffix(".json") + ".jsonl"
+
+
 class ArtifactStore:
     """Write-through to the durable tier, read from the fastest verified copy, repair what is corrupt."""
 
@@ -320,6 +324,17 @@ class ArtifactStore:
         if not self.durable.exists(key):
             raise ArtifactNotFoundError(f"no document {key} in {self.durable.url}")
         return json.loads(self.durable.read(key))
+
+    def append_log(self, parts: tuple[str, ...], data: bytes) -> None:
+        """Append to a line log (`<parts>.jsonl`) on the durable tier: a journal grows by what changed."""
+        self.durable.append(_log_key(parts), data)
+
+    def read_log(self, parts: tuple[str, ...]) -> bytes | None:
+        key = _log_key(parts)
+        return self.durable.read(key) if self.durable.exists(key) else None
+
+    def delete_log(self, parts: tuple[str, ...]) -> None:
+        self.durable.delete(_log_key(parts))
 
     def list_documents(self, prefix: str, name: str) -> list[tuple[str, ...]]:
         """Path segments of every `<prefix>/*/<name>.json` document."""

@@ -1,22 +1,32 @@
-"""The run journal: a run's state kept on the durable tier and rewritten (atomically) as stages commit.
+"""The run journal: a run's state on the durable tier, for `--resume`, `tierflow runs` and `tierflow show`.
 
-It is what `--resume`, `tierflow runs` and `tierflow show` read. A stage is committed when its
-manifest is on the durable tier; the journal records that fact plus where and how it ran.
+A stage is committed when its manifest is on the durable tier; the journal records that fact plus
+where and how it ran. Two files per run, so a turn of the driver costs what changed, not the run size:
+    runs/<run>/journal.json   the head (run id, workflow, params, status, stage order), rewritten atomically
+                              at run start and end. A finished run's head also holds every stage entry
+                              ("stages": the format older tierflow reads), and its log is then deleted.
+    runs/<run>/stages.jsonl   while running: one JSON object per line, {"stage": name, **StageEntry},
+                              appended in batches; the last line of a stage wins. A torn last line (a
+                              driver killed mid-append) is skipped, and a new driver starts on a fresh line.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from storage import ArtifactNotFoundError, ArtifactStore
 from workflows.errors import ValidationError
-from workflows.hooks import CACHED, DONE, RUNNING, RunInfo, StageRecord
+from workflows.hooks import CACHED, DONE, PENDING, RUNNING, RunInfo, StageRecord
 
-PREFIX, NAME = "runs", "journal"
+log = logging.getLogger(__name__)
+
+PREFIX, NAME, LOG = "runs", "journal", "stages"
+FORMAT = 2  # 1: one document with every stage, rewritten on each change
 
 
 class RunNotFoundError(ValidationError):
@@ -70,9 +80,41 @@ class Journal:
         return True
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Journal:
-        stages = {n: StageEntry(**e) for n, e in raw.pop("stages").items()}
+    def from_dict(cls, raw: dict[str, Any], log_lines: bytes | None = None) -> Journal:
+        """A format-1 document, a finished format-2 head (both hold "stages"), or a running head + its log."""
+        raw = dict(raw)
+        raw.pop("format", None)
+        order = raw.pop("order", None)
+        if "stages" in raw:
+            stages = {n: _entry(e) for n, e in raw.pop("stages").items()}
+        else:
+            stages = {n: StageEntry(status=PENDING) for n in order or ()}
+            stages.update(replay(log_lines or b""))
         return cls(**raw, stages=stages)
+
+
+_ENTRY_FIELDS = frozenset(f.name for f in fields(StageEntry))
+
+
+def _entry(raw: dict[str, Any]) -> StageEntry:
+    return StageEntry(**{k: v for k, v in raw.items() if k in _ENTRY_FIELDS})  # newer writers may add fields
+
+
+def replay(data: bytes) -> dict[str, StageEntry]:
+    """Stage entries from an appended log: the last line of each stage wins; unparsable lines are skipped
+    (a torn last line is expected after a kill; one in the middle is reported)."""
+    out: dict[str, StageEntry] = {}
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+            out[raw.pop("stage")] = _entry(raw)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            if i < len(lines) - 1:  # the last piece has no newline after it: torn by a kill, not corrupt
+                log.warning("journal line %d is unreadable and skipped (%s)", i + 1, exc)
+    return out
 
 
 def entry_for(record: StageRecord) -> StageEntry:
@@ -95,37 +137,43 @@ class Journals:
 
     def __init__(self, store: ArtifactStore) -> None:
         self.store = store
-        # stage -> (entry, its JSON): a rewrite re-encodes only the stages that changed, so a run of
-        # N stages costs O(N) small string joins per event instead of O(N) JSON encodings.
-        self._fragments: dict[tuple[str, str], tuple[StageEntry, str]] = {}
+        self._appending: set[str] = set()  # runs this process has appended to (see `append`)
 
-    def write(self, run: RunInfo, workflow_ref: str) -> Journal:
-        journal = Journal(
-            run_id=run.run_id,
-            workflow=run.workflow.name,
-            workflow_ref=workflow_ref,
-            params=run.params,
-            status=run.status,
-            started_at=run.started_at,
-            ended_at=run.ended_at,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            annotations=dict(run.annotations),
-            stages={n: entry_for(r) for n, r in run.records.items()},
-        )
-        head = {k: v for k, v in vars(journal).items() if k != "stages"}
-        stages = ",\n".join(f"{json.dumps(n)}: {self._fragment(run.run_id, n, e)}" for n, e in journal.stages.items())
-        self.store.put_document(
-            (PREFIX, run.run_id, NAME), f'{json.dumps(head)[:-1]}, "stages": {{\n{stages}}}}}'.encode()
-        )
+    def start(self, run: RunInfo, workflow_ref: str) -> None:
+        """Write the head of a running run, and the entries of stages past pending. A resumed run appends
+        every entry: they supersede what its earlier driver's log says (a stage it left running is pending)."""
+        head = {"format": FORMAT, **_head(run, workflow_ref), "order": list(run.records)}
+        self.store.put_document((PREFIX, run.run_id, NAME), json.dumps(head).encode())
+        self.append(run, [n for n, r in run.records.items() if run.resumed or r.status != PENDING])
+
+    def append(self, run: RunInfo, names: list[str]) -> None:
+        """Append the current entries of `names`: O(len(names)), whatever the size of the run."""
+        if not names:
+            return
+        lines = [json.dumps({"stage": n, **asdict(entry_for(run.records[n]))}) for n in names]
+        # A driver's first batch starts on a fresh line: an earlier driver may have left a torn one.
+        first = run.run_id not in self._appending
+        self._appending.add(run.run_id)
+        self.store.append_log((PREFIX, run.run_id, LOG), (("\n" if first else "") + "\n".join(lines) + "\n").encode())
+
+    def finish(self, run: RunInfo, workflow_ref: str) -> Journal:
+        """Compact: the head with every stage entry (one document, as format 1 readers expect), then drop the log."""
+        journal = Journal(**_head(run, workflow_ref), stages={n: entry_for(r) for n, r in run.records.items()})
+        self.write_document(journal)
+        self.store.delete_log((PREFIX, run.run_id, LOG))
+        self._appending.discard(run.run_id)
         return journal
 
-    def _fragment(self, run_id: str, name: str, entry: StageEntry) -> str:
-        cached = self._fragments.get((run_id, name))
-        if cached is None or cached[0] != entry:
-            cached = (entry, json.dumps(asdict(entry)))
-            self._fragments[(run_id, name)] = cached
-        return cached[1]
+    def write(self, run: RunInfo, workflow_ref: str) -> Journal:
+        """The whole journal in one document (format 1): O(stages); the driver uses start/append/finish."""
+        return self.finish(run, workflow_ref)
+
+    def write_document(self, journal: Journal) -> None:
+        doc = {k: v for k, v in vars(journal).items() if k != "stages"}
+        stages = ",\n".join(f"{json.dumps(n)}: {json.dumps(asdict(e))}" for n, e in journal.stages.items())
+        self.store.put_document(
+            (PREFIX, journal.run_id, NAME), f'{json.dumps(doc)[:-1]}, "stages": {{\n{stages}}}}}'.encode()
+        )
 
     def exists(self, run_id: str) -> bool:
         try:
@@ -136,19 +184,39 @@ class Journals:
 
     def read(self, run_id: str) -> Journal:
         try:
-            return Journal.from_dict(self.store.get_document((PREFIX, run_id, NAME)))
+            return self._load((PREFIX, run_id, NAME))
         except ArtifactNotFoundError:
             raise RunNotFoundError(
                 f"no run {run_id!r} in {self.store.durable.url}; list runs with `tierflow runs`"
             ) from None
 
     def list(self) -> list[Journal]:
-        out = [Journal.from_dict(self.store.get_document(parts)) for parts in self.store.list_documents(PREFIX, NAME)]
+        out = [self._load(parts) for parts in self.store.list_documents(PREFIX, NAME)]
         return sorted(out, key=lambda j: j.started_at)
 
     def unfinished(self, workflow: str) -> list[Journal]:
         """Runs of `workflow` still marked running whose driver is known to be gone."""
         return [j for j in self.list() if j.workflow == workflow and j.status == RUNNING and j.driver_alive() is False]
+
+    def _load(self, parts: tuple[str, ...]) -> Journal:
+        raw = self.store.get_document(parts)
+        lines = None if "stages" in raw else self.store.read_log((*parts[:-1], LOG))
+        return Journal.from_dict(raw, lines)
+
+
+def _head(run: RunInfo, workflow_ref: str) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "workflow": run.workflow.name,
+        "workflow_ref": workflow_ref,
+        "params": run.params,
+        "status": run.status,
+        "started_at": run.started_at,
+        "ended_at": run.ended_at,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "annotations": dict(run.annotations),
+    }
 
 
 __all__ = ["CACHED", "Journal", "Journals", "RunNotFoundError", "StageEntry"]
