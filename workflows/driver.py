@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 # The journal is for `runs`/`show` and resume's bookkeeping; what is committed is decided from manifests,
 # and MLflow children are found by search, so a journal at most this far behind loses nothing.
 JOURNAL_EVERY_S = 0.2
+# A flush appends what changed; on a tier without appends (object stores, encryption) it rewrites the log,
+# so the next flush waits this many times as long as the last one took: the journal's share stays bounded.
+_JOURNAL_BUDGET = 20
 _TURN_S = 0.5  # the longest the driver blocks in one turn
 # Reserves almost nothing, so a barrier-mode stream leaves the CPUs to its own pool.
 _STREAM_COORDINATOR = Resources(cpus=0.01)
@@ -96,6 +99,14 @@ class Driver:
         self.retry_at: dict[str, float] = {}
         self.failure: StageFailedError | None = None
         self._pos = {n: i for i, n in enumerate(workflow.order)}
+        # Edge lists once: Workflow.upstream/downstream copy (and sort) per call, O(fan-in) for a sink of N.
+        self._up = {n: workflow.upstream(n) for n in workflow.order}
+        self._down = {n: workflow.downstream(n) for n in workflow.order}
+        # Consumers not yet launched per stage: once none is left its in-run object is dropped, so the
+        # driver does not keep every stage's output alive (a retry reads the committed artifact).
+        self._unlaunched = {n: len(self._down[n]) for n in workflow.order}
+        self._keyed: set[str] = set()  # stages whose cache key (and cache lookup) this driver has done
+        self._launched: set[str] = set()  # stages counted as consumers in _unlaunched
         # A streaming stage with one consumer runs inside that consumer's stage (fused); otherwise it
         # runs alone and commits before anything downstream starts (barrier).
         self.fused: dict[str, str] = {}
@@ -106,7 +117,9 @@ class Driver:
         self._scan: dict[str, int] = {}  # stage -> upstream edges already seen done
         self._waiting: dict[tuple, deque[str]] = {}  # shape -> ready stages waiting for an actor
         self._journal_at = 0.0
-        self._dirty = False  # the journal is behind the records
+        self._journal_gap = JOURNAL_EVERY_S
+        self._changed: dict[str, None] = {}  # stages whose journal entry is behind their record (ordered)
+        self._journal_started = False
         self._interrupted = False  # Ctrl-C seen; raised as KeyboardInterrupt at the next turn
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -145,7 +158,7 @@ class Driver:
                 if rec.status in (PENDING, RUNNING, RETRYING):
                     rec.status = CANCELLED if self.run.status == CANCELLED else NOT_RUN
             self.run.ended_at = time.time()
-            self._journal()
+            self.journals.finish(self.run, self.run.workflow_ref)
             for h in self.hooks:
                 h.on_run_end(run=self.run, error=error)
             if previous is not None:
@@ -164,12 +177,12 @@ class Driver:
             self._check_interrupt()
             if self.failure is None:
                 self._launch_ready()
-            if self._dirty and time.monotonic() >= self._journal_at + JOURNAL_EVERY_S:
+            if self._changed and time.monotonic() >= self._journal_at + self._journal_gap:
                 self._journal()
             starting = self.pool.ready_refs() if self.failure is None else []
             if not self.inflight and not starting:
                 if self.failure is None and self.retry_at:
-                    if self._dirty:
+                    if self._changed:
                         self._journal()  # a retry's backoff is no reason to leave the journal behind
                     time.sleep(min(_TURN_S, max(0.0, min(self.retry_at.values()) - time.monotonic())))
                     self._check_interrupt()
@@ -194,8 +207,8 @@ class Driver:
     def _wait_s(self) -> float | None:
         now = time.monotonic()
         times = [d for _, _, d in self.inflight.values() if d is not None]
-        if self._dirty:
-            times.append(self._journal_at + JOURNAL_EVERY_S)
+        if self._changed:
+            times.append(self._journal_at + self._journal_gap)
         times.append(now + _TURN_S)  # wake up to notice a Ctrl-C
         if self.failure is None:
             times += list(self.retry_at.values())
@@ -217,7 +230,7 @@ class Driver:
             self._candidates.discard(n)  # back when an upstream stage finishes or a retry is due
             if status not in (PENDING, RETRYING):
                 continue
-            edges = self.wf.upstream(n)
+            edges = self._up[n]
             i = self._scan.get(n, 0)
             while i < len(edges) and self._satisfied(edges[i].upstream, n):
                 i += 1
@@ -265,24 +278,33 @@ class Driver:
         return effective
 
     def _launch(self, name: str) -> bool:
-        """Start `name` (or complete it from the cache); False when no actor of its shape is free."""
+        """Start `name` (or complete it from the cache); False when no actor of its shape is free.
+
+        A stage queued for an actor is tried again every turn: the cache key and lookup are done once.
+        """
         stage, rec = self.wf.stages[name], self.run.records[name]
-        edges = self.wf.upstream(name)
-        live = {e.param: e.upstream for e in edges if self._is_live(e.upstream)}
-        rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges if e.param not in live}  # type: ignore[misc]
-        if rec.status == PENDING:
+        edges = self._up[name]
+        if rec.status == PENDING and name not in self._keyed:
+            self._keyed.add(name)
             rec.cache_key = cache_key(stage, rec.params, self._input_keys(name))
             cacheable = self.use_cache and stage.cache and name not in self.rerun
             if cacheable and (hit := self.store.lookup_cache(rec.cache_key)):
+                rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges}  # type: ignore[misc]
                 rec.status, rec.artifact = CACHED, self.store.adopt(hit, run_id=self.run.run_id, stage=name)
                 self.outputs[name] = rec.artifact
+                self._consumed(name)
                 self._notify(rec)
                 return True
         if name in self.fused:
+            live = {e.param for e in edges if self._is_live(e.upstream)}
+            rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges if e.param not in live}  # type: ignore[misc]
+            self._consumed(name)
             return self._start_fused(rec)
         actor = self.pool.acquire(self._actor_resources(name))
         if actor is None:
             return False
+        live = {e.param for e in edges if self._is_live(e.upstream)}
+        rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges if e.param not in live}  # type: ignore[misc]
         self.retry_at.pop(name, None)
         retrying = rec.attempts > 0
         call = StageCall(
@@ -307,7 +329,7 @@ class Driver:
             if e.param in live
             else self.run.records[e.upstream].artifact
             if retrying or self.wf.stages[e.upstream].stream is not None
-            else self.outputs[e.upstream]
+            else self.outputs.get(e.upstream, self.run.records[e.upstream].artifact)
             for e in edges
         ]
         result_ref, value_ref = actor.run.remote(call, *args)
@@ -315,11 +337,23 @@ class Driver:
         rec.status = RUNNING
         self._started(rec)
         self.outputs[name] = value_ref
+        self._consumed(name)
         timeout = stage.retry.timeout_s
         self.inflight[result_ref] = (name, actor, time.monotonic() + timeout if timeout else None)
         return True
 
+    def _consumed(self, name: str) -> None:
+        """`name` launched (or completed from the cache): its upstream objects may have no consumer left."""
+        if name in self._launched:  # a retry is no new consumer
+            return
+        self._launched.add(name)
+        for up in {e.upstream for e in self._up[name]}:
+            self._unlaunched[up] -= 1
+            if self._unlaunched[up] <= 0:
+                self.outputs.pop(up, None)
+
     def _started(self, rec: StageRecord) -> None:
+        self._changed[rec.name] = None
         for h in self.hooks:
             if hasattr(h, "on_stage_start"):
                 h.on_stage_start(run=self.run, record=rec)
@@ -347,7 +381,7 @@ class Driver:
             params=rec.params,
             spec=st.stream,
             ray_options=rec.decision.ray_options(),
-            inputs={e.param: self.run.records[e.upstream].artifact for e in self.wf.upstream(name)},  # type: ignore[misc]
+            inputs={e.param: self.run.records[e.upstream].artifact for e in self._up[name]},  # type: ignore[misc]
             cache_key=rec.cache_key,
             attempt=rec.attempts,
         )
@@ -356,7 +390,7 @@ class Driver:
         """What a cache key depends on per input: the digest, or for a stream the producer's own key (a
         live stream's digest is known only once it ends, and both name the same deterministic bytes)."""
         out = {}
-        for e in self.wf.upstream(name):
+        for e in self._up[name]:
             up = self.run.records[e.upstream]
             if self.wf.stages[e.upstream].stream is not None and up.cache_key:
                 out[e.param] = "stream:" + up.cache_key
@@ -370,7 +404,7 @@ class Driver:
             rec = self.run.records[name]
             rec.status, rec.artifact, rec.error = SUCCEEDED, commit.artifact, ""
             rec.result = stream_stage_result(result, commit)  # as its record says (the actor wrote it)
-            for e in self.wf.upstream(consumer.name):  # the consumer's metrics of it came with its result
+            for e in self._up[consumer.name]:  # the consumer's metrics of it came with its result
                 if e.upstream == name:
                     consumer.inputs[e.param] = commit.artifact
             if self.wf.stages[name].cache:
@@ -474,6 +508,7 @@ class Driver:
         self.pool.discard(actor)  # a broken or busy process is never reused
         for up in [n for n, c in self.fused.items() if c == rec.name and self.run.records[n].status == RUNNING]:
             self.run.records[up].status = PENDING  # a fused stream restarts with its consumer, or never
+            self._changed[up] = None
             self._candidates.add(up)
             self._scan[rec.name] = 0
         policy = self.wf.stages[rec.name].retry
@@ -496,7 +531,7 @@ class Driver:
             rec.status, rec.error = RETRYING, cause
             self.retry_at[rec.name] = time.monotonic() + decision.delay_s
             self._candidates.add(rec.name)
-            self._dirty = True
+            self._changed[rec.name] = None
             return
         rec.status = FAILED
         rec.error = f"{cause} ({decision.reason})" if rec.attempts > 1 or not decision.retry else cause
@@ -511,12 +546,19 @@ class Driver:
 
     def _notify(self, rec: StageRecord) -> None:
         if rec.status in DONE:
-            self._candidates.update(self.wf.downstream(rec.name))
+            self._candidates.update(self._down[rec.name])
         for h in self.hooks:
             h.on_stage_end(run=self.run, record=rec)
-        self._dirty = True
+        self._changed[rec.name] = None
 
     def _journal(self) -> None:
-        self.journals.write(self.run, self.run.workflow_ref)
-        self._dirty = False
+        """Bring the journal up to the records: the head once, then only the entries that changed."""
+        t0 = time.monotonic()
+        if not self._journal_started:
+            self._journal_started = True
+            self.journals.start(self.run, self.run.workflow_ref)  # writes every entry that is not the default
+            self._changed = {}
+        changed, self._changed = list(self._changed), {}
+        self.journals.append(self.run, changed)
         self._journal_at = time.monotonic()
+        self._journal_gap = max(JOURNAL_EVERY_S, _JOURNAL_BUDGET * (self._journal_at - t0))
