@@ -2,6 +2,14 @@
 
 Written from the driver only (actors return their metrics), so a sqlite backend sees one writer and
 an `mlflow server` sees ordinary REST calls. The schema is documented in README.md.
+
+Large runs (more stages than `summary_above`, default 500): a nested run costs ~4 tracking-store
+transactions (create, batch, inputs, terminate), tens of seconds per thousand stages on sqlite, and the
+MLflow UI lists runs 100 at a time. Above the threshold every stage is a row of one table artifact on
+the parent run (`tierflow/stages.json`, MLflow's `log_table` format, shown by the UI's artifact viewer),
+its duration a point of the parent's `stage.duration_s` series (step = position in the workflow),
+logged in batches; only stages a person looks at one by one keep a nested run: failed stages and
+stages that register a model or gate one.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -28,6 +37,9 @@ ENV_URI = "MLFLOW_TRACKING_URI"
 _PARENT_TAGS = ("tierflow.endpoint", "tierflow.model_name", "tierflow.model_version")
 GATE_TAG = "tierflow.gate"
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
+SUMMARY_ABOVE = 500  # stages; `$TIERFLOW_MLFLOW_SUMMARY_ABOVE` overrides
+ENV_SUMMARY = "TIERFLOW_MLFLOW_SUMMARY_ABOVE"
+TABLE = "tierflow/stages.json"
 
 
 def default_tracking_uri() -> str:
@@ -46,8 +58,15 @@ def _ms(seconds: float) -> int:
 class MLflowHook:
     """Records runs, stages, datasets and registered models in MLflow."""
 
-    def __init__(self, tracking_uri: str | None = None) -> None:
+    def __init__(self, tracking_uri: str | None = None, *, summary_above: int | None = None) -> None:
         self.tracking_uri = tracking_uri or default_tracking_uri()
+        if summary_above is None:
+            summary_above = int(os.environ.get(ENV_SUMMARY, SUMMARY_ABOVE))
+        self.summary_above = summary_above
+        self.summary = False  # this run logs stages as rows of one table (more stages than summary_above)
+        self.rows: dict[str, dict[str, Any]] = {}  # stage -> its row (summary mode; the last event wins)
+        self._points: list[Metric] = []  # stage.duration_s points not yet sent
+        self._position: dict[str, int] = {}
         if self.tracking_uri.startswith("sqlite:///"):  # sqlite will not create the directory
             os.makedirs(os.path.dirname(self.tracking_uri.removeprefix("sqlite:///")) or ".", exist_ok=True)
         self.client = MlflowClient(self.tracking_uri)
@@ -57,6 +76,8 @@ class MLflowHook:
 
     # -- run ------------------------------------------------------------------------------------
     def on_run_start(self, *, run: RunInfo) -> None:
+        self.summary = len(run.records) > self.summary_above
+        self._position = {n: i for i, n in enumerate(run.records)}
         if run.resumed and run.annotations.get("mlflow_run_id"):
             self._reopen(run)
             return
@@ -78,6 +99,8 @@ class MLflowHook:
                 "tierflow.workflow": name,
                 "tierflow.store": run.store_config.durable_url,
                 "mlflow.source.name": f"tierflow run {name}",
+                "tierflow.lineage": "summary" if self.summary else "nested",
+                "tierflow.stages": str(len(run.records)),
             },
         )
         self.parent_run_id = parent.info.run_id
@@ -107,6 +130,9 @@ class MLflowHook:
     def on_run_end(self, *, run: RunInfo, error: BaseException | None) -> None:
         if not self.parent_run_id:
             return
+        if self.summary:
+            self._flush_points()
+            self._log_table(run)
         status = {SUCCEEDED: "FINISHED", "cancelled": "KILLED"}.get(run.status, "FAILED")
         tags = [RunTag("tierflow.status", run.status)]
         if error is not None:
@@ -124,6 +150,9 @@ class MLflowHook:
             record.annotations["mlflow_run_id"] = self.recorded[record.name]
             return
         stage = run.workflow.stages[record.name]
+        if self.summary and not (stage.register_model or stage.gate or record.status == FAILED):
+            self._row(record)
+            return
         res = record.result
         started = res.started_at if res else time.time()
         child = self.client.create_run(
@@ -164,6 +193,61 @@ class MLflowHook:
         self.client.set_terminated(run_id, "FAILED" if record.status == FAILED else "FINISHED", end_time=end)
         if failed is not None:
             raise failed
+
+    # -- summary mode -----------------------------------------------------------------------------
+    def _row(self, record: StageRecord) -> None:
+        """One stage as a table row (sent at run end) and a point of stage.duration_s (sent in batches)."""
+        res, art = record.result, record.artifact
+        self.rows[record.name] = {
+            "stage": record.name,
+            "status": record.status,
+            "cache": record.cache,
+            "attempts": record.attempts,
+            "restored": record.restored,
+            "started_at": res.started_at if res else None,
+            "duration_s": res.duration_s if res else 0.0,
+            "node_id": res.node_id if res else "",
+            "device": res.device if res else "",
+            "cache_key": record.cache_key,
+            "digest": art.digest if art else "",
+            "uri": art.uri if art else "",
+            "format": art.format if art else "",
+            "producer_run": art.run_id if art else "",
+            "inputs": json.dumps({p: a.digest for p, a in record.inputs.items()}),
+            "params": json.dumps(record.params, default=repr),
+            "metrics": json.dumps({m.key: m.value for m in res.metrics} if res else {}),
+            "error": record.error[:4000],
+        }
+        step = self._position.get(record.name, 0)
+        self._points.append(Metric("stage.duration_s", res.duration_s if res else 0.0, _ms(time.time()), step))
+        if len(self._points) >= _BATCH:
+            self._flush_points()
+
+    def _flush_points(self) -> None:
+        if self._points:
+            self.client.log_batch(self.parent_run_id, metrics=self._points)
+            self._points = []
+
+    def _log_table(self, run: RunInfo) -> None:
+        """Every stage's row in workflow order, and per-status counts as parent metrics."""
+        rows = [self.rows[n] for n in run.records if n in self.rows]
+        if rows:
+            # log_table's own format ({"columns", "data"}), but written whole: log_table appends to an existing
+            # table, and a resumed run re-logs every stage (restored ones from their records).
+            columns = list(rows[0])
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, os.path.basename(TABLE))
+                with open(path, "w") as f:
+                    json.dump({"columns": columns, "data": [[r[c] for c in columns] for r in rows]}, f)
+                self.client.log_artifact(self.parent_run_id, path, os.path.dirname(TABLE))
+            self.client.set_tag(
+                self.parent_run_id, "mlflow.loggedArtifacts", json.dumps([{"path": TABLE, "type": "table"}])
+            )
+        counts: dict[str, int] = {}
+        for rec in run.records.values():
+            counts[rec.status] = counts.get(rec.status, 0) + 1
+        now = _ms(time.time())
+        self.client.log_batch(self.parent_run_id, metrics=[Metric(f"stages.{k}", v, now, 0) for k, v in counts.items()])
 
     def _stage_tags(self, record: StageRecord) -> dict[str, str]:
         res = record.result
