@@ -8,7 +8,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from workflows.hooks import RunInfo, StageRecord
+from workflows.hooks import PENDING, RunInfo, StageRecord
+
+# Above this many stages the live view is counts per status plus the stages running, retrying or failed:
+# a row per stage would cost O(stages) per redraw and fill no screen.
+SUMMARY_ABOVE = 30
+_SHOWN = 20  # running / failed stages listed in the summary view
 
 _STYLE = {"succeeded": "green", "cached": "cyan", "failed": "red", "running": "yellow", "retrying": "magenta"}
 
@@ -20,25 +25,30 @@ class ProgressHook:
         self.console = console
         self.live: Live | None = None
         self.started: dict[str, float] = {}
+        self.status: dict[str, str] = {}  # stage -> status at its last event (kept per event, not by a walk)
+        self.counts: dict[str, int] = {}
 
     def on_run_start(self, *, run: RunInfo) -> None:
         self.console.print(f"run {run.run_id}: workflow {run.workflow.name} ({len(run.records)} stages)")
+        self.counts = {PENDING: len(run.records)}
         if self.console.is_terminal:
-            self.live = Live(self._table(run), console=self.console, refresh_per_second=4, transient=False)
+            # Rich redraws from get_renderable at most 4 times a second; stage events only update counters.
+            self.live = Live(
+                console=self.console, refresh_per_second=4, transient=False, get_renderable=lambda: self._table(run)
+            )
             self.live.start()
 
     def on_stage_start(self, *, run: RunInfo, record: StageRecord) -> None:
         self.started[record.name] = time.monotonic()
-        if self.live:
-            self.live.update(self._table(run))
-        else:
+        self._seen(record)
+        if not self.live:
             attempt = f" (attempt {record.attempts})" if record.attempts > 1 else ""
             where = record.decision.effective.describe() if record.decision.effective else ""
             self.console.print(f"  started   {record.name}{attempt} [{where}]", markup=False)
 
     def on_stage_end(self, *, run: RunInfo, record: StageRecord) -> None:
+        self._seen(record)
         if self.live:
-            self.live.update(self._table(run))
             return
         res = record.result
         if record.status == "failed":
@@ -51,10 +61,21 @@ class ProgressHook:
 
     def on_run_end(self, *, run: RunInfo, error: BaseException | None) -> None:
         if self.live:
-            self.live.update(self._table(run))
+            self.live.refresh()
             self.live.stop()
 
+    def _seen(self, record: StageRecord) -> None:
+        old = self.status.get(record.name, PENDING)
+        self.counts[old] = self.counts.get(old, 0) - 1
+        self.counts[record.status] = self.counts.get(record.status, 0) + 1
+        self.status[record.name] = record.status
+        if record.status in ("succeeded", "cached", "not_run", "cancelled"):
+            del self.status[record.name]  # only unfinished or failed stages are listed
+            self.started.pop(record.name, None)
+
     def _table(self, run: RunInfo) -> Table:
+        if len(run.records) > SUMMARY_ABOVE:
+            return self._summary(run)
         table = Table(title=f"{run.workflow.name} {run.run_id}", expand=False)
         for col in ("stage", "status", "attempt", "node", "device", "time"):
             table.add_column(col)
@@ -76,4 +97,21 @@ class ProgressHook:
                 res.device if res else "-",
                 took,
             )
+        return table
+
+    def _summary(self, run: RunInfo) -> Table:
+        """Counts per status, then the stages running, retrying or failed: O(those), not O(stages)."""
+        counts = " ".join(f"{k}={v}" for k, v in self.counts.items() if v > 0)
+        table = Table(title=f"{run.workflow.name} {run.run_id}: {counts}", expand=False)
+        for col in ("stage", "status", "attempt", "time"):
+            table.add_column(col)
+        now = time.monotonic()
+        shown = list(self.status.items())[:_SHOWN]
+        for name, status in shown:
+            rec = run.records[name]
+            took = f"{now - self.started[name]:.1f}s…" if name in self.started else "-"
+            style = _STYLE.get(status, "")
+            table.add_row(name, f"[{style}]{status}[/]" if style else status, str(rec.attempts or "-"), took)
+        if len(self.status) > len(shown):
+            table.add_row(f"… {len(self.status) - len(shown)} more", "", "", "")
         return table

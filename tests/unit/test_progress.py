@@ -55,3 +55,26 @@ def test_a_live_table_on_a_terminal(tmp_path):
     hook.on_run_end(run=run, error=None)
     text = out.getvalue()
     assert "prog r1" in text and "second" in text and "running" in text and "started" not in text
+
+
+def test_a_large_run_shows_counts_and_only_unfinished_stages(tmp_path):
+    stages = [stage(name=f"s{i:03d}", cpus=1)(lambda: {}) for i in range(100)]
+    wf = Workflow("big", stages)
+    decisions = plan(wf, [NodeInfo("n", {"CPU": 2.0})])
+    run = RunInfo(
+        "r2", wf, {}, {n: StageRecord(n, decisions[n], {}) for n in wf.order}, StoreConfig.from_urls([str(tmp_path)])
+    )
+    hook = ProgressHook(Console(file=io.StringIO(), force_terminal=False, width=200))
+    hook.on_run_start(run=run)
+    for name in ("s000", "s001", "s002"):
+        run.records[name].status = "running"
+        hook.on_stage_start(run=run, record=run.records[name])
+    run.records["s000"].status = "succeeded"
+    hook.on_stage_end(run=run, record=run.records["s000"])
+    run.records["s001"].status = "failed"
+    hook.on_stage_end(run=run, record=run.records["s001"])
+    out = io.StringIO()
+    Console(file=out, width=200).print(hook._table(run))
+    text = out.getvalue()
+    assert "pending=97" in text and "running=1" in text and "succeeded=1" in text and "failed=1" in text
+    assert "s001" in text and "s002" in text and "s000" not in text and "s050" not in text
