@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -37,6 +38,7 @@ class StageCall:
     stream_params: tuple[str, ...] = ()  # inputs from streaming stages: passed as a BatchStream
     stream_source: StreamSource | None = None  # barrier mode: this call runs a streaming stage alone
     attempt: int = 0  # 1 for the first, for the stage's record
+    defer_sync: bool = False  # group commit: the driver makes this commit durable with one barrier for many
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,10 @@ class StageActor:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "device": detect_device(gpu_ids),
         }
+
+    def barrier(self) -> None:
+        """Make this node's deferred commits durable (group commit across nodes)."""
+        self.store.barrier()
 
     @ray.method(num_returns=2)
     def run(self, call: StageCall, *inputs: Any) -> tuple[StageResult, Any]:
@@ -199,14 +205,15 @@ class StageActor:
             if commit is not None:
                 inputs[pname] = commit.artifact
                 ctx.log_metrics(commit.consumer_metrics(pname, duration))
-        ref = self.store.put_encoded(
-            fmt,
-            data,
-            schema,
-            run_id=call.run_id,
-            stage=call.stage,
-            record=lambda r: to_record(result(r, duration, streams), call, inputs),
-        )
+        with self.store.deferred_sync() if call.defer_sync else contextlib.nullcontext():
+            ref = self.store.put_encoded(
+                fmt,
+                data,
+                schema,
+                run_id=call.run_id,
+                stage=call.stage,
+                record=lambda r: to_record(result(r, duration, streams), call, inputs),
+            )
         # Downstream stages get exactly what a cache hit would load from the store.
         out = decode(fmt, data, allow_pickle=self.store.config.allow_pickle)
         return result(ref, duration, streams), out

@@ -341,6 +341,32 @@ class ArtifactStore:
         found = self.durable.list(validate_name(prefix, "prefix"))
         return [tuple(k.removesuffix(".json").split("/")) for k in found if k.endswith(f"/{name}.json")]
 
+    # -- group commit --------------------------------------------------------------------------
+    @property
+    def group_commits(self) -> bool:
+        """Can commits skip per-file fsyncs and be made durable by one `barrier()` (a local durable tier)?"""
+        durable = self.durable
+        return isinstance(durable, FsspecTier) and durable.local
+
+    @contextlib.contextmanager
+    def deferred_sync(self) -> Iterator[None]:
+        """Write blobs, records and manifests without fsync; they are committed once `barrier()` returns.
+        Until then they survive a killed process (page cache) but not a machine crash; a reader that finds a
+        torn one re-runs the stage (blobs are re-hashed, manifests parsed)."""
+        durable = self.durable
+        if not isinstance(durable, FsspecTier):
+            yield
+            return
+        durable.defer_sync = True
+        try:
+            yield
+        finally:
+            durable.defer_sync = False
+
+    def barrier(self) -> None:
+        """Make every write so far durable (one syncfs for a batch of stages)."""
+        self.durable.barrier()
+
     # -- stage cache ---------------------------------------------------------------------------
     def record_cache(self, key: str, ref: ArtifactRef) -> None:
         self.durable.write(cache_key_path(key), ref.to_json())

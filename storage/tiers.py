@@ -33,6 +33,20 @@ TMP_PREFIX = ".tmp-"
 _SYNCED = (f"{BLOBS}/", "manifests/", "records/")
 
 
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        import ctypes  # noqa: PLC0415
+
+        fn = ctypes.CDLL(None, use_errno=True).syncfs  # releases the GIL while it waits
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_syncfs = _load_syncfs()
+
+
 def _dirs_to_sync(parent: str) -> list[str]:
     """`parent`, and each ancestor up to the first that exists already: the directories whose entries
     change when `parent` is created and a file is renamed into it."""
@@ -154,12 +168,23 @@ class Tier:
         old = self.read(key) if self.exists(key) else b""
         self.write(key, old + data)
 
+    def barrier(self) -> None:
+        """Make every write so far durable (see FsspecTier); nothing to do where writes are synchronous."""
+
+    def used_bytes(self) -> int | None:
+        """Bytes held, when known without listing the tier (None: list it)."""
+        return None
+
     def put_cached(self, key: str, data: bytes) -> bool:
         """Write into a capacity-bounded tier, evicting LRU unpinned blobs first; False if it cannot fit."""
         cap = self.spec.capacity_bytes
         if cap is not None:
             if len(data) > cap:
                 return False
+            used = self.used_bytes()
+            if used is not None and used + len(data) <= cap:  # fits: no O(blobs) listing per write
+                self.write(key, data)
+                return True
             victims = plan_eviction(self.entries(BLOBS), cap, self.pinned(), incoming=len(data))
             for victim in victims:
                 self.delete(victim)
@@ -209,6 +234,7 @@ class MemoryTier(Tier):
 
     _spaces: dict[str, OrderedDict[str, bytes]] = {}
     _pins: dict[str, dict[str, str]] = {}
+    _used: dict[str, int] = {}  # space -> bytes held, kept per write and delete
     _lock = threading.RLock()
 
     def __init__(self, spec: TierSpec) -> None:
@@ -217,6 +243,8 @@ class MemoryTier(Tier):
         with self._lock:
             self.space = self._spaces.setdefault(name, OrderedDict())
             self.pins = self._pins.setdefault(name, {})
+            self._used.setdefault(name, 0)
+        self.name = name
 
     def exists(self, key: str) -> bool:
         return key in self.space
@@ -235,12 +263,20 @@ class MemoryTier(Tier):
 
     def _write(self, key: str, data: bytes | memoryview) -> None:
         with self._lock:
+            old = self.space.get(key)
             self.space[key] = data if isinstance(data, bytes | memoryview) else bytes(data)  # no copy
             self.space.move_to_end(key)
+            self._used[self.name] += len(self.space[key]) - (len(old) if old is not None else 0)
 
     def delete(self, key: str) -> None:
         with self._lock:
-            self.space.pop(key, None)
+            old = self.space.pop(key, None)
+            if old is not None:
+                self._used[self.name] -= len(old)
+
+    def used_bytes(self) -> int | None:
+        with self._lock:
+            return self._used[self.name]
 
     def list(self, prefix: str) -> list[str]:
         with self._lock:
@@ -284,6 +320,21 @@ class FsspecTier(Tier):
         self.root = root.rstrip("/")
         protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
         self.local = "file" in protocols or "local" in protocols
+        # Group commit: writes skip their per-file fsyncs and `barrier()` later makes them all durable at once.
+        self.defer_sync = False
+
+    def barrier(self) -> None:
+        """Make every write so far durable: one syncfs of the file system (data, inodes and directory entries)
+        instead of ~6 fsyncs per committed stage. Object stores: a finished PUT is durable already."""
+        if not self.local:
+            return
+        os.makedirs(self.root, exist_ok=True)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs is None or _syncfs(fd) != 0:
+                os.sync()  # no syncfs (not Linux): every file system
+        finally:
+            os.close(fd)
 
     def path(self, key: str) -> str:
         return posixpath.join(self.root, key)
@@ -311,7 +362,7 @@ class FsspecTier(Tier):
         dirs = _dirs_to_sync(parent)
         self.fs.makedirs(parent, exist_ok=True)
         tmp = posixpath.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex}")
-        sync = self.role == DURABLE and key.startswith(_SYNCED)
+        sync = self.role == DURABLE and key.startswith(_SYNCED) and not self.defer_sync
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

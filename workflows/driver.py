@@ -33,6 +33,7 @@ from actors.runner import StageCall, StageResult, stream_stage_result
 from actors.streaming import StreamSource
 from storage import ArtifactStore
 from workflows.cache import cache_key
+from workflows.commits import GroupCommit
 from workflows.errors import StageFailedError
 from workflows.hooks import (
     CACHED,
@@ -65,6 +66,7 @@ _TURN_S = 0.5  # the longest the driver blocks in one turn
 _STREAM_COORDINATOR = Resources(cpus=0.01)
 _START_ATTEMPTS = 3  # actors of one shape that may fail to start (a node lost while it started) before the run fails
 _INFRA_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError)
+_COMMIT_POLL_S = 0.002  # how often a turn looks for a finished barrier while one runs
 
 
 class Driver:
@@ -121,6 +123,11 @@ class Driver:
         self._changed: dict[str, None] = {}  # stages whose journal entry is behind their record (ordered)
         self._journal_started = False
         self._interrupted = False  # Ctrl-C seen; raised as KeyboardInterrupt at the next turn
+        # Group commit (workflows.commits) where the durable tier is a local file system: actors skip their
+        # per-file fsyncs and one barrier in the driver's process commits a batch of stages.
+        self.commits: GroupCommit[tuple[StageRecord, StageResult]] = GroupCommit(store)
+        self._group = store.group_commits
+        self._node_id = ray.get_runtime_context().get_node_id() if self._group else ""
 
     # -- lifecycle ------------------------------------------------------------------------------
     def execute(self) -> RunInfo:
@@ -148,6 +155,7 @@ class Driver:
             self.run.status = CANCELLED if isinstance(exc, KeyboardInterrupt) else FAILED
             raise
         finally:
+            self.commits.close()
             # A finished run parks its idle actors for the next run of this process (ended after
             # keep_warm_s); a failed or cancelled one ends them all: no reservation outlives it.
             if self.run.status == SUCCEEDED:
@@ -175,11 +183,17 @@ class Driver:
     def _loop(self) -> None:
         while True:
             self._check_interrupt()
+            for rec, result in self.commits.poll():
+                self._committed(rec, result)
             if self.failure is None:
                 self._launch_ready()
             if self._changed and time.monotonic() >= self._journal_at + self._journal_gap:
                 self._journal()
             starting = self.pool.ready_refs() if self.failure is None else []
+            if not self.inflight and not starting and self.commits.pending:
+                for rec, result in self.commits.drain():  # nothing else to wait for
+                    self._committed(rec, result)
+                continue
             if not self.inflight and not starting:
                 if self.failure is None and self.retry_at:
                     if self._changed:
@@ -210,6 +224,8 @@ class Driver:
         if self._changed:
             times.append(self._journal_at + self._journal_gap)
         times.append(now + _TURN_S)  # wake up to notice a Ctrl-C
+        if self.commits.pending:
+            times.append(now + _COMMIT_POLL_S)
         if self.failure is None:
             times += list(self.retry_at.values())
         return max(0.0, min(times) - now) if times else None
@@ -321,6 +337,7 @@ class Driver:
             stream_params=tuple(e.param for e in edges if self.wf.stages[e.upstream].stream is not None),
             stream_source=self._stream_source(name) if stage.stream is not None else None,
             attempt=rec.attempts + 1,
+            defer_sync=self._group,
         )
         # A retry reads inputs from the store: the objects of a dead worker may be gone. A streaming
         # input is a recipe the consumer's actor starts, or the committed stream.
@@ -436,11 +453,22 @@ class Driver:
         except _INFRA_ERRORS as exc:
             self._failed(rec, actor, INFRA, f"its worker died ({type(exc).__name__}): {exc}", "", ())
             return
+        if self._group:
+            if result.node_id != self._node_id:  # the barrier here cannot reach another node's page cache
+                ray.get(actor.barrier.remote())
+            self.pool.release(actor)
+            cacheable = self.wf.stages[name].cache
+            self.commits.add((rec, result), (rec.cache_key, result.artifact) if cacheable else None)
+            return
         self.pool.release(actor)
-        self._commit_streams(rec, result)
-        rec.status, rec.result, rec.artifact, rec.error = SUCCEEDED, result, result.artifact, ""
         if self.wf.stages[name].cache:
             self.store.record_cache(rec.cache_key, result.artifact)
+        self._committed(rec, result)
+
+    def _committed(self, rec: StageRecord, result: StageResult) -> None:
+        """The stage's output is durable (and its cache entry written): it counts as done."""
+        self._commit_streams(rec, result)
+        rec.status, rec.result, rec.artifact, rec.error = SUCCEEDED, result, result.artifact, ""
         self._notify(rec)
 
     def _start_failed(self, failure: StartFailure) -> None:

@@ -146,8 +146,13 @@ def _restore(run: RunInfo, journal: Journal, store: ArtifactStore) -> None:
             ref = store.manifest(run.run_id, name)
         except ArtifactNotFoundError:
             continue
+        except StorageError as exc:  # torn by a machine crash before its group-commit barrier
+            log.warning("run %s: the manifest of %s is unreadable (%s); it will run again", run.run_id, name, exc)
+            store.forget(run.run_id, name)
+            continue
         if not store.verify_blob(ref.digest):
             log.warning("run %s: committed output of %s is missing or corrupt; it will run again", run.run_id, name)
+            store.forget(run.run_id, name)  # else a stage whose output differs run to run could not commit again
             continue
         entry = journal.stages.get(name)
         restored = _restored(run.run_id, name, ref, store)
