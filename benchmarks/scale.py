@@ -5,9 +5,13 @@ N parameters are named after the N stages (built with an explicit `__signature__
 `cpus=1`, so a run holds as many warm actors as the cluster has CPUs and the N stages queue on them.
 Peers, each timed as a whole run (call until the sink's output is committed / on the driver):
   tierflow   `run_workflow`, cache off, no hooks, memory + local-dir store
+  tierflow+MLflow  the same with the MLflow hook (sqlite in the temp dir; above 500 stages the summary mode)
   raw Ray    the same DAG by hand: create one `@ray.remote(num_cpus=1)` actor per CPU, source call, N calls
              round-robin passing the source's ObjectRef, one sink call taking all N refs, `ray.get`, kill
-Repetitions are interleaved; with `--profile` the largest N is run once more under cProfile (driver side).
+Repetitions are interleaved; with `--profile` one N (default: the largest up to 10,000) is run once more under
+cProfile (driver side). N >= 100,000 is the slow case: one repetition, no warm-up, no MLflow peer.
+The driver's peak RSS during each tierflow run is sampled (every 20 ms, /proc/self/status) above its RSS
+just before the run.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import cProfile
 import datetime as dt
 import inspect
 import io
-import itertools
 import os
 import platform
 import pstats
@@ -25,6 +28,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,11 +38,45 @@ import ray
 from benchlib import machine, publish, settle
 from stage_overhead import loadavg, revision
 
+from actors.pool import shared_pools
 from storage import ArtifactStore, StoreConfig
 from workflows import Stage, Workflow, stage
 from workflows.engine import run_workflow
+from workflows.lineage import MLflowHook
 
 SECTION = "scale"
+SLOW = 100_000  # sizes from here: one repetition, no warm-up, no MLflow peer
+PEERS = ("raw", "tierflow", "tierflow+mlflow")
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRSS:
+    """The driver's peak RSS while a run lasts, above its RSS when the run started."""
+
+    def __init__(self, every_s: float = 0.02) -> None:
+        self.every_s, self.base, self.peak = every_s, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, rss_bytes())
 
 
 def source() -> dict:
@@ -95,16 +133,22 @@ def run_raw(n: int, width: int) -> dict:
             ray.kill(a)
 
 
-SPLIT: dict[int, dict[str, list[float]]] = {}
+SPLIT: dict[tuple[int, str], dict[str, list[float]]] = {}
 
 
-def run_tierflow(wf: Workflow, params: dict[str, int], store: StoreConfig, n: int) -> dict:
-    run = run_workflow(wf, params=params, store_config=store, use_cache=False)
+def run_tierflow(wf: Workflow, params: dict[str, int], store: StoreConfig, n: int, mlflow_uri: str = "") -> dict:
+    hooks = [MLflowHook(mlflow_uri)] if mlflow_uri else []
+    with PeakRSS() as rss:
+        run = run_workflow(wf, params=params, store_config=store, use_cache=False, hooks=hooks)
+    shared_pools.release_all()  # parked warm actors would hold the CPUs the next peer needs
     recs = [run.records[s] for s in wf.order]
     assert {r.status for r in recs} == {"succeeded"}, {r.status for r in recs}
     leaves = sorted(run.records[name(i)].result.started_at for i in range(n))  # type: ignore[union-attr]
     sink_rec = run.records["sink"]
-    split = SPLIT.setdefault(n, {"startup": [], "leaf_gap": [], "tail": [], "actors": []})
+    key = (n, "mlflow" if mlflow_uri else "plain")
+    split = SPLIT.setdefault(key, {"startup": [], "leaf_gap": [], "tail": [], "actors": [], "rss": [], "rss_peak": []})
+    split["rss"].append(rss.peak - rss.base)
+    split["rss_peak"].append(rss.peak)
     split["startup"].append(run.records["src"].result.started_at - run.started_at)  # type: ignore[union-attr]
     split["leaf_gap"].append((leaves[-1] - leaves[0]) / max(1, n - 1))
     split["tail"].append((run.ended_at or time.time()) - sink_rec.result.started_at)  # type: ignore[union-attr]
@@ -112,70 +156,89 @@ def run_tierflow(wf: Workflow, params: dict[str, int], store: StoreConfig, n: in
     return ArtifactStore(store).get(sink_rec.artifact)  # type: ignore[arg-type]
 
 
-def measure(sizes: list[int], repeats: int, warmup: int, root: Path) -> dict[int, dict[str, list[float]]]:
+def measure(sizes: list[int], repeats: int, warmup: int, root: Path, mlflow: bool) -> dict[int, dict[str, list[float]]]:
     width = int(ray.cluster_resources()["CPU"])
     times: dict[int, dict[str, list[float]]] = {}
     for n in sizes:
         wf, params = fan(n)
         expect = {"n": n, "sum": n * (n - 1) // 2}
-        times[n] = {"tierflow": [], "raw": []}
-        for rep in range(warmup + repeats):
-            store = StoreConfig.from_urls([f"memory://scale-{n}-{rep}", str(root / f"store-{n}-{rep}")])
+        slow = n >= SLOW
+        peers = [p for p in PEERS if p != "tierflow+mlflow" or (mlflow and not slow)]
+        times[n] = {p: [] for p in peers}
+        n_warm, n_rep = (0, 1) if slow else (warmup, repeats)
+        for rep in range(n_warm + n_rep):
             line = []
-            for peer in ("raw", "tierflow"):
-                settle(60)
+            for peer in peers:
+                store = StoreConfig.from_urls(
+                    [f"memory://scale-{n}-{rep}-{peer}", str(root / f"store-{n}-{rep}-{peer}")]
+                )
+                uri = f"sqlite:///{root / f'mlflow-{n}-{rep}.db'}" if peer == "tierflow+mlflow" else ""
+                settle(120)
                 t0 = time.perf_counter()
-                out = run_raw(n, width) if peer == "raw" else run_tierflow(wf, params, store, n)
+                out = run_raw(n, width) if peer == "raw" else run_tierflow(wf, params, store, n, uri)
                 elapsed = time.perf_counter() - t0
                 assert out == expect, f"{peer} N={n}: {out} != {expect}"
                 line.append(f"{peer}={elapsed:.2f}s")
-                if rep >= warmup:
+                if rep >= n_warm:
                     times[n][peer].append(elapsed)
-            tag = "warm-up" if rep < warmup else f"rep {rep - warmup + 1}/{repeats}"
-            print(f"N={n} {tag}: {', '.join(line)}", file=sys.stderr, flush=True)
+            tag = "warm-up" if rep < n_warm else f"rep {rep - n_warm + 1}/{n_rep}"
+            print(f"N={n} {tag}: {', '.join(line)} (load {loadavg()})", file=sys.stderr, flush=True)
     return times
 
 
 HOT = (  # (file, function) pairs worth naming in the report: the driver's per-event work
     ("journal.py", "write"),
+    ("journal.py", "append"),
+    ("journal.py", "finish"),
     ("dataclasses.py", "asdict"),
     ("store.py", "put_document"),
+    ("store.py", "record_cache"),
     ("__init__.py", "dumps"),
     ("driver.py", "_launch_ready"),
     ("driver.py", "_ready"),
     ("driver.py", "_launch"),
+    ("driver.py", "_collect"),
     ("cache.py", "cache_key"),
     ("worker.py", "wait"),
+    ("worker.py", "get"),
 )
 
 
 def profile(n: int, root: Path, top: int) -> tuple[str, str]:
-    """One more tierflow run of the widest fan-out under cProfile (the driver process only).
+    """One more tierflow run of N stages under cProfile (the driver process only).
 
-    Returns the full listing (printed to stderr) and a one-line summary of the hot spots for the report.
+    Returns the full listing (printed to stderr) and a summary of the top entries for the report.
     """
     wf, params = fan(n)
     store = StoreConfig.from_urls([f"memory://scale-prof-{n}", str(root / f"store-prof-{n}")])
-    settle(60)
+    settle(120)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.runcall(run_workflow, wf, params=params, store_config=store, use_cache=False)
     elapsed = time.perf_counter() - t0
+    shared_pools.release_all()
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out).strip_dirs()
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
-    cum = {(f, fn): (nc, ct) for (f, _, fn), (_, nc, _, ct, _) in stats.stats.items()}  # type: ignore[attr-defined]
+    raw = stats.stats  # type: ignore[attr-defined]
+    cum = {(f, fn): (nc, ct) for (f, _, fn), (_, nc, _, ct, _) in raw.items()}
     parts = [
         f"`{fn}` ({f}) {cum[f, fn][1]:.1f} s / {cum[f, fn][0]:,} calls = {cum[f, fn][1] / elapsed:.0%}"
         for f, fn in HOT
         if (f, fn) in cum
     ]
+    own = sorted(raw.items(), key=lambda kv: -kv[1][2])[:8]  # by time spent in the function itself
+    tops = [f"`{fn}` ({f}:{line}) {tt:.2f} s" for (f, line, fn), (_, _, tt, _, _) in own]
     summary = (
-        f"- Driver profile (cProfile, one more tierflow run at N={n:,}: {elapsed:.1f} s wall under the profiler), "
-        f"cumulative time: {'; '.join(parts)}"
+        f"- Driver profile (cProfile, one more tierflow run at N={n:,}: {elapsed:.1f} s wall under the profiler). "
+        f"Cumulative: {'; '.join(parts)}. Top own time: {'; '.join(tops)}"
     )
     return f"cProfile of one tierflow run, N={n}: {elapsed:.2f}s wall (profiled)\n{out.getvalue()}", summary
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
 
 
 def report(
@@ -184,33 +247,31 @@ def report(
     rows = []
     for n, t in times.items():
         stages = n + 2
-        tf, raw = statistics.median(t["tierflow"]), statistics.median(t["raw"])
-        over = (tf - raw) / stages * 1e3
-        sp = {k: statistics.median(v[-repeats:]) for k, v in SPLIT[n].items()}
-        rows.append(
-            f"| {n:,} | {stages:,} | {tf:.2f} ({min(t['tierflow']):.2f}-{max(t['tierflow']):.2f}) | "
-            f"{raw:.3f} | {tf / stages * 1e3:.1f} | {raw / stages * 1e3:.2f} | **{over:.1f}** | "
-            f"{sp['startup'] * 1e3:.0f} | {sp['leaf_gap'] * 1e3:.1f} | {sp['tail'] * 1e3:.0f} | {sp['actors']:.0f} |"
-        )
+        raw = _med(t["raw"])
+        for peer in [p for p in PEERS if p in t and p != "raw"]:
+            tf = _med(t[peer])
+            over = (tf - raw) / stages * 1e3
+            sp = {k: _med(v) for k, v in SPLIT[n, "mlflow" if "mlflow" in peer else "plain"].items()}
+            slow = " (slow case, 1 run)" if n >= SLOW else ""
+            rows.append(
+                f"| {n:,}{slow} | {peer} | {tf:.2f} ({min(t[peer]):.2f}-{max(t[peer]):.2f}) | {raw:.2f} | "
+                f"{tf / stages * 1e3:.2f} | {raw / stages * 1e3:.2f} | **{over:.2f}** | "
+                f"{sp['startup'] * 1e3:.0f} | {sp['leaf_gap'] * 1e3:.2f} | {sp['tail'] * 1e3:.0f} | "
+                f"{sp['rss'] / 2**20:.0f} ({sp['rss_peak'] / 2**20:.0f}) | {sp['rss'] / stages / 1024:.2f} | "
+                f"{sp['actors']:.0f} |"
+            )
     sizes = list(times)
-    marginal = []
-    for a, b in itertools.pairwise(sizes):
-        ta, tb = (statistics.median(times[x]["tierflow"]) for x in (a, b))
-        ra, rb = (statistics.median(times[x]["raw"]) for x in (a, b))
-        marginal.append(
-            f"N {a:,} -> {b:,}: tierflow {(tb - ta) / (b - a) * 1e3:.1f} ms, raw Ray {(rb - ra) / (b - a) * 1e3:.2f} "
-            "ms per added stage (differences of medians; noisy at small N)"
-        )
     flat = []
-    if len(sizes) > 1:  # steady state inside the runs: fixed start-up and small-N noise do not enter
-        gaps = {x: statistics.median(SPLIT[x]["leaf_gap"][-repeats:]) * 1e3 for x in sizes[-2:]}
-        (a, ga), (b, gb) = gaps.items()
-        verdict = "flat" if gb / ga <= 1.5 else "not flat, the cost of a stage grows with N"
-        flat.append(
-            f"- **Linearity: a leaf starts every {ga:.1f} ms at N={a:,} and every {gb:.1f} ms at N={b:,} "
-            f"({gb / ga:.2f}x): {verdict}** (a linear total keeps this at ~1x; the amortised overhead per stage "
-            "also falls from small N because the run's fixed start-up is shared)"
-        )
+    small = next((x for x in sizes if x >= 1000), None)
+    for big in [x for x in sizes if small is not None and x > small]:
+        for mode in ("plain", "mlflow"):
+            if (small, mode) in SPLIT and (big, mode) in SPLIT:
+                ga, gb = (_med(SPLIT[x, mode]["leaf_gap"]) * 1e3 for x in (small, big))
+                verdict = "flat (target <= 1.2x: met)" if gb / ga <= 1.2 else "target <= 1.2x: **missed**"
+                flat.append(
+                    f"- Linearity ({'with MLflow' if mode == 'mlflow' else 'no hooks'}): a leaf starts every "
+                    f"{ga:.2f} ms at N={small:,} and every {gb:.2f} ms at N={big:,}: **{gb / ga:.2f}x**, {verdict}"
+                )
     return "\n".join(
         [
             "## Scale: fan-out/fan-in of N tiny stages (source -> N no-op stages -> sink)",
@@ -220,18 +281,20 @@ def report(
             f"- Python {platform.python_version()}, Ray {ray.__version__}; local Ray started in-process with "
             f"`num_cpus=2`; code: {revision()}",
             f"- Command: `{command}`",
-            f"- Wall time of each whole run, median of {repeats} repetition(s) after {warmup} warm-up, tierflow and "
-            "raw Ray interleaved. Every stage asks `cpus=1`; tierflow: cache off, no hooks (no MLflow), journal "
-            "written, memory + local-dir store; raw Ray: one actor per CPU, calls round-robin, no storage.",
+            f"- Wall time of each whole run, median of {repeats} repetition(s) after {warmup} warm-up (N >= "
+            f"{SLOW:,}: one run), peers interleaved. Every stage asks `cpus=1`; tierflow: cache off, journal "
+            "written, memory + local-dir store, no hooks or the MLflow hook (sqlite; summary mode above 500 "
+            "stages); raw Ray: one actor per CPU, calls round-robin, no storage.",
             "",
-            "| N | stages | tierflow s (min-max) | raw Ray s | tierflow ms / stage | raw ms / stage | "
-            "overhead ms / stage | tierflow: first stage starts (ms) | a leaf starts every (ms) | "
-            "sink start to run end (ms) | actors used |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| N | peer | tierflow s (min-max) | raw Ray s | tierflow ms / stage | raw ms / stage | "
+            "overhead ms / stage | first stage starts (ms) | a leaf starts every (ms) | "
+            "sink start to run end (ms) | driver RSS growth MiB (peak) | RSS KiB / stage | actors |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             *rows,
             "",
-            "- overhead / stage = (tierflow - raw Ray) / (N + 2), medians.",
-            *(f"- {m}" for m in marginal),
+            "- overhead / stage = (tierflow - raw Ray) / (N + 2), medians; raw Ray measured in the same repetition.",
+            "- driver RSS growth: the driver process's peak RSS during the run minus its RSS when the run started "
+            "(the absolute peak in brackets, which includes Ray's core worker and earlier runs' leftovers).",
             *flat,
             *([hot] if hot else []),
         ]
@@ -243,20 +306,23 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000], help="fan-out widths N")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per N and peer (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
-    parser.add_argument("--profile", action="store_true", help="cProfile one more run of the largest N")
+    parser.add_argument("--profile", action="store_true", help="cProfile one more tierflow run (see --profile-size)")
+    parser.add_argument("--profile-size", type=int, help="N to profile (default: the largest N up to 10,000)")
+    parser.add_argument("--mlflow", action="store_true", help="also run tierflow with the MLflow hook (N < 100,000)")
     parser.add_argument("--top", type=int, default=25, help="functions shown per cProfile listing")
     parser.add_argument("--write", action="store_true", help="update the section in BENCHMARKS.md")
     args = parser.parse_args()
     if args.repeats < 1 or args.warmup < 0 or min(args.sizes) < 1:
         parser.error("need --repeats >= 1, --warmup >= 0, sizes >= 1")
     sizes = sorted(set(args.sizes))
-    command = shlex.join(["cd", "/work/main"]) + " && " + shlex.join([".venv/bin/python", *sys.argv])
+    command = shlex.join([".venv/bin/python", *sys.argv])
     load_before = loadavg()
     ray.init("local", num_cpus=2, include_dashboard=False)
     try:
         with tempfile.TemporaryDirectory(prefix="tierflow-scale-") as tmp:
-            times = measure(sizes, args.repeats, args.warmup, Path(tmp))
-            prof, hot = profile(sizes[-1], Path(tmp), args.top) if args.profile else ("", "")
+            times = measure(sizes, args.repeats, args.warmup, Path(tmp), args.mlflow)
+            target = args.profile_size or max([x for x in sizes if x <= 10_000] or sizes)
+            prof, hot = profile(target, Path(tmp), args.top) if args.profile else ("", "")
     finally:
         ray.shutdown()
     if prof:
