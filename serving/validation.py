@@ -1,0 +1,216 @@
+"""Request and response checks for a model endpoint: pure functions of bytes and arrays (no Ray, no FastAPI).
+
+Parameterised by the model's `InputSpec` (features per row, dtype, optional value range), so any model's
+endpoint can use them. Every refusal is an `EndpointError` whose message is plain ASCII: it never echoes
+the client's input verbatim (FastAPI's own 422 does, and a `NaN` or `1e999` in it made the 422 itself fail
+to encode, a 500), and it says what to send instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+_JSON_TYPE = re.compile(r"application/(?:[\w.+-]+\+)?json")
+_NUMBER = (int, float)  # exact types: JSON true/false arrive as bool, a subclass of int
+_SHOWN = 5  # offending indices named in a message
+
+
+class EndpointError(Exception):
+    """A request the endpoint answers with an error: `status` and a JSON-encodable `body`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    @property
+    def body(self) -> dict[str, str]:
+        return {"detail": self.message}
+
+
+class InvalidInput(EndpointError):
+    """The client's request is wrong (422) or too big (413); nothing reached the model."""
+
+
+class BrokenOutput(EndpointError):
+    """The model produced non-finite outputs for inputs inside its declared range: the model is at fault (500)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(500, message)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model takes: rows of `n_features` numbers of `dtype`, optionally within [min_value, max_value]."""
+
+    n_features: int
+    dtype: str = "float32"
+    min_value: float | None = None
+    max_value: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_features < 1:
+            raise ValueError(f"n_features={self.n_features}: a model takes at least 1 feature")
+        try:
+            kind = np.dtype(self.dtype).kind
+        except TypeError:
+            kind = ""
+        if kind != "f":
+            raise ValueError(f"dtype={self.dtype!r}: use a numpy floating type such as 'float32'")
+        for name in ("min_value", "max_value"):
+            value = getattr(self, name)
+            if value is not None and not abs(value) <= self.dtype_max:
+                raise ValueError(f"{name}={value!r}: must be finite and within {self.dtype}")
+        if self.min_value is not None and self.max_value is not None and self.min_value > self.max_value:
+            raise ValueError(f"min_value={self.min_value} > max_value={self.max_value}: swap them")
+
+    @property
+    def dtype_max(self) -> float:
+        return float(np.finfo(self.dtype).max)
+
+    @property
+    def has_range(self) -> bool:
+        return self.min_value is not None or self.max_value is not None
+
+    @property
+    def example(self) -> str:
+        return f'{{"instances": [[{self.n_features} numbers], ...]}}'
+
+    def probe(self) -> np.ndarray:
+        """One row inside the declared range (zeros where allowed): a healthy model answers it finitely."""
+        low = -np.inf if self.min_value is None else self.min_value
+        high = np.inf if self.max_value is None else self.max_value
+        return np.full((1, self.n_features), np.clip(0.0, low, high), dtype=self.dtype)
+
+
+def parse_instances(body: bytes, content_type: str | None, spec: InputSpec, *, max_rows: int) -> np.ndarray:
+    """The rows of a `{"instances": [[...], ...]}` body as a (rows, n_features) array of `spec.dtype`.
+
+    Raises `InvalidInput` (never anything else) for any body that is not that: a missing content type
+    is read as JSON, like FastAPI does; any other non-JSON type is refused.
+    """
+    if content_type is not None and not _JSON_TYPE.fullmatch(content_type.split(";", 1)[0].strip().lower()):
+        raise InvalidInput(
+            422, f"Content-Type {_show(content_type)} is not JSON: send the body as application/json, {spec.example}"
+        )
+    if not body.strip():
+        raise InvalidInput(422, f"empty body: send JSON {spec.example}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(422, f"body is not valid UTF-8 (byte {exc.start}): send UTF-8 JSON") from None
+    try:
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except InvalidInput:
+        raise
+    except RecursionError:
+        raise InvalidInput(422, f"JSON nested too deeply: send {spec.example}, each row a flat list") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(422, f"body is not valid JSON ({exc.msg} at char {exc.pos}): send {spec.example}") from None
+    except ValueError:  # an integer literal over Python's 4300-digit limit
+        raise InvalidInput(422, f"a number has thousands of digits: send {spec.dtype} values") from None
+    return instances_array(doc, spec, max_rows=max_rows)
+
+
+def instances_array(doc: Any, spec: InputSpec, *, max_rows: int) -> np.ndarray:
+    """Check an already-decoded JSON document; see `parse_instances`."""
+    if not isinstance(doc, dict):
+        raise InvalidInput(422, f"body is a JSON {_kind(doc)}, not an object: send {spec.example}")
+    extra = sorted(_show(k) for k in doc if k != "instances")
+    if extra:
+        raise InvalidInput(422, f"unknown field(s) {', '.join(extra[:_SHOWN])}: send only {spec.example}")
+    if "instances" not in doc:
+        raise InvalidInput(422, f'missing field "instances": send {spec.example}')
+    rows = doc["instances"]
+    if not isinstance(rows, list) or not rows:
+        got = "an empty list" if isinstance(rows, list) else f"a {_kind(rows)}"
+        raise InvalidInput(422, f'"instances" is {got}: send a non-empty list of rows, {spec.example}')
+    if len(rows) > max_rows:
+        raise InvalidInput(413, f"{len(rows)} instances: at most {max_rows} per request; split the request")
+    n = spec.n_features
+    for i, row in enumerate(rows):
+        if not isinstance(row, list):
+            raise InvalidInput(422, f"instances[{i}] is a {_kind(row)}: each instance is a list of {n} numbers")
+        if len(row) != n:
+            raise InvalidInput(
+                422, f"instances[{i}] has {len(row)} features: each instance must have exactly {n} numbers"
+            )
+        if not set(map(type, row)) <= {int, float}:  # map(type) keeps the common all-numbers case in C
+            j, bad = next((j, v) for j, v in enumerate(row) if type(v) not in _NUMBER)
+            raise InvalidInput(422, f"instances[{i}][{j}] is a {_kind(bad)}: each feature must be a number")
+    try:
+        values = np.array(rows, dtype=np.float64)
+    except OverflowError:  # an integer beyond float64
+        values = None
+    if values is None or not np.isfinite(values).all():
+        where = "a value" if values is None else _index(~np.isfinite(values))
+        raise InvalidInput(
+            422, f"{where} overflows to infinity: send finite {spec.dtype} numbers (|x| <= {spec.dtype_max:.7g})"
+        )
+    _check_bound(values, np.abs(values) > spec.dtype_max, f"overflows {spec.dtype}, the model's input type", spec)
+    if spec.min_value is not None:
+        _check_bound(values, values < spec.min_value, "is below the model's input range", spec)
+    if spec.max_value is not None:
+        _check_bound(values, values > spec.max_value, "is above the model's input range", spec)
+    return values.astype(spec.dtype)
+
+
+def check_outputs(outputs: np.ndarray, spec: InputSpec) -> None:
+    """Refuse to answer with non-finite outputs (JSON has no NaN; a null probability is a wrong answer).
+
+    Blame the input (422) unless the spec declares a range: inputs inside it that still give non-finite
+    outputs mean the model is broken (500). A model that fails even `spec.probe()` is refused at load.
+    """
+    finite = np.isfinite(outputs).reshape(len(outputs), -1).all(axis=1)
+    if finite.all():
+        return
+    bad = np.flatnonzero(~finite).tolist()
+    shown = ", ".join(map(str, bad[:_SHOWN])) + (", ..." if len(bad) > _SHOWN else "")
+    if spec.has_range:
+        raise BrokenOutput(
+            f"the model gave non-finite outputs for instances [{shown}], whose values are inside its input "
+            "range: the model is broken; roll back to the previous version"
+        )
+    raise InvalidInput(
+        422,
+        f"instances [{shown}] drive the model to non-finite outputs (NaN or infinity): their values are far "
+        "outside what it was trained on; send values in its training range",
+    )
+
+
+def _check_bound(values: np.ndarray, outside: np.ndarray, problem: str, spec: InputSpec) -> None:
+    if outside.any():
+        low = "-inf" if spec.min_value is None else f"{spec.min_value:g}"
+        high = "inf" if spec.max_value is None else f"{spec.max_value:g}"
+        allowed = f"[{low}, {high}]" if spec.has_range else f"|x| <= {spec.dtype_max:.7g}"
+        i, j = np.argwhere(outside)[0]
+        raise InvalidInput(
+            422, f"{_index(outside)} = {values[i, j]:.7g} {problem}: send {spec.dtype} values in {allowed}"
+        )
+
+
+def _index(mask: np.ndarray) -> str:
+    i, j = np.argwhere(mask)[0]
+    return f"instances[{i}][{j}]"
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidInput(
+        422, f"{name} is not a number this endpoint accepts: send finite numbers (standard JSON has no {name})"
+    )
+
+
+def _kind(value: Any) -> str:
+    names = {bool: "boolean", str: "string", list: "list", dict: "object", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _show(value: str) -> str:
+    """A client's string, safe to put in a message: ASCII-escaped (lone surrogates too) and short."""
+    shown = json.dumps(value)  # ensure_ascii: escapes non-ASCII, lone surrogates included
+    return shown if len(shown) <= 40 else shown[:36] + '..."'
