@@ -1,6 +1,7 @@
-"""The Ray Serve application for a tierflow model: FastAPI ingress, pydantic validation, dynamic batching.
+"""The Ray Serve application for a tierflow model: FastAPI ingress, request validation, dynamic batching.
 
-Client mistakes (wrong JSON, types, shapes) answer 422, bodies over the limit 413; none reaches the
+Client mistakes (wrong JSON, types, shapes, non-finite or float32-overflowing numbers) answer 422, bodies
+over the limit 413, all checked by `serving.validation` against the model's InputSpec; none reaches the
 model, and none is a 500. Past `max_ongoing_requests` + `max_queued_requests`, Serve answers 503.
 """
 
@@ -13,7 +14,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import ray
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -23,6 +24,7 @@ from actors.runner import detect_device
 from serving.config import USER_CODE_THREAD_ENV, ModelSource, ServeConfig
 from serving.loading import load_model
 from serving.model import predict_proba
+from serving.validation import EndpointError, InputSpec, check_model, check_outputs, parse_instances
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # A forward pass expected to take less than this runs on the replica's event loop: handing it to a worker
@@ -102,6 +104,21 @@ async def _refuse(scope: dict[str, Any], receive: Any, send: Any, limit: int) ->
 api.add_middleware(BodyLimit)
 
 
+@api.exception_handler(EndpointError)
+async def _endpoint_error(request: Request, exc: EndpointError) -> JSONResponse:
+    return JSONResponse(exc.body, exc.status)
+
+
+@api.exception_handler(Exception)  # anything unexpected still answers JSON (Starlette logs and re-raises it)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the replica's log"}, 500)
+
+
+# The body is parsed by serving.validation, not FastAPI (whose 422 echoes the input and cannot encode a
+# NaN in it); the OpenAPI document still shows the request schema.
+_PREDICT_BODY = {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}
+
+
 class _Stats:
     """Recent latencies and batch sizes, for `tierflow serve status` and the MLflow summary."""
 
@@ -133,9 +150,11 @@ class ModelServer:
         self.source = source
         self.config = config
         self.n_features = int(self.model_config["layers"][0])
+        self.input_spec = InputSpec(n_features=self.n_features)
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.device, self.device_reason = serving_device(self.gpu_ids, compressed="compression" in self.model_config)
         self.model.to(self.device)
+        check_model(predict_proba(self.model, self.input_spec.probe(), self.device), self.input_spec)  # else refused
         api.state.max_body_bytes = config.max_body_bytes
         self.canary = serve.get_deployment_handle("ModelServer", app_name=canary_app) if canary_app else None
         self.canary_app = canary_app
@@ -208,23 +227,17 @@ class ModelServer:
         finally:
             self.queued -= 1
 
-    @api.post("/predict", response_model=PredictResponse)
-    async def predict(self, request: PredictRequest) -> PredictResponse:
+    @api.post("/predict", response_model=PredictResponse, openapi_extra={"requestBody": _PREDICT_BODY})
+    async def predict(self, request: Request) -> PredictResponse:
         t0 = time.perf_counter()
-        widths = {len(row) for row in request.instances}
-        if widths != {self.n_features}:
-            raise HTTPException(
-                status_code=422,
-                detail=f"each instance must have exactly {self.n_features} features; got lengths {sorted(widths)}",
-            )
-        if len(request.instances) > self.config.max_rows:
-            raise HTTPException(status_code=413, detail=f"at most {self.config.max_rows} instances per request")
-        rows = np.asarray(request.instances, dtype=np.float32)
+        body, content_type = await request.body(), request.headers.get("content-type")
+        rows = parse_instances(body, content_type, self.input_spec, max_rows=self.config.max_rows)
         to_canary = self.canary is not None and random.random() < self.config.canary_share  # noqa: S311
         if to_canary:
             proba, info = await self.canary.infer.remote(rows), await self.canary.describe.remote()
         else:
             proba, info = await self.infer(rows), self.describe()
+        check_outputs(proba, self.input_spec)  # never a 200 with null probabilities
         self.stats.requests += 1
         self.stats.latencies_ms.append((time.perf_counter() - t0) * 1000)
         self.request_counter.inc(tags={"served_by": "canary" if to_canary else "stable"})

@@ -183,6 +183,15 @@ def check_outputs(outputs: np.ndarray, spec: InputSpec) -> None:
     )
 
 
+def check_model(probe_outputs: np.ndarray, spec: InputSpec) -> None:
+    """Refuse a model at load whose outputs for `spec.probe()` are non-finite: it is broken for any input."""
+    if not np.isfinite(probe_outputs).all():
+        raise BrokenOutput(
+            f"the model gives non-finite outputs for {spec.probe()[0, :3].tolist()}... ({spec.n_features} "
+            "features): its weights are broken (NaN or overflow); retrain it or serve another version"
+        )
+
+
 def _check_bound(values: np.ndarray, outside: np.ndarray, problem: str, spec: InputSpec) -> None:
     if outside.any():
         low = "-inf" if spec.min_value is None else f"{spec.min_value:g}"

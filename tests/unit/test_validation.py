@@ -8,7 +8,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.validation import BrokenOutput, EndpointError, InputSpec, InvalidInput, check_outputs, parse_instances
+from serving.validation import (
+    BrokenOutput,
+    EndpointError,
+    InputSpec,
+    InvalidInput,
+    check_model,
+    check_outputs,
+    parse_instances,
+)
 from tests.fixtures.hostile_bodies import REPORTED_LITERALS, expected_statuses, hostile_cases, reported_body
 
 SPEC = InputSpec(n_features=4)
@@ -180,3 +188,9 @@ def test_the_output_guard_refuses_exactly_the_non_finite_rows(values):
     with pytest.raises(InvalidInput) as info:
         check_outputs(outputs, SPEC)
     assert info.value.message.startswith(f"instances [{', '.join(map(str, bad))}]") and encodable(info.value)
+
+
+def test_a_model_with_non_finite_outputs_on_the_probe_row_is_refused_at_load():
+    check_model(np.array([[0.2, 0.8]], dtype=np.float32), SPEC)
+    with pytest.raises(BrokenOutput, match=r"weights are broken.*serve another version"):
+        check_model(np.array([[np.nan, np.nan]], dtype=np.float32), SPEC)

@@ -284,7 +284,7 @@ def serve(
     max_batch_size: int = _SERVE.max_batch_size,
     batch_wait_timeout_s: float = _SERVE.batch_wait_timeout_s,
     max_ongoing_requests: int = _SERVE.max_ongoing_requests,
-    max_queued_requests: int = _SERVE.max_queued_requests,
+    max_queued_requests: int | None = _SERVE.max_queued_requests,
     canary_share: float = _SERVE.canary_share,
 ) -> dict[str, Any]:
     """Roll the evaluated model out on Ray Serve (blue/green, optional canary); answer with the URL.
