@@ -129,20 +129,22 @@ def instances_array(doc: Any, spec: InputSpec, *, max_rows: int) -> np.ndarray:
     rows = doc["instances"]
     if not isinstance(rows, list) or not rows:
         got = "an empty list" if isinstance(rows, list) else f"a {_kind(rows)}"
-        raise InvalidInput(422, f'"instances" is {got}: send a non-empty list of rows, {spec.example}')
+        raise InvalidInput(422, f'"instances" is {got}: send a valid list of at least 1 row, {spec.example}')
     if len(rows) > max_rows:
         raise InvalidInput(413, f"{len(rows)} instances: at most {max_rows} per request; split the request")
     n = spec.n_features
     for i, row in enumerate(rows):
         if not isinstance(row, list):
-            raise InvalidInput(422, f"instances[{i}] is a {_kind(row)}: each instance is a list of {n} numbers")
+            raise InvalidInput(
+                422, f"instances[{i}] is a {_kind(row)}: each instance is a list of exactly {n} features"
+            )
         if len(row) != n:
             raise InvalidInput(
-                422, f"instances[{i}] has {len(row)} features: each instance must have exactly {n} numbers"
+                422, f"instances[{i}] has {len(row)} features: each instance must have exactly {n} features"
             )
         if not set(map(type, row)) <= {int, float}:  # map(type) keeps the common all-numbers case in C
             j, bad = next((j, v) for j, v in enumerate(row) if type(v) not in _NUMBER)
-            raise InvalidInput(422, f"instances[{i}][{j}] is a {_kind(bad)}: each feature must be a number")
+            raise InvalidInput(422, f"instances[{i}][{j}] is a {_kind(bad)}: each feature must be a valid number")
     try:
         values = np.array(rows, dtype=np.float64)
     except OverflowError:  # an integer beyond float64

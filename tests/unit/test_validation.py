@@ -63,7 +63,7 @@ def test_the_reported_bodies_are_422_with_an_encodable_message_that_names_the_fi
         ('{"instances": [[1, 2, 3, 4]]}', "text/plain", 422, "application/json"),
         ('{"instances": [[1, 2, 3, 4]]}', "application/jsonx", 422, "not JSON"),
         ('{"instances": [[1, 2, 3, 4]], "x": 1}', "application/json", 422, 'unknown field(s) "x"'),
-        ('{"instances": []}', "application/json", 422, "non-empty list"),
+        ('{"instances": []}', "application/json", 422, "at least 1 row"),
         ('{"instances": [[1, 2, 3]]}', "application/json", 422, "instances[0] has 3 features"),
         ('{"instances": [[1, 2, 3, true]]}', "application/json", 422, "instances[0][3] is a boolean"),
         ('{"instances": [[1, 2, 3, "4"]]}', "application/json", 422, "instances[0][3] is a string"),
