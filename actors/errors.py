@@ -23,3 +23,7 @@ class StageExecutionError(ActorsError):
 
     def __str__(self) -> str:
         return f"stage {self.stage!r} raised {self.cause}"
+
+
+class RecordError(ActorsError, ValueError):
+    """A stored stage record does not have the shape `actors.record` writes (or names another artifact)."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ class StageCall:
     input_refs: dict[str, ArtifactRef] = field(default_factory=dict)
     stream_params: tuple[str, ...] = ()  # inputs from streaming stages: passed as a BatchStream
     stream_source: StreamSource | None = None  # barrier mode: this call runs a streaming stage alone
+    attempt: int = 0  # 1 for the first, for the stage's record
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,22 @@ class StageResult:
     tags: dict[str, str] = field(default_factory=dict)
     sources: list[SourceInput] = field(default_factory=list)
     streams: dict[str, StreamCommit] = field(default_factory=dict)  # upstream stage -> its committed stream
+
+
+def stream_stage_result(consumer: StageResult, commit: StreamCommit) -> StageResult:
+    """A fused streaming stage's own result: it ran inside `consumer`'s stage, on the same actor."""
+    metrics = [Metric(k, float(v), 0, int(commit.started_at * 1000)) for k, v in commit.metrics().items()]
+    return dataclasses.replace(
+        consumer,
+        stage=commit.stage,
+        artifact=commit.artifact,
+        started_at=commit.started_at,
+        duration_s=commit.wall_s,
+        metrics=metrics,
+        tags={"tierflow.stream.consumer": consumer.stage, "tierflow.stream.workers": str(commit.workers)},
+        sources=[],
+        streams={},
+    )
 
 
 def detect_device(gpu_ids: list[Any]) -> str:
@@ -113,6 +131,21 @@ class StageActor:
                 kwargs["ctx"] = ctx
             started = time.time()
             t0, cpu0 = time.perf_counter(), time.process_time()
+
+            def result(ref: ArtifactRef, duration_s: float, streams: dict[str, StreamCommit]) -> StageResult:
+                return _result(call, info, ctx, ref, started, duration_s, streams)
+
+            barrier: list[StageResult] = []  # this call's result, if it is a stream committed by finish()
+
+            def stream_record(commit: StreamCommit) -> Mapping[str, Any]:
+                if commit.stage == call.stage:  # barrier mode: this call is the stream
+                    ctx.log_metrics(commit.metrics())
+                    barrier.append(result(commit.artifact, time.perf_counter() - t0, {}))
+                    return to_record(barrier[0], call, call.input_refs)
+                src = next(ls.source for ls in live if ls.stage == commit.stage)
+                own = stream_stage_result(result(commit.artifact, 0.0, {}), commit)
+                return to_record(own, call, src.inputs, cache_key=src.cache_key, attempt=src.attempt)
+
             try:
                 if call.stream_source is not None:
                     live.append(LiveStream(call.stream_source, self.store))
@@ -121,7 +154,7 @@ class StageActor:
                     target = self._instance(call.fn) if call.is_class else call.fn
                     value = target(**kwargs)
                 # Unread batches are drained here: a stream is committed whole or not at all.
-                streams = {ls.stage: ls.finish() for ls in live}
+                streams = {ls.stage: ls.finish(stream_record) for ls in live}
                 if call.stream_source is None:
                     fmt, data, schema = encode(value, allow_pickle=self.store.config.allow_pickle)
             except Exception as exc:
@@ -136,33 +169,47 @@ class StageActor:
                 ls.close()
         if call.stream_source is not None:
             commit = streams[call.stage]
-            ref, out = commit.artifact, None
-            ctx.log_metrics(commit.metrics())
-        else:
-            ref = self.store.put_encoded(fmt, data, schema, run_id=call.run_id, stage=call.stage)
-            # Downstream stages get exactly what a cache hit would load from the store.
-            out = decode(fmt, data, allow_pickle=self.store.config.allow_pickle)
-            if not live:  # a stream consumer's utilisation is its time not waiting for batches (driver)
-                ctx.log_metric("utilisation", cpu_s / max(duration, 1e-9))  # busy CPU time / wall time
-            if "num_rows" in schema:
-                ctx.log_metric("rows_per_s", schema["num_rows"] / max(duration, 1e-9))
-        result = StageResult(
+            if barrier:  # committed now, with its record
+                return dataclasses.replace(barrier[0], artifact=commit.artifact), None
+            ctx.log_metrics(commit.metrics())  # committed by an earlier attempt
+            return result(commit.artifact, duration, streams), None
+        encoded = (fmt, data, schema)
+        return self._commit(call, ctx, result, encoded, duration, cpu_s, bool(live), streams)
+
+    def _commit(
+        self,
+        call: StageCall,
+        ctx: StageContext,
+        result: Callable[[ArtifactRef, float, dict[str, StreamCommit]], StageResult],
+        encoded: tuple[str, bytes, dict[str, Any]],
+        duration: float,
+        cpu_s: float,
+        read_live: bool,
+        streams: dict[str, StreamCommit],
+    ) -> tuple[StageResult, Any]:
+        """Commit a (non-streaming) stage's value: its blob, then its record, then its manifest."""
+        fmt, data, schema = encoded
+        if not read_live:  # a stream consumer's utilisation is its time not waiting for batches
+            ctx.log_metric("utilisation", cpu_s / max(duration, 1e-9))  # busy CPU time / wall time
+        if "num_rows" in schema:
+            ctx.log_metric("rows_per_s", schema["num_rows"] / max(duration, 1e-9))
+        inputs = dict(call.input_refs)
+        for pname in call.input_params:  # what this consumer saw of each fused stream it read
+            commit = streams.get(call.upstream.get(pname, {}).get("stage", ""))
+            if commit is not None:
+                inputs[pname] = commit.artifact
+                ctx.log_metrics(commit.consumer_metrics(pname, duration))
+        ref = self.store.put_encoded(
+            fmt,
+            data,
+            schema,
+            run_id=call.run_id,
             stage=call.stage,
-            artifact=ref,
-            node_id=info["node_id"],
-            node_ip=info["node_ip"],
-            pid=info["pid"],
-            device=info["device"],
-            gpu_ids=info["gpu_ids"],
-            cuda_visible_devices=info["cuda_visible_devices"],
-            started_at=started,
-            duration_s=duration,
-            metrics=ctx.metrics,
-            tags=ctx.tags,
-            sources=ctx.sources,
-            streams={k: v for k, v in streams.items() if k != call.stage},
+            record=lambda r: to_record(result(r, duration, streams), call, inputs),
         )
-        return result, out
+        # Downstream stages get exactly what a cache hit would load from the store.
+        out = decode(fmt, data, allow_pickle=self.store.config.allow_pickle)
+        return result(ref, duration, streams), out
 
     def _input(self, call: StageCall, pname: str, value: Any, live: list[LiveStream]) -> Any:
         if isinstance(value, StreamSource):
@@ -178,3 +225,49 @@ class StageActor:
         if cls not in self._instances:
             self._instances[cls] = cls()
         return self._instances[cls]
+
+
+def _result(
+    call: StageCall,
+    info: dict[str, Any],
+    ctx: StageContext,
+    ref: ArtifactRef,
+    started: float,
+    duration_s: float,
+    streams: dict[str, StreamCommit],
+) -> StageResult:
+    return StageResult(
+        stage=call.stage,
+        artifact=ref,
+        node_id=info["node_id"],
+        node_ip=info["node_ip"],
+        pid=info["pid"],
+        device=info["device"],
+        gpu_ids=info["gpu_ids"],
+        cuda_visible_devices=info["cuda_visible_devices"],
+        started_at=started,
+        duration_s=duration_s,
+        metrics=list(ctx.metrics),
+        tags=dict(ctx.tags),
+        sources=list(ctx.sources),
+        streams={k: v for k, v in streams.items() if k != call.stage},
+    )
+
+
+def to_record(
+    res: StageResult,
+    call: StageCall,
+    inputs: Mapping[str, ArtifactRef],
+    *,
+    cache_key: str | None = None,
+    attempt: int | None = None,
+) -> dict[str, Any]:
+    from actors.record import to_record as build  # noqa: PLC0415  # record imports StageResult from here
+
+    return build(
+        res,
+        run_id=call.run_id,
+        cache_key=call.cache_key if cache_key is None else cache_key,
+        attempt=call.attempt if attempt is None else attempt,
+        inputs=dict(inputs),
+    )

@@ -16,7 +16,7 @@ import queue
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,8 @@ class StreamSource:
     spec: Stream
     ray_options: dict[str, Any]
     inputs: dict[str, ArtifactRef] = field(default_factory=dict)
+    cache_key: str = ""  # the streaming stage's own, for its record
+    attempt: int = 0
 
     @property
     def n_shards(self) -> int:
@@ -340,8 +342,9 @@ class LiveStream(BatchStream):
             self._batches_n += 1
         return table
 
-    def finish(self) -> StreamCommit:
-        """Drain what the consumer did not read, then commit the whole stream as one Arrow artifact."""
+    def finish(self, record: Callable[[StreamCommit], Mapping[str, Any]] | None = None) -> StreamCommit:
+        """Drain what the consumer did not read, then commit the whole stream as one Arrow artifact
+        (with `record(commit)` as the stage's record, written just before its manifest)."""
         for _ in self._it:
             pass
         wall = time.perf_counter() - self._t0
@@ -350,6 +353,21 @@ class LiveStream(BatchStream):
         self._writer.close()
         assert self._sink is not None
         self._sink.close()
+
+        def commit(ref: ArtifactRef) -> StreamCommit:
+            return StreamCommit(
+                stage=self.stage,
+                artifact=ref,
+                rows=self._rows,
+                batches=self._batches_n,
+                workers=len(self._pids),
+                started_at=self._started_at,
+                wall_s=wall,
+                first_batch_s=self._first_batch_s,
+                producer_busy_s=sum(self._busy.values()),
+                consumer_wait_s=self._wait_s,
+            )
+
         with pa.memory_map(str(self._path)) as mapped:
             data = memoryview(mapped.read_buffer())
             schema = {
@@ -357,21 +375,17 @@ class LiveStream(BatchStream):
                 "num_rows": self._rows,
                 "stream": {"batches": self._batches_n},
             }
-            ref = self.store.put_encoded(ARROW, data, schema, run_id=self.source.run_id, stage=self.stage)
+            ref = self.store.put_encoded(
+                ARROW,
+                data,
+                schema,
+                run_id=self.source.run_id,
+                stage=self.stage,
+                record=None if record is None else lambda r: record(commit(r)),
+            )
             del data
         self.close()
-        return StreamCommit(
-            stage=self.stage,
-            artifact=ref,
-            rows=self._rows,
-            batches=self._batches_n,
-            workers=len(self._pids),
-            started_at=self._started_at,
-            wall_s=wall,
-            first_batch_s=self._first_batch_s,
-            producer_busy_s=sum(self._busy.values()),
-            consumer_wait_s=self._wait_s,
-        )
+        return commit(ref)
 
     def close(self) -> None:
         """Stop the producers (if still running) and remove the temp file."""

@@ -3,6 +3,7 @@
 Layout on every tier (Metaflow's datastore, re-hashing on read):
     blobs/ab/abcdef...            the encoded bytes, named by the sha256 of their plaintext
     manifests/<run>/<stage>.json  what an artifact is and who made it; written once, after the blob
+    records/<run>/<stage>.json    what the stage that made it measured (JSON); written just before its manifest
     cache/<key>.json              stage cache key -> manifest of a committed output
     runs/<run>/journal.json       the run journal (workflows.journal)
 Blobs are written to the durable tier first (an artifact is committed only once it is durable),
@@ -16,7 +17,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
@@ -79,6 +80,14 @@ def blob_key(digest: str) -> str:
 
 def manifest_key(run_id: str, stage: str) -> str:
     return f"manifests/{validate_name(run_id, 'run id')}/{validate_name(stage, 'stage name')}.json"
+
+
+def record_key(run_id: str, stage: str) -> str:
+    return f"records/{validate_name(run_id, 'run id')}/{validate_name(stage, 'stage name')}.json"
+
+
+# Builds a stage's record once its manifest is known (the record names the digest it describes).
+RecordFn = Callable[[ArtifactRef], Mapping[str, Any]]
 
 
 def cache_key_path(key: str) -> str:
@@ -205,17 +214,35 @@ class ArtifactStore:
             key = manifest_key(run_id, stage)
             digest, size = self.durable.write_content_addressed(blob_key, partial(formats.write_arrow, value))
             self._fill_caches(digest, None)
-            return self._publish(key, formats.ARROW, digest, size, formats.arrow_schema(value), run_id, stage)
+            return self._publish(key, formats.ARROW, digest, size, formats.arrow_schema(value), run_id, stage, None)
         fmt, data, schema = formats.encode(value, allow_pickle=self.config.allow_pickle)
         return self.put_encoded(fmt, data, schema, run_id=run_id, stage=stage)
 
-    def put_encoded(self, fmt: str, data: bytes, schema: dict[str, Any], *, run_id: str, stage: str) -> ArtifactRef:
+    def put_encoded(
+        self,
+        fmt: str,
+        data: bytes | memoryview,
+        schema: dict[str, Any],
+        *,
+        run_id: str,
+        stage: str,
+        record: RecordFn | None = None,
+    ) -> ArtifactRef:
+        """Store the blob, then `record(ref)` as the stage's record (if given), then the manifest."""
         key = manifest_key(run_id, stage)  # validate names before any byte is written
         digest = self.put_blob(data)
-        return self._publish(key, fmt, digest, len(data), schema, run_id, stage)
+        return self._publish(key, fmt, digest, len(data), schema, run_id, stage, record)
 
     def _publish(
-        self, key: str, fmt: str, digest: str, size: int, schema: dict[str, Any], run_id: str, stage: str
+        self,
+        key: str,
+        fmt: str,
+        digest: str,
+        size: int,
+        schema: dict[str, Any],
+        run_id: str,
+        stage: str,
+        record: RecordFn | None,
     ) -> ArtifactRef:
         ref = ArtifactRef(
             digest=digest,
@@ -232,7 +259,12 @@ class ArtifactStore:
             old = ArtifactRef.from_json(self.durable.read(key))
             if old.digest != digest:
                 raise StorageError(f"manifest {key} is already committed with digest {old.digest}; runs are immutable")
-            return old
+            return old  # committed together with its record (if any) by an earlier attempt
+        if record is not None:
+            # Before the manifest, so a committed artifact always has its record; a record without a
+            # manifest (a kill in between) is overwritten by the next attempt and never read alone.
+            doc = dict(record(ref))
+            self.durable.write(record_key(run_id, stage), json.dumps(doc, sort_keys=True).encode())
         self.durable.write(key, ref.to_json())
         return ref
 
@@ -256,6 +288,21 @@ class ArtifactStore:
         """Remove a stage's manifest (e.g. a superseded training checkpoint). Its blob stays until `store gc`
         finds nothing else referring to it."""
         self.durable.delete(manifest_key(run_id, stage))
+        self.durable.delete(record_key(run_id, stage))
+
+    def record(self, run_id: str, stage: str) -> dict[str, Any] | None:
+        """The record committed with a stage's manifest in this run; None for a cache hit (adopted) or a
+        manifest written before records existed."""
+        key = record_key(run_id, stage)
+        if not self.durable.exists(key):
+            return None
+        try:
+            doc = json.loads(self.durable.read(key))
+        except ValueError as exc:
+            raise IntegrityError(f"record {key} does not parse: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise IntegrityError(f"record {key} is not a JSON object")
+        return doc
 
     def manifests(self, run_id: str | None = None) -> list[ArtifactRef]:
         prefix = f"manifests/{validate_name(run_id, 'run id')}" if run_id else "manifests"

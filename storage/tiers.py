@@ -28,9 +28,9 @@ ROLES = (HOT, WARM, DURABLE)
 BLOBS = "blobs"
 PINS = "pins"
 TMP_PREFIX = ".tmp-"
-# fsync what commits an artifact. Journals and cache entries are rewritten often and are safe to lose
-# (resume trusts manifests; a lost cache entry is a miss), so they skip the per-stage fsync cost.
-_SYNCED = (f"{BLOBS}/", "manifests/")
+# fsync what commits an artifact (and its stage's record). Journals and cache entries are rewritten often and
+# are safe to lose (resume trusts manifests; a lost cache entry is a miss), so they skip the per-stage fsync.
+_SYNCED = (f"{BLOBS}/", "manifests/", "records/")
 
 
 def _dirs_to_sync(parent: str) -> list[str]:

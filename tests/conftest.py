@@ -32,7 +32,14 @@ def start_local_ray(**kwargs) -> None:
 
 
 def wait_for_resources_released(timeout_s: float = 10.0) -> tuple[dict, dict]:
-    """Actor kills are asynchronous: poll until available == total (or time out)."""
+    """Actor kills are asynchronous: poll until available == total (or time out).
+
+    Runs park their idle actors for the next run (keep_warm_s); those are ended first, so what is
+    left held is what a run leaked.
+    """
+    from actors.pool import shared_pools
+
+    shared_pools.release_all()
     deadline = time.monotonic() + timeout_s
     while True:
         total, avail = ray.cluster_resources(), ray.available_resources()

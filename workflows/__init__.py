@@ -31,6 +31,7 @@ __all__ = [
     "Workflow",
     "WorkflowDefinitionError",
     "WorkflowLoadError",
+    "release_warm_actors",
     "run_workflow",
     "stage",
 ]
@@ -42,6 +43,10 @@ def __getattr__(name: str) -> object:
         from workflows.engine import run_workflow  # noqa: PLC0415
 
         return run_workflow
+    if name == "release_warm_actors":
+        from actors.pool import shared_pools  # noqa: PLC0415
+
+        return shared_pools.release_all
     if name == "MLflowHook":
         from workflows.lineage import MLflowHook  # noqa: PLC0415
 

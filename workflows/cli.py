@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-cpus", type=float, help="CPUs of a locally started Ray (default: all)")
     run.add_argument("--num-gpus", type=float, help="GPUs of a locally started Ray (default: detected)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    run.add_argument(
+        "--placement-timeout-s",
+        type=float,
+        default=60.0,
+        help="fail a stage whose actor Ray has not placed after this long with nothing else of the run running "
+        "(default: 60)",
+    )
 
     val = sub.add_parser("validate", help="check a workflow without running anything")
     common(val)
@@ -204,6 +211,8 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
             rerun=args.rerun,
             resume=args.resume,
             workflow_ref=args.workflow,
+            keep_warm_s=0.0,  # one run per process: nothing to keep warm for
+            placement_timeout_s=args.placement_timeout_s,
         )
         answers = _smoke_requests(run)
         if args.json:

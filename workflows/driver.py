@@ -7,7 +7,6 @@ their inputs from the store instead, so a lost object or a dead driver never los
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import threading
@@ -25,12 +24,12 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-from actors.context import Metric
 from actors.errors import StageExecutionError
 from actors.placement import PlacementDecision, decide, ray_options
-from actors.ray_api import ActorPool, cluster_nodes
+from actors.pool import StartFailure, explain_start_failure, shared_pools
+from actors.ray_api import cluster_nodes
 from actors.resources import Resources
-from actors.runner import StageCall, StageResult
+from actors.runner import StageCall, StageResult, stream_stage_result
 from actors.streaming import StreamSource
 from storage import ArtifactStore
 from workflows.cache import cache_key
@@ -61,6 +60,7 @@ JOURNAL_EVERY_S = 0.2
 _TURN_S = 0.5  # the longest the driver blocks in one turn
 # Reserves almost nothing, so a barrier-mode stream leaves the CPUs to its own pool.
 _STREAM_COORDINATOR = Resources(cpus=0.01)
+_START_ATTEMPTS = 3  # actors of one shape that may fail to start (a node lost while it started) before the run fails
 _INFRA_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError)
 
 
@@ -75,6 +75,8 @@ class Driver:
         rerun: set[str],
         journals: Journals,
         streaming: bool = True,
+        keep_warm_s: float = 0.0,
+        placement_timeout_s: float = 60.0,
     ) -> None:
         self.wf = workflow
         self.run = run
@@ -83,7 +85,11 @@ class Driver:
         self.use_cache = use_cache
         self.rerun = rerun
         self.journals = journals
-        self.pool = ActorPool(store.config)
+        self.keep_warm_s = keep_warm_s
+        self.placement_timeout_s = placement_timeout_s
+        self.pool = shared_pools.borrow(store.config)  # warm actors of an earlier run of this process
+        self._unplaced_since: float | None = None  # when an actor began waiting with nothing of ours running
+        self._start_failures: dict[tuple, int] = {}  # shape -> actors in a row that could not start
         # stage -> ObjectRef (ran in this driver) or ArtifactRef (cache hit / restored / retry input)
         self.outputs: dict[str, Any] = {n: r.artifact for n, r in run.records.items() if r.status in DONE}
         self.inflight: dict[Any, tuple[str, Any, float | None]] = {}  # result ref -> (stage, actor, deadline)
@@ -112,6 +118,8 @@ class Driver:
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
+            # Warm actors of shapes this run never uses would only hold resources others need.
+            self.pool.end_idle(keep_shapes={self._actor_resources(n).shape() for n in self.wf.order})
             for h in self.hooks:
                 h.on_run_start(run=self.run)
             self._journal()
@@ -127,7 +135,12 @@ class Driver:
             self.run.status = CANCELLED if isinstance(exc, KeyboardInterrupt) else FAILED
             raise
         finally:
-            self.pool.shutdown()  # ends every actor we made: no reservation outlives the run
+            # A finished run parks its idle actors for the next run of this process (ended after
+            # keep_warm_s); a failed or cancelled one ends them all: no reservation outlives it.
+            if self.run.status == SUCCEEDED:
+                shared_pools.park(self.pool, self.keep_warm_s)
+            else:
+                self.pool.shutdown()
             for rec in self.run.records.values():
                 if rec.status in (PENDING, RUNNING, RETRYING):
                     rec.status = CANCELLED if self.run.status == CANCELLED else NOT_RUN
@@ -153,20 +166,29 @@ class Driver:
                 self._launch_ready()
             if self._dirty and time.monotonic() >= self._journal_at + JOURNAL_EVERY_S:
                 self._journal()
-            if not self.inflight:
+            starting = self.pool.ready_refs() if self.failure is None else []
+            if not self.inflight and not starting:
                 if self.failure is None and self.retry_at:
                     if self._dirty:
                         self._journal()  # a retry's backoff is no reason to leave the journal behind
                     time.sleep(min(_TURN_S, max(0.0, min(self.retry_at.values()) - time.monotonic())))
                     self._check_interrupt()
                     continue
+                if self.failure is None and any(self._waiting.values()):
+                    raise RuntimeError(f"tierflow bug: stages wait with no actor coming: {self._queued()}")
                 return
-            done, rest = ray.wait(list(self.inflight), num_returns=1, timeout=self._wait_s())
+            refs = list(self.inflight) + starting
+            done, rest = ray.wait(refs, num_returns=1, timeout=self._wait_s())
             if done and rest:  # collect everything already finished in the same turn
                 done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in done:
-                self._collect(ref)
+                if ref in self.inflight:
+                    self._collect(ref)
+            if starting:
+                for failure in self.pool.poll(done):
+                    self._start_failed(failure)
             self._expire()
+            self._check_placement()
             self._check_interrupt()
 
     def _wait_s(self) -> float | None:
@@ -221,12 +243,26 @@ class Driver:
                     queue.popleft()
                     progress = True
             for name in self._ready():
-                shape = self.run.records[name].decision.effective.shape()  # type: ignore[union-attr]
-                queue = self._waiting.setdefault(shape, deque())
+                queue = self._waiting.setdefault(self._actor_resources(name).shape(), deque())
                 if not queue and self._launch(name):
                     progress = True
                 else:
-                    queue.append(name)  # every actor of this shape is busy: wait for one to finish
+                    queue.append(name)  # no placed actor of this shape is free: wait for one
+        if self.failure is None:
+            for queue in self._waiting.values():
+                if queue:  # actors for the waiting stages, as many as the cluster holds (lent once placed)
+                    res = self._actor_resources(queue[0])
+                    self.pool.want(res, ray_options(res), len(queue))
+        # An actor waiting for placement may need what idle actors of other shapes hold.
+        self.pool.reclaim()
+
+    def _actor_resources(self, name: str) -> Resources:
+        """What the stage's actor reserves: its placement, or almost nothing for a barrier-mode stream's driver."""
+        if self.wf.stages[name].stream is not None and name not in self.fused:
+            return _STREAM_COORDINATOR  # the stream's own pool does the work
+        effective = self.run.records[name].decision.effective
+        assert effective is not None  # plan() refused infeasible stages
+        return effective
 
     def _launch(self, name: str) -> bool:
         """Start `name` (or complete it from the cache); False when no actor of its shape is free."""
@@ -244,11 +280,7 @@ class Driver:
                 return True
         if name in self.fused:
             return self._start_fused(rec)
-        effective = rec.decision.effective
-        assert effective is not None  # plan() refused infeasible stages
-        if stage.stream is not None:  # barrier mode: the pool does the work, this actor only drives it
-            effective = _STREAM_COORDINATOR
-        actor = self.pool.acquire(effective, ray_options(effective))
+        actor = self.pool.acquire(self._actor_resources(name))
         if actor is None:
             return False
         self.retry_at.pop(name, None)
@@ -266,6 +298,7 @@ class Driver:
             input_refs=dict(rec.inputs),
             stream_params=tuple(e.param for e in edges if self.wf.stages[e.upstream].stream is not None),
             stream_source=self._stream_source(name) if stage.stream is not None else None,
+            attempt=rec.attempts + 1,
         )
         # A retry reads inputs from the store: the objects of a dead worker may be gone. A streaming
         # input is a recipe the consumer's actor starts, or the committed stream.
@@ -315,6 +348,8 @@ class Driver:
             spec=st.stream,
             ray_options=rec.decision.ray_options(),
             inputs={e.param: self.run.records[e.upstream].artifact for e in self.wf.upstream(name)},  # type: ignore[misc]
+            cache_key=rec.cache_key,
+            attempt=rec.attempts,
         )
 
     def _input_keys(self, name: str) -> dict[str, str]:
@@ -333,25 +368,11 @@ class Driver:
         """Record the streams a consumer committed as the results of their own stages."""
         for name, commit in result.streams.items():
             rec = self.run.records[name]
-            metrics = [Metric(k, float(v), 0, int(commit.started_at * 1000)) for k, v in commit.metrics().items()]
             rec.status, rec.artifact, rec.error = SUCCEEDED, commit.artifact, ""
-            rec.result = dataclasses.replace(
-                result,
-                stage=name,
-                artifact=commit.artifact,
-                started_at=commit.started_at,
-                duration_s=commit.wall_s,
-                metrics=metrics,
-                tags={"tierflow.stream.consumer": consumer.name, "tierflow.stream.workers": str(commit.workers)},
-                sources=[],
-                streams={},
-            )
-            at = int(time.time() * 1000)
-            for e in self.wf.upstream(consumer.name):
+            rec.result = stream_stage_result(result, commit)  # as its record says (the actor wrote it)
+            for e in self.wf.upstream(consumer.name):  # the consumer's metrics of it came with its result
                 if e.upstream == name:
                     consumer.inputs[e.param] = commit.artifact
-                    metrics = commit.consumer_metrics(e.param, result.duration_s).items()
-                    result.metrics.extend(Metric(k, float(v), 0, at) for k, v in metrics)
             if self.wf.stages[name].cache:
                 self.store.record_cache(rec.cache_key, commit.artifact)
             self._notify(rec)
@@ -387,6 +408,58 @@ class Driver:
         if self.wf.stages[name].cache:
             self.store.record_cache(rec.cache_key, result.artifact)
         self._notify(rec)
+
+    def _start_failed(self, failure: StartFailure) -> None:
+        """Ray could not start an actor: retry the start unless it can never work, then fail who waits for it."""
+        shape = failure.resources.shape()
+        n = self._start_failures[shape] = self._start_failures.get(shape, 0) + 1
+        if not failure.definitive and n < _START_ATTEMPTS:
+            log.warning(
+                "an actor (%s) could not start; starting another: %s", failure.resources.describe(), failure.error
+            )
+            return
+        cause = explain_start_failure(failure)
+        self._fail_waiting(shape, cause)
+
+    def _check_placement(self) -> None:
+        """Fail stages whose actors stayed unplaced for placement_timeout_s while nothing of ours ran.
+
+        While a stage of this run runs, what it holds comes back when it ends; with nothing running and
+        no idle actor left to end, only someone else can free the resources, so waiting is bounded.
+        """
+        starting = self.pool.starting()
+        if self.inflight or not starting or self.failure is not None:
+            self._unplaced_since = None
+            return
+        now = time.monotonic()
+        if self._unplaced_since is None:
+            self._unplaced_since = now
+            return
+        if now - self._unplaced_since < self.placement_timeout_s:
+            return
+        for shape in {m.shape for m in starting}:
+            res = next(m.resources for m in starting if m.shape == shape)
+            cause = (
+                f"Ray has not placed an actor for {res.describe()} in {self.placement_timeout_s:g} s "
+                f"while no other stage of this run was running. {self.pool.occupancy()}. "
+                "Fix: free those resources (e.g. `serve shutdown` an application, end another job), lower the "
+                "stage's request, or raise --placement-timeout-s if they will free up (an autoscaler launching a node)"
+            )
+            self._fail_waiting(shape, cause)
+        self.pool.end_unidle()  # no actor request is left pending behind a failed run
+
+    def _fail_waiting(self, shape: tuple, cause: str) -> None:
+        queue = self._waiting.get(shape) or deque()
+        while queue:
+            rec = self.run.records[queue.popleft()]
+            rec.status, rec.error = FAILED, cause
+            log.error("stage %s failed: %s", rec.name, cause)
+            if self.failure is None:
+                self.failure = StageFailedError(rec.name, cause, "", self.run.run_id)
+            self._notify(rec)
+
+    def _queued(self) -> list[str]:
+        return [n for q in self._waiting.values() for n in q]
 
     def _expire(self) -> None:
         now = time.monotonic()

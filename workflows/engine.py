@@ -11,12 +11,14 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from actors.errors import RecordError
 from actors.placement import NodeInfo, PlacementDecision, decide
 from actors.ray_api import cluster_nodes
-from storage import ArtifactNotFoundError, ArtifactStore, StoreConfig, validate_name
+from actors.record import RestoredStage, from_record
+from storage import ArtifactNotFoundError, ArtifactRef, ArtifactStore, StorageError, StoreConfig, validate_name
 from workflows.driver import Driver
 from workflows.errors import UnsatisfiableResourcesError, ValidationError
-from workflows.hooks import DONE, SUCCEEDED, RunHook, RunInfo, StageRecord
+from workflows.hooks import CACHED, DONE, SUCCEEDED, RunHook, RunInfo, StageRecord
 from workflows.journal import Journal, Journals
 from workflows.model import Workflow
 
@@ -63,12 +65,17 @@ def run_workflow(
     workflow_ref: str = "",
     nodes: list[NodeInfo] | None = None,
     streaming: bool = True,
+    keep_warm_s: float = 60.0,
+    placement_timeout_s: float = 60.0,
 ) -> RunInfo:
     """Run `workflow` on the connected Ray cluster and return its final state.
 
     `resume=RUN_ID` continues a run whose driver stopped: committed stages are restored, not re-run.
     `rerun` names stages that skip the cache, with everything downstream of them.
     `streaming=False` runs every streaming stage alone to completion before its consumers (barrier mode).
+    `keep_warm_s`: after a successful run its idle actors stay warm this long for the next run of this
+    process (a notebook, a test suite, a service); 0 ends them with the run. `release_warm_actors()` ends them now.
+    `placement_timeout_s`: how long a stage's actor may stay unplaced while nothing else of the run runs.
     Raises a `ValidationError` before anything starts, or `StageFailedError` after committed work is kept.
     """
     store = ArtifactStore(store_config)
@@ -97,7 +104,22 @@ def run_workflow(
     )
     if journal is not None:
         _restore(run, journal, store)
-    driver = Driver(workflow, run, store, list(hooks), use_cache, descendants(workflow, rerun), journals, streaming)
+    if not (keep_warm_s >= 0 and placement_timeout_s > 0):
+        raise ValidationError(
+            f"keep_warm_s={keep_warm_s!r} must be >= 0 and placement_timeout_s={placement_timeout_s!r} > 0 (seconds)"
+        )
+    driver = Driver(
+        workflow,
+        run,
+        store,
+        list(hooks),
+        use_cache,
+        descendants(workflow, rerun),
+        journals,
+        streaming,
+        keep_warm_s=keep_warm_s,
+        placement_timeout_s=placement_timeout_s,
+    )
     return driver.execute()
 
 
@@ -114,7 +136,8 @@ def _resume_params(workflow: Workflow, journal: Journal, params: Mapping[str, An
 
 
 def _restore(run: RunInfo, journal: Journal, store: ArtifactStore) -> None:
-    """Mark stages whose outputs are committed (manifest present, blob verifies) as done."""
+    """Mark stages whose outputs are committed (manifest present, blob verifies) as done, with what their
+    records say they measured, so hooks can log them as if the driver that ran them had lived."""
     run.resumed = True
     run.started_at = journal.started_at
     run.annotations.update(journal.annotations)
@@ -127,8 +150,26 @@ def _restore(run: RunInfo, journal: Journal, store: ArtifactStore) -> None:
             log.warning("run %s: committed output of %s is missing or corrupt; it will run again", run.run_id, name)
             continue
         entry = journal.stages.get(name)
-        rec.status = entry.status if entry and entry.status in DONE else SUCCEEDED
+        restored = _restored(run.run_id, name, ref, store)
+        if restored is not None:  # it ran in this run (a cache hit adopts a manifest and has no record)
+            rec.status = SUCCEEDED
+            rec.result, rec.inputs, rec.cache_key = restored.result, restored.inputs, restored.cache_key
+            rec.attempts = restored.attempt
+        elif entry and entry.status in DONE:
+            rec.status = entry.status
+        else:  # the journal was behind: an adopted manifest names its producer run
+            rec.status = SUCCEEDED if ref.run_id == run.run_id else CACHED
         rec.artifact, rec.restored = ref, True
         if entry:
             rec.annotations.update(entry.annotations)
-            rec.attempts = entry.attempts
+            rec.attempts = max(rec.attempts, entry.attempts)
+
+
+def _restored(run_id: str, stage: str, ref: ArtifactRef, store: ArtifactStore) -> RestoredStage | None:
+    """The stage's committed record, or None (a cache hit; a manifest older than records; unreadable)."""
+    try:
+        doc = store.record(run_id, stage)
+        return None if doc is None else from_record(doc, ref, run_id=run_id, stage=stage)
+    except (RecordError, StorageError) as exc:  # lineage is lost for this stage, not the run
+        log.warning("run %s: the record of stage %s is unreadable (%s); it is restored without it", run_id, stage, exc)
+        return None

@@ -97,11 +97,13 @@ class MLflowHook:
         children = self.client.search_runs(
             [self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'", max_results=10_000
         )
-        self.recorded = {
-            c.data.tags["tierflow.stage"]: c.info.run_id
-            for c in children
-            if c.data.tags.get("tierflow.status") in (SUCCEEDED, CACHED)
-        }
+        for c in children:
+            if c.data.tags.get("tierflow.status") not in (SUCCEEDED, CACHED):
+                continue
+            if c.info.status == "FINISHED":  # terminated last, so fully logged
+                self.recorded[c.data.tags["tierflow.stage"]] = c.info.run_id
+            else:  # its driver died while logging it: logged again, whole, from the stage's record
+                self.client.delete_run(c.info.run_id)
 
     def on_run_end(self, *, run: RunInfo, error: BaseException | None) -> None:
         if not self.parent_run_id:
