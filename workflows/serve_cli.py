@@ -82,12 +82,19 @@ def app_for_model(model_uri: str) -> str:
 
 
 def _default_app(args: argparse.Namespace) -> str:
-    if args.serve_command in ("deploy", "build"):
-        return app_for_model(args.model_uri)
+    """deploy/build: the app already serving this model (a new version replaces it), else one named after
+    it; the other commands: the one app the store knows."""
     from serving.rollout import STATE  # noqa: PLC0415
     from storage import ArtifactStore, StoreConfig  # noqa: PLC0415
 
-    apps = sorted({parts[1] for parts in ArtifactStore(StoreConfig.resolve(args.store)).list_documents(STATE, "state")})
+    store = ArtifactStore(StoreConfig.resolve(args.store))
+    apps = sorted({parts[1] for parts in store.list_documents(STATE, "state")})
+    if args.serve_command in ("deploy", "build"):
+        name = args.model_uri.removeprefix("models:/").split("/")[0].split("@")[0]
+        serving = [
+            a for a in apps if ((store.get_document((STATE, a, "state")).get("stable") or {}).get("model_name")) == name
+        ]
+        return serving[0] if len(serving) == 1 else app_for_model(args.model_uri)
     if len(apps) != 1:
         known = f"the store knows {', '.join(apps)}" if apps else "nothing was deployed from this store"
         raise ServingError(f"which application? {known}; pass --app NAME")

@@ -28,3 +28,13 @@ def test_status_uses_the_one_app_the_store_knows_and_asks_otherwise(tmp_path):
     s.put_document((STATE, "digits", "state"), {"stable": None})
     with pytest.raises(ServingError, match="the store knows digits, wine; pass --app"):
         _default_app(args)
+
+
+def test_a_new_version_goes_to_the_app_already_serving_its_model(tmp_path):
+    store = str(tmp_path / "store")
+    s = ArtifactStore(StoreConfig.from_urls([store]))
+    s.put_document((STATE, "digits", "state"), {"stable": {"model_name": "tierflow-digits", "version": "2"}})
+    deploy = argparse.Namespace(serve_command="deploy", store=store, model_uri="models:/tierflow-digits/3")
+    assert _default_app(deploy) == "digits"  # what `tierflow run digits` deployed it as
+    other = argparse.Namespace(serve_command="build", store=store, model_uri="models:/wine/1")
+    assert _default_app(other) == "wine"
