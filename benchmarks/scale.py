@@ -42,7 +42,6 @@ from actors.pool import shared_pools
 from storage import ArtifactStore, StoreConfig
 from workflows import Stage, Workflow, stage
 from workflows.engine import run_workflow
-from workflows.lineage import MLflowHook
 
 SECTION = "scale"
 SLOW = 100_000  # sizes from here: one repetition, no warm-up, no MLflow peer
@@ -137,6 +136,8 @@ SPLIT: dict[tuple[int, str], dict[str, list[float]]] = {}
 
 
 def run_tierflow(wf: Workflow, params: dict[str, int], store: StoreConfig, n: int, mlflow_uri: str = "") -> dict:
+    from workflows.lineage import MLflowHook  # noqa: PLC0415  # else every actor that imports this module loads mlflow
+
     hooks = [MLflowHook(mlflow_uri)] if mlflow_uri else []
     with PeakRSS() as rss:
         run = run_workflow(wf, params=params, store_config=store, use_cache=False, hooks=hooks)
