@@ -13,10 +13,14 @@ from workflows.model import Stage
 FORMAT_VERSION = "1"
 
 
-def cache_key(stage: Stage, params: Mapping[str, Any], input_digests: Mapping[str, str]) -> str:
-    """Code + version + params + input digests + format version. Not resources, not the node."""
+def cache_key(
+    stage: Stage, params: Mapping[str, Any], input_digests: Mapping[str, str], source: str | None = None
+) -> str:
+    """Code + version + params + input digests + format version. Not resources, not the node.
+
+    `source`: the stage's `source()` when the caller already has it (stages of one function share it)."""
     payload = {
-        "source": stage.source(),
+        "source": stage.source() if source is None else source,
         "version": stage.version,
         "params": params,
         "inputs": dict(sorted(input_digests.items())),

@@ -109,6 +109,7 @@ class Driver:
         self._unlaunched = {n: len(self._down[n]) for n in workflow.order}
         self._keyed: set[str] = set()  # stages whose cache key (and cache lookup) this driver has done
         self._launched: set[str] = set()  # stages counted as consumers in _unlaunched
+        self._sources: dict[int, str] = {}  # id(stage function) -> its source (the workflow holds the functions)
         # A streaming stage with one consumer runs inside that consumer's stage (fused); otherwise it
         # runs alone and commits before anything downstream starts (barrier).
         self.fused: dict[str, str] = {}
@@ -302,7 +303,9 @@ class Driver:
         edges = self._up[name]
         if rec.status == PENDING and name not in self._keyed:
             self._keyed.add(name)
-            rec.cache_key = cache_key(stage, rec.params, self._input_keys(name))
+            # Stages of one function (a sweep, a fan-out) share its source: read it once per run, not per stage.
+            source = self._sources.get(id(stage.fn)) or self._sources.setdefault(id(stage.fn), stage.source())
+            rec.cache_key = cache_key(stage, rec.params, self._input_keys(name), source)
             cacheable = self.use_cache and stage.cache and name not in self.rerun
             if cacheable and (hit := self.store.lookup_cache(rec.cache_key)):
                 rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges}  # type: ignore[misc]
