@@ -73,6 +73,7 @@ def test_a_run_above_the_threshold_logs_every_stage_as_a_row(tmp_path):
         assert r["status"] == entry.status == "succeeded" and r["digest"] == entry.digest != ""
     assert json.loads(rows[5]["params"]) == {"i": 4} and set(json.loads(rows[5]["inputs"])) == {"src"}
     assert json.loads(parent.data.tags["mlflow.loggedArtifacts"]) == [{"path": TABLE, "type": "table"}]
+    assert parent.data.params == {}  # per-stage params live in the rows, not as 300 parent params
 
     points = client.get_metric_history(parent.info.run_id, "stage.duration_s")
     assert sorted(p.step for p in points) == list(range(N + 1))  # src and the leaves; the sink has its run
