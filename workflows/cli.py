@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-gpus", type=float, help="GPUs of a locally started Ray (default: detected)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON")
     run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="stream Ray, Serve and MLflow logs to the terminal too (they always go to the run's log file)",
+    )
+    run.add_argument(
         "--placement-timeout-s",
         type=float,
         default=60.0,
@@ -110,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list runs recorded in the store")
     show = sub.add_parser("show", help="show one run's stages: state, attempts, cache, node, device, duration")
     show.add_argument("run_id")
+    show.add_argument("--logs", action="store_true", help="print the run's log file (Ray, Serve, MLflow output)")
     store_cli.add_parser(sub)
     serve_cli.add_parser(sub)
     for sp in (runs, show):
@@ -133,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             from workflows.runs import show_run, show_runs  # noqa: PLC0415
 
             store = StoreConfig.resolve(args.store)
-            return show_runs(store, console) if args.command == "runs" else show_run(store, args.run_id, console)
+            if args.command == "runs":
+                return show_runs(store, console)
+            return show_run(store, args.run_id, console, logs=args.logs)
         wf = load_workflow(args.workflow)
         params = dict(args.param)
         if not getattr(args, "resume", None):
@@ -186,16 +195,43 @@ def _validate(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) ->
 
 
 def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
+    from storage import ArtifactStore  # noqa: PLC0415
+    from workflows.engine import new_run_id  # noqa: PLC0415
+    from workflows.runlog import RunLog, local_log_path  # noqa: PLC0415
+
+    store = StoreConfig.resolve(args.store)
+    if not args.resume:
+        _hint_unfinished(wf, store)
+    run_id = args.resume or args.run_id or new_run_id()
+    if args.run_id and not args.resume:
+        from workflows.journal import Journals  # noqa: PLC0415
+
+        if Journals(ArtifactStore(store)).exists(run_id):  # checked here too so its log is not overwritten
+            raise ValidationError(f"run id {run_id!r} is taken; continue it with --resume {run_id} or pick another")
+    runlog = RunLog(local_log_path(run_id), stream=args.verbose)
+    try:
+        with runlog as terminal:
+            console.file = terminal  # tierflow's lines go to the terminal; everything else to the log file
+            return _run_logged(wf, params, args, store, run_id, runlog)
+    finally:
+        console.file = sys.stdout
+        kept = runlog.keep(ArtifactStore(store), run_id)
+        if not args.json:
+            console.print(
+                f"log: {runlog.path}  (kept at {kept}; tierflow show {run_id} --logs)", markup=False, soft_wrap=True
+            )
+
+
+def _run_logged(
+    wf: Workflow, params: dict[str, Any], args: argparse.Namespace, store: StoreConfig, run_id: str, runlog: Any
+) -> int:
     import ray  # noqa: PLC0415
 
-    from actors.ray_api import connect  # noqa: PLC0415
+    from actors.ray_api import connect, read_progress  # noqa: PLC0415
     from workflows.engine import run_workflow  # noqa: PLC0415
     from workflows.lineage import MLflowHook  # noqa: PLC0415
 
-    store = StoreConfig.resolve(args.store)
     init_kwargs = {k: v for k, v in (("num_cpus", args.num_cpus), ("num_gpus", args.num_gpus)) if v is not None}
-    if not args.resume:
-        _hint_unfinished(wf, store)
     started_ray = connect(args.address, **init_kwargs)
     mlflow_hook = MLflowHook(args.tracking_uri)
     run: RunInfo | None = None
@@ -203,9 +239,9 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
         run = run_workflow(
             wf,
             params=params,
-            run_id=args.run_id,
+            run_id=None if args.resume else run_id,
             store_config=store,
-            hooks=[ProgressHook(console), mlflow_hook],
+            hooks=[ProgressHook(console, progress=read_progress), mlflow_hook],
             use_cache=not args.no_cache,
             streaming=not args.no_streaming,
             rerun=args.rerun,
@@ -216,7 +252,8 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
         )
         answers = _smoke_requests(run)
         if args.json:
-            print(json.dumps(_summary(run, mlflow_hook, answers), indent=1, default=str))
+            summary = _summary(run, mlflow_hook, answers) | {"log": str(runlog.path)}
+            print(json.dumps(summary, indent=1, default=str), file=console.file)
         else:
             _print_summary(run, mlflow_hook, answers)
         if args.serve and answers:
