@@ -363,14 +363,14 @@ def _summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> dict[str
 def _print_summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> None:
     from rich.table import Table  # noqa: PLC0415
 
+    from workflows.summary import COLUMNS, stage_rows  # noqa: PLC0415
+
     data = _summary(run, hook, answers)
     table = Table(title=f"tierflow run {run.run_id} ({run.workflow.name}) - {run.status} in {run.duration_s:.1f}s")
-    for col in ("stage", "resources", "node", "device", "duration", "cache"):
+    for col in COLUMNS:
         table.add_column(col)
-    for s in data["stages"]:
-        res = s["requested"] if s["requested"] == s["placed"] else f"{s['requested']} -> {s['placed']}"
-        node = s["node_id"][:8] or "-"
-        table.add_row(s["stage"], res, node, s["device"] or "-", f"{s['duration_s']:.2f}s", s["cache"])
+    for row in stage_rows(run):
+        table.add_row(*row)
     console.print(table)
     for a in answers:
         console.print(f"endpoint: {a['url']}")
