@@ -330,6 +330,8 @@ def _undeploy(run: RunInfo) -> None:
 
 
 def _summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> dict[str, Any]:
+    from workflows.summary import mlflow_ui_url  # noqa: PLC0415
+
     return {
         "run_id": run.run_id,
         "workflow": run.workflow.name,
@@ -340,6 +342,7 @@ def _summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> dict[str
             "tracking_uri": hook.tracking_uri,
             "experiment_id": hook.experiment_id,
             "run_id": hook.parent_run_id,
+            "ui_url": mlflow_ui_url(hook.tracking_uri, hook.experiment_id, hook.parent_run_id),
         },
         "stages": [
             {
@@ -384,7 +387,8 @@ def _print_summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> No
     ml = data["mlflow"]
     console.print(f"MLflow: {ml['tracking_uri']}  experiment {ml['experiment_id']}  run {ml['run_id']}")
     if ml["tracking_uri"].startswith("sqlite:"):
-        console.print(f"  browse: mlflow ui --backend-store-uri {ml['tracking_uri']}")
+        console.print(f"  browse: mlflow ui --backend-store-uri {ml['tracking_uri']}", soft_wrap=True)
+    console.print(f"  open: {ml['ui_url']}", markup=False, soft_wrap=True)
     console.print(f"artifacts: {data['store']}")
 
 

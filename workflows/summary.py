@@ -36,3 +36,15 @@ def markdown(run: RunInfo) -> str:
 def description(stage: Stage) -> str:
     """The stage's docstring: the description of its MLflow run."""
     return inspect.getdoc(stage.fn) or ""
+
+
+def mlflow_ui_url(tracking_uri: str, experiment_id: str, run_id: str = "") -> str:
+    """Where the run is in the MLflow UI, opened in the model-training view.
+
+    MLflow 3.17's UI picks GenAI or model-training from its own switch (`workflowType` in the URL, else
+    the browser's last choice, GenAI by default), not from the experiment's kind tag, so the link says it.
+    A database URI is served by `mlflow ui` on its default address.
+    """
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/{page}?workflowType=machine_learning"
