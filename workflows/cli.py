@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("list", help="list built-in workflows")
+    init = sub.add_parser("init", help="write a starter workflow NAME.py, its test and a tierflow.toml")
+    init.add_argument("name", help="the workflow's module name, e.g. churn_model")
+    init.add_argument("--dir", type=Path, default=Path("."), help="where to write the files (default: here)")
+    doctor = sub.add_parser("doctor", help="check what a first run needs and say how to fix what is not right")
+    doctor.add_argument("--address", help="Ray cluster to check (default: $RAY_ADDRESS, else none: a local Ray)")
+    doctor.add_argument("--store", help="tier URLs (default: $TIERFLOW_STORE, else ./tierflow.toml, else defaults)")
+    doctor.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     runs = sub.add_parser("runs", help="list runs recorded in the store")
     show = sub.add_parser("show", help="show one run's stages: state, attempts, cache, node, device, duration")
     show.add_argument("run_id")
@@ -132,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{name}\t{target}")
         return EXIT_OK
     try:
+        if args.command == "init":
+            from workflows.starter import init  # noqa: PLC0415
+
+            for path in init(args.name, args.dir):
+                console.print(f"wrote {path}", markup=False)
+            console.print(f"run it: tierflow run {args.dir / args.name}.py:workflow", markup=False, soft_wrap=True)
+            return EXIT_OK
+        if args.command == "doctor":
+            return _doctor(args)
         if args.command == "store":
             return store_cli.run(args, console)
         if args.command == "serve":
@@ -172,6 +188,24 @@ def main(argv: list[str] | None = None) -> int:
     except TierflowError as exc:
         console.print(f"[bold red]error:[/] {exc}", markup=True)
         return EXIT_FAILED
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from workflows.doctor import run_checks  # noqa: PLC0415
+
+    checks = run_checks(args.address, args.store, args.tracking_uri)
+    for c in checks:
+        mark = "[green]ok[/]  " if c.ok else "[bold red]FAIL[/]"
+        console.print(f"{mark} {c.name}: ", end="")
+        console.print(c.detail, markup=False, soft_wrap=True)
+        if not c.ok and c.fix:
+            console.print(f"      fix: {c.fix}", markup=False, soft_wrap=True)
+    failed = [c.name for c in checks if not c.ok]
+    console.print(
+        f"{len(checks) - len(failed)}/{len(checks)} checks passed"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _validate(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
