@@ -459,6 +459,7 @@ def serve_cli_start(env, *args: str) -> subprocess.Popen:
         "workflows",
         "serve",
         *args,
+        *(() if "--app" in args else ("--app", "digits")),  # the app these tests deploy the digits model as
         "--address",
         address,
         "--port",
