@@ -20,7 +20,7 @@ from rich.console import Console
 
 from serving.config import ServingError
 from storage import StorageError, StoreConfig, validate_name
-from workflows import serve_cli, store_cli
+from workflows import plan_cli, serve_cli, store_cli
 from workflows.errors import StageFailedError, TierflowError, ValidationError
 from workflows.hooks import RunInfo, StageRecord
 from workflows.loader import BUILTINS, load_workflow
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_id")
     store_cli.add_parser(sub)
     serve_cli.add_parser(sub)
+    plan_cli.add_parsers(sub, common)
     for sp in (runs, show):
         sp.add_argument("--store", help="tier URLs (default: $TIERFLOW_STORE, else ./.tierflow/store)")
     return p
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             validate_name(args.run_id, "run id")
         if args.command == "validate":
             return _validate(wf, params, args)
+        if args.command in ("profile", "plan"):
+            return plan_cli.run(args, wf, params, console)
         return _run(wf, params, args)
     except ValidationError as exc:
         console.print(f"[bold red]invalid:[/] {exc}", markup=True)
@@ -191,6 +194,7 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
     from actors.ray_api import connect  # noqa: PLC0415
     from workflows.engine import run_workflow  # noqa: PLC0415
     from workflows.lineage import MLflowHook  # noqa: PLC0415
+    from workflows.profile import EnergyHook  # noqa: PLC0415
 
     store = StoreConfig.resolve(args.store)
     init_kwargs = {k: v for k, v in (("num_cpus", args.num_cpus), ("num_gpus", args.num_gpus)) if v is not None}
@@ -205,7 +209,7 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
             params=params,
             run_id=args.run_id,
             store_config=store,
-            hooks=[ProgressHook(console), mlflow_hook],
+            hooks=[ProgressHook(console), mlflow_hook, EnergyHook(mlflow_hook)],  # energy after: it needs MLflow's runs
             use_cache=not args.no_cache,
             streaming=not args.no_streaming,
             rerun=args.rerun,
@@ -315,6 +319,8 @@ def _summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> dict[str
                 "node_id": r.result.node_id if r.result else "",
                 "device": r.result.device if r.result else "",
                 "duration_s": round(r.result.duration_s, 3) if r.result else 0.0,
+                "energy_j": round(float(r.result.profile.get("energy_j", 0.0)), 3) if r.result else 0.0,
+                "energy_method": str(r.result.profile.get("energy_method", "")) if r.result else "",
                 "digest": r.artifact.digest if r.artifact else "",
             }
             for r in run.records.values()
@@ -328,12 +334,13 @@ def _print_summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> No
 
     data = _summary(run, hook, answers)
     table = Table(title=f"tierflow run {run.run_id} ({run.workflow.name}) - {run.status} in {run.duration_s:.1f}s")
-    for col in ("stage", "resources", "node", "device", "duration", "cache"):
+    for col in ("stage", "resources", "node", "device", "duration", "energy (method)", "cache"):
         table.add_column(col)
     for s in data["stages"]:
         res = s["requested"] if s["requested"] == s["placed"] else f"{s['requested']} -> {s['placed']}"
         node = s["node_id"][:8] or "-"
-        table.add_row(s["stage"], res, node, s["device"] or "-", f"{s['duration_s']:.2f}s", s["cache"])
+        energy = f"{s['energy_j']:.1f} J ({s['energy_method']})" if s["energy_method"] else "-"
+        table.add_row(s["stage"], res, node, s["device"] or "-", f"{s['duration_s']:.2f}s", energy, s["cache"])
     console.print(table)
     for a in answers:
         console.print(f"endpoint: {a['url']}")
