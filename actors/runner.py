@@ -15,7 +15,14 @@ import ray
 from actors.context import Metric, SourceInput, StageContext
 from actors.energy import EnergyConfig, EnergyMeter
 from actors.errors import StageExecutionError
-from actors.stage_profile import assigned_resources, build_profile, profile_metrics, profile_tags, stream_profile
+from actors.stage_profile import (
+    StageSampler,
+    assigned_resources,
+    build_profile,
+    profile_metrics,
+    profile_tags,
+    stream_profile,
+)
 from actors.streaming import BatchStream, LiveStream, StreamCommit, StreamSource, stored_stream
 from storage import ArtifactRef, ArtifactStore, StoreConfig
 from storage.formats import decode, encode
@@ -82,7 +89,7 @@ def stream_stage_result(consumer: StageResult, commit: StreamCommit) -> StageRes
     )
 
 
-def _meter(info: dict[str, Any]) -> tuple[EnergyMeter, dict[str, float]]:
+def _meter(info: dict[str, Any]) -> tuple[StageSampler, dict[str, float]]:
     resources = assigned_resources()
     meter = EnergyMeter(
         EnergyConfig.from_env(),
@@ -90,8 +97,9 @@ def _meter(info: dict[str, Any]) -> tuple[EnergyMeter, dict[str, float]]:
         on_cuda=info["device"].startswith("cuda"),
         gpu_fraction=resources.get("GPU", 1.0) or 1.0,
     )
-    meter.start()
-    return meter, resources
+    sampler = StageSampler(meter)
+    sampler.start()
+    return sampler, resources
 
 
 def _stream_profile(commit: StreamCommit) -> dict[str, Any]:
@@ -198,7 +206,7 @@ class StageActor:
                 ) from None
             duration = time.perf_counter() - t0
             cpu_s = time.process_time() - cpu0
-            energy = meter.stop(cpu_s=cpu_s, wall_s=duration)
+            energy, waited = meter.stop(cpu_s=cpu_s, wall_s=duration)
         finally:
             for ls in live:
                 ls.close()
@@ -209,7 +217,9 @@ class StageActor:
             ctx.log_metrics(commit.metrics())  # committed by an earlier attempt
             return result(commit.artifact, duration, streams), None
         inputs_read = dict(call.input_refs) | {c.stage: c.artifact for c in streams.values()}  # fused: what it read
-        prof.update(build_profile(duration, cpu_s, info["device"], inputs_read, schema, len(data), energy, resources))
+        prof.update(
+            build_profile(duration, cpu_s, info["device"], inputs_read, schema, len(data), energy, resources, waited)
+        )
         ctx.log_metrics(profile_metrics(prof))
         ctx.tags.update(profile_tags(prof))
         encoded = (fmt, data, schema)

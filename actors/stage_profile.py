@@ -11,12 +11,12 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from actors.energy import EnergyConfig, EnergyReading, estimate_j
+from actors.energy import EnergyConfig, EnergyMeter, EnergyReading, estimate_j
 from storage import ArtifactRef
 
 NUMERIC = (
-    "duration_s", "cpu_s", "peak_rss_bytes", "rows_in", "rows_out", "bytes_read", "bytes_written", "energy_j",
-    "cpus", "gpus",
+    "duration_s", "cpu_s", "runqueue_wait_s", "peak_rss_bytes", "rows_in", "rows_out", "bytes_read",
+    "bytes_written", "energy_j", "cpus", "gpus",
 )  # fmt: skip
 
 
@@ -24,6 +24,36 @@ def peak_rss_bytes() -> int:
     """The actor process's peak resident set so far (a warm actor's peak covers earlier stages too)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
+
+
+def runqueue_wait_s() -> float | None:
+    """Seconds this thread has waited for a CPU while runnable (Linux schedstat), None where unavailable."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class StageSampler:
+    """Counters read at a stage's start and end: energy, and how long the stage waited for a CPU.
+
+    The wait is what other processes (a shared machine, sibling stages) added to the stage's wall time;
+    `duration_s - runqueue_wait_s` is its time with a core to itself, what the planner scales from.
+    """
+
+    def __init__(self, meter: EnergyMeter) -> None:
+        self.meter = meter
+        self._wait0: float | None = None
+
+    def start(self) -> None:
+        self._wait0 = runqueue_wait_s()
+        self.meter.start()
+
+    def stop(self, *, cpu_s: float, wall_s: float) -> tuple[EnergyReading, float]:
+        wait1 = runqueue_wait_s()
+        wait = wait1 - self._wait0 if wait1 is not None and self._wait0 is not None else 0.0
+        return self.meter.stop(cpu_s=cpu_s, wall_s=wall_s), min(max(0.0, wait), wall_s)
 
 
 def assigned_resources() -> dict[str, float]:
@@ -45,11 +75,13 @@ def build_profile(
     out_bytes: int,
     energy: EnergyReading,
     resources: Mapping[str, float],
+    runqueue_wait: float = 0.0,
 ) -> dict[str, Any]:
     rows_in = sum(int(ref.schema.get("num_rows", 0) or 0) for ref in inputs.values())
     return {
         "duration_s": duration_s,
         "cpu_s": cpu_s,
+        "runqueue_wait_s": runqueue_wait,
         "peak_rss_bytes": peak_rss_bytes(),
         "rows_in": rows_in,
         "rows_out": int((out_schema or {}).get("num_rows", 0) or 0),

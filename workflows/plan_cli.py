@@ -118,8 +118,8 @@ def stage_profiles(workflow: Workflow, runs: Mapping[str, list[StageRun]]) -> di
     for name, rs in runs.items():
         if name not in workflow.stages:
             continue
-        cpu = [float(r.profile["duration_s"]) for r in rs if not str(r.profile.get("device", "cpu")).startswith("cuda")]
-        gpu = [float(r.profile["duration_s"]) for r in rs if str(r.profile.get("device", "")).startswith("cuda")]
+        cpu = [_solo_s(r) for r in rs if not str(r.profile.get("device", "cpu")).startswith("cuda")]
+        gpu = [_solo_s(r) for r in rs if str(r.profile.get("device", "")).startswith("cuda")]
         spec = workflow.stages[name].stream
         shards = int(statistics.median(_shards(spec.shards, r.params) for r in rs)) if spec is not None else 0
         out[name] = StageProfile(
@@ -137,6 +137,11 @@ def stage_profiles(workflow: Workflow, runs: Mapping[str, list[StageRun]]) -> di
         if name not in out and (twin := by_fn.get(_fn_key(workflow, name))) is not None:
             out[name] = StageProfile(**{**twin.__dict__, "source": "sibling"})
     return out
+
+
+def _solo_s(run: StageRun) -> float:
+    """The stage's time with a core to itself: its wall time minus what it waited for a CPU."""
+    return float(run.profile["duration_s"]) - float(run.profile.get("runqueue_wait_s", 0.0) or 0.0)
 
 
 def _shards(spec: int | str, params: Mapping[str, Any]) -> int:

@@ -226,6 +226,9 @@ class _Sim:
         prof = self.profiles.get(name, StageProfile(source="default"))
         dev = self.device_of(name) if self.wf.stages[name].stream is None else "cpu"
         own, demand = prof.duration_on(dev, sim), prof.demand(dev, sim)
+        read = self._stream_scale(name)
+        if read is not None:  # a consumer's own work (without waiting for batches) scales with the shards it reads
+            own = max(0.0, own - prof.wait_s) * read
         stream = self.consumer_of.get(name) or (name if self.wf.stages[name].stream is not None else None)
         if stream is None:
             return own, demand, []
@@ -248,7 +251,19 @@ class _Sim:
         stream_s = sim.stream_pool_start_s + math.ceil(shards / workers) * per_shard
         if stream == name:  # barrier mode: the stream alone
             return stream_s, 0.1, held
-        return max(0.0, own - prof.wait_s, stream_s), demand, held
+        return max(own, stream_s), demand, held
+
+    def _stream_scale(self, name: str) -> float | None:
+        """Shards now / shards profiled, over the streams `name` consumes (None if it reads none)."""
+        ups = [e.upstream for e in self.wf.upstream(name) if self.wf.stages[e.upstream].stream is not None]
+        if not ups:
+            return None
+        ratios = []
+        for up in ups:
+            spec, sp = self.wf.stages[up].stream, self.profiles.get(up)
+            now = _shards(spec.shards, self.params.get(up, {}))  # type: ignore[union-attr]
+            ratios.append(now / sp.shards if sp is not None and sp.shards else 1.0)
+        return max(ratios)
 
     def start_task(self, name: str, actor: _Actor) -> None:
         actor.busy = True
