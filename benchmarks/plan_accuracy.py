@@ -64,7 +64,7 @@ def _fn(name: str, ups: list[str], seconds: float, cpus: float) -> Any:
 def fanout(width: int, leaf_s: float = 0.4) -> Workflow:
     leaves = [_fn(f"w{i}", ["src"], leaf_s, 1) for i in range(width)]
     return Workflow(
-        f"plan_fanout{width}",
+        "plan_fanout",  # one name for every width: a wider one is planned from a narrower one's profiles
         [_fn("src", [], 0.2, 1), *leaves, _fn("sink", [f"w{i}" for i in range(width)], 0.2, 1)],
     )
 
