@@ -242,7 +242,7 @@ class _Sim:
         lo, hi = pool_bounds(spec, self.decisions[stream].ray_options(), total_free)
         req = {k: v for k, v in self.decisions[stream].effective.as_ray_resources().items() if v > 0}  # type: ignore[union-attr]
         held = []
-        for _ in range(max(1, min(hi, shards, max(lo, 1)))):
+        for _ in range(max(1, lo, min(hi, shards))):
             if (i := self.spot(req)) is None:
                 break
             self.take(i, req, 1)

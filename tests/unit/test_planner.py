@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from actors.streaming import Stream
 from workflows.errors import UnsatisfiableResourcesError, ValidationError
 from workflows.model import Workflow, stage
 from workflows.plan_cli import (
@@ -232,3 +233,38 @@ def test_a_wider_fan_out_borrows_its_siblings_profile():
     profiles = stage_profiles(wide, runs)
     assert profiles["w3"].cpu_duration_s == 2.0 and profiles["w3"].source == "sibling"
     assert profiles["w0"].source == "measured"
+
+
+@stage(cpus=1, stream=Stream(shards="shards"))
+def feat(shard: int, shards: int = 4) -> int:
+    return shard
+
+
+@stage(cpus=1)
+def fit(feat: int) -> int:
+    return feat
+
+
+def test_a_fused_stream_overlaps_its_consumer_and_barrier_mode_does_not():
+    """Node of 3 CPUs; the consumer's actor holds 1, so the pool gets 2 workers (pool_bounds on what is free).
+
+    Streaming: actor ready 0.5; producers 1.0 (pool start) + ceil(4/2) x 1 s = 3 s, overlapped with the
+    consumer's own 4 s (5 s measured minus 1 s waiting for batches): 0.5 + 4 = 4.5.
+    8 shards: the consumer reads twice the batches (8 s), producers 1 + 4 = 5 s: 8.5.
+    Barrier: the stream alone (coordinator actor 0.5 s, then 3 s), then the consumer's actor 0.5 s + 4 s: 8.0.
+    """
+    wf = Workflow("s", [feat, fit])
+    profiles = {
+        "feat": StageProfile(cpu_duration_s=3.0, cpu_s=4.0, shards=4, busy_s=4.0),
+        "fit": StageProfile(cpu_duration_s=5.0, cpu_s=0.0, wait_s=1.0),
+    }
+    sim = SimConfig(actor_start_s=0.5, dispatch_s=0.0, run_overhead_s=0.0, stream_pool_start_s=1.0)
+    three = [node(3)]
+    assert simulate(wf, profiles, three, params={"feat": {"shards": 4}}, sim=sim).makespan_s == pytest.approx(4.5)
+    assert simulate(wf, profiles, three, params={"feat": {"shards": 8}}, sim=sim).makespan_s == pytest.approx(8.5)
+    barrier = SimConfig(**{**sim.__dict__, "streaming": False})
+    p = simulate(wf, profiles, three, params={"feat": {"shards": 4}}, sim=barrier)
+    assert p.makespan_s == pytest.approx(8.0)
+    assert p.stages["feat"].end_s == pytest.approx(3.5) and p.stages["fit"].start_s == pytest.approx(
+        4.0
+    )  # its actor starts at 3.5
