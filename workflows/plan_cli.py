@@ -26,7 +26,7 @@ from workflows.costs import CostConfig, co2_g
 from workflows.errors import UnsatisfiableResourcesError, ValidationError
 from workflows.model import Workflow
 from workflows.planner import NodeSpec, Prediction, SimConfig, StageProfile, simulate
-from workflows.profile import StageRun, load_profiles, show_profiles
+from workflows.profile import StageRun, load_profiles, show_profiles, startup_s
 
 OBJECTIVES = ("cost", "energy", "time")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
@@ -243,7 +243,11 @@ def add_parsers(sub: Any, common: Any) -> None:
     plan.add_argument("--grid-gco2-per-kwh", type=float, help="grid carbon intensity (default 450)")
     plan.add_argument("--cpu-watts-per-core", type=float, help="estimate method's W per busy core (default 10)")
     plan.add_argument("--gpu-speedup", type=float, help="GPU vs CPU time when not both measured (default 4)")
-    plan.add_argument("--actor-start-s", type=float, help="a fresh actor's start-up (default 0.5)")
+    plan.add_argument(
+        "--actor-start-s",
+        type=float,
+        help="a fresh actor's start-up (default: measured in the profiled runs, else 0.5)",
+    )
     plan.add_argument("--no-streaming", action="store_true", help="plan barrier mode")
     plan.add_argument("--all", action="store_true", help="list every candidate, not only the Pareto front")
     plan.add_argument("--json", action="store_true")
@@ -262,6 +266,8 @@ def run(args: argparse.Namespace, workflow: Workflow, params: dict[str, Any], co
         sim_kwargs["gpu_speedup"] = args.gpu_speedup
     if args.actor_start_s is not None:
         sim_kwargs["actor_start_s"] = args.actor_start_s
+    elif (measured := startup_s(store, workflow.name)) is not None:
+        sim_kwargs["actor_start_s"] = measured  # as the profiled runs saw it (placement + first actor)
     sim = SimConfig(**sim_kwargs)
     types = _types(args, costs)
     runs = load_profiles(store, workflow.name)

@@ -68,6 +68,19 @@ def load_profiles(store_config: StoreConfig, workflow: str) -> dict[str, list[St
     return out
 
 
+def startup_s(store_config: StoreConfig, workflow: str) -> float | None:
+    """Median time from a run's start to its first stage's start (placement + the first actor) over the
+    profiled runs of `workflow`, or None if there are none: the planner's measured actor start-up."""
+    runs = load_profiles(store_config, workflow)
+    first: dict[str, float] = {}
+    for stage_runs in runs.values():
+        for r in stage_runs:
+            first[r.run_id] = min(first.get(r.run_id, r.started_at), r.started_at)
+    starts = {j.run_id: j.started_at for j in Journals(ArtifactStore(store_config)).list() if j.run_id in first}
+    gaps = [first[rid] - t for rid, t in starts.items() if first[rid] >= t]
+    return statistics.median(gaps) if gaps else None
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
