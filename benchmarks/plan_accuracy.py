@@ -129,9 +129,15 @@ WORKLOADS: dict[str, tuple[Case, list[Case]]] = {
 def run_case(case: Case, store: StoreConfig) -> RunInfo:
     from workflows.engine import run_workflow  # noqa: PLC0415
 
-    return run_workflow(
-        case.build(), params=case.params, store_config=store, use_cache=False, streaming=case.streaming, keep_warm_s=0
+    wf = case.build()
+    run = run_workflow(
+        wf, params=case.params, store_config=store, use_cache=False, streaming=case.streaming, keep_warm_s=0
     )
+    if "serve" in wf.stages:  # `tierflow run` undeploys; here the app would hold CPUs the next run needs
+        from ray import serve  # noqa: PLC0415
+
+        serve.shutdown()
+    return run
 
 
 def calibrate(runs: list[RunInfo]) -> SimConfig:
