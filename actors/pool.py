@@ -271,12 +271,15 @@ def _fmt(values: dict[str, float], keys: list[str]) -> str:
 
 
 def explain_start_failure(failure: StartFailure) -> str:
-    """Ray's words, and what they most likely mean, for an actor that could not start."""
-    head = f"Ray could not start an actor for {failure.resources.describe()}: {failure.error.strip()}"
+    """What an actor that could not start most likely means, the fix, then Ray's own words."""
+    said = f"Ray said: {failure.error.strip()}"
     if failure.init_failed:
-        return head + "\nFix: the stage actor's set-up raised on its node (see above); check the store's tiers there"
+        return (
+            f"the stage actor for {failure.resources.describe()} raised while setting up on its node. "
+            f"Fix: check that the store's tiers are reachable from every node. {said}"
+        )
     if not failure.never_ran:
-        return head
+        return f"Ray could not start an actor for {failure.resources.describe()}. {said}"
     try:
         from ray._raylet import AuthenticationMode, get_authentication_mode  # noqa: PLC0415
 
@@ -284,12 +287,13 @@ def explain_start_failure(failure: StartFailure) -> str:
     except ImportError:  # pragma: no cover - always present in the Ray wheel
         mode = os.environ.get("RAY_AUTH_MODE", "disabled")
     return (
-        f"{head}\nRay cancelled the actor before it ran. The usual cause is a token-authentication mismatch: this "
-        f"driver runs with RAY_AUTH_MODE={mode}, and a cluster started with the other mode refuses its requests (its "
-        "GCS log says 'Missing authorization header'). Fix: run the driver with the cluster's mode: "
-        "`export RAY_AUTH_MODE=token` (and the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN) for a "
-        "cluster started by `ray start` on Ray 2.60, or `RAY_AUTH_MODE=disabled` for one started without auth. "
-        "Other causes: the actor's runtime_env could not be set up, or its node died while it started"
+        f"Ray cancelled the actor for {failure.resources.describe()} before it ran. The usual cause is a "
+        f"token-authentication mismatch: this driver runs with RAY_AUTH_MODE={mode}, and a cluster started with the "
+        "other mode refuses its requests (the cluster's GCS log says 'Missing authorization header'). "
+        "Fix: run the driver with the cluster's mode: `export RAY_AUTH_MODE=token` (with the cluster's token in "
+        "~/.ray/auth_token or $RAY_AUTH_TOKEN) for a cluster started by `ray start` on Ray 2.60, or "
+        "`export RAY_AUTH_MODE=disabled` for one started without auth. Other causes: the actor's runtime_env could "
+        f"not be set up, or its node died while it started. {said}"
     )
 
 

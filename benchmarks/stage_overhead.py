@@ -3,6 +3,8 @@
 Peers, each timed as a whole chain (submit until the last result is on the driver):
   tierflow         `run_workflow` on N no-op `@stage(cpus=1)` stages chained by `prev`, cache off, no hooks
   tierflow cached  the same chain with `use_cache=True` after a first run filled the cache (all hits)
+  tierflow 2nd run the same chain run again in the same process: the first run (untimed) parked its warm actor
+                   (`keep_warm_s`), the timed second run borrows it (a notebook, a test suite, a service)
   raw actor        hand-written Ray doing what a tierflow run does: create one `@ray.remote(num_cpus=1)` actor,
                    N calls chained by ObjectRef, one `ray.get`, kill the actor (apples to apples with tierflow)
   raw warm         the same N calls on an actor that is already up (untimed creation): the lower bound
@@ -38,7 +40,7 @@ import ray
 from benchlib import machine, publish, settle
 
 from storage import StoreConfig
-from workflows import Stage, Workflow, stage
+from workflows import Stage, Workflow, release_warm_actors, stage
 from workflows.engine import run_workflow
 
 SECTION = "stage_overhead"
@@ -101,14 +103,27 @@ def run_raw_fresh(n: int) -> int:
     return ray.get(ref)["i"]
 
 
-def run_tierflow(wf: Workflow, store: StoreConfig, *, use_cache: bool, expect: str = "succeeded") -> None:
-    run = run_workflow(wf, store_config=store, use_cache=use_cache)
+def run_tierflow(
+    wf: Workflow, store: StoreConfig, *, use_cache: bool, expect: str = "succeeded", keep_warm_s: float = 0.0
+) -> None:
+    run = run_workflow(wf, store_config=store, use_cache=use_cache, keep_warm_s=keep_warm_s)
     recs = [run.records[name] for name in wf.order]
     assert {r.status for r in recs} == {expect}, f"expected every stage {expect}: {[r.status for r in recs]}"
-    if expect == "succeeded":  # where the time goes: actor start-up vs steady state (actor clock = driver clock)
+    # where the time goes: actor start-up vs steady state (actor clock = driver clock)
+    if expect == "succeeded" and not keep_warm_s:
         starts = [r.result.started_at for r in recs if r.result]
         SPLIT["startup"].append(starts[0] - run.started_at)
         SPLIT["gap"].append((starts[-1] - starts[0]) / (len(starts) - 1))
+
+
+@contextmanager
+def second_run(wf: Workflow, store: StoreConfig) -> Iterator[Callable[[], None]]:
+    """A first run (untimed) parks its actor; the timed chain is the second run; then the actor is ended."""
+    run_tierflow(wf, store, use_cache=False, keep_warm_s=60)
+    try:
+        yield lambda: run_tierflow(wf, store, use_cache=False, keep_warm_s=60)
+    finally:
+        release_warm_actors()
 
 
 def metaflow_source(n: int) -> str:
@@ -198,6 +213,7 @@ def report(times: dict[str, list[float]], n: int, repeats: int, warmup: int, com
     low = {k: min(v) for k, v in times.items()}
     labels = {
         "tierflow": "tierflow (`run_workflow`, cache off)",
+        "tierflow_second": "tierflow, second run in the same process (warm actor)",
         "tierflow_cached": "tierflow, cached re-run (all hits)",
         "raw_actor": "raw Ray: create one actor, N calls, kill it",
         "raw_warm": "raw Ray, one warm actor (already up, untimed)",
@@ -218,6 +234,7 @@ def report(times: dict[str, list[float]], n: int, repeats: int, warmup: int, com
     mf_startup, mf_step = (statistics.median(SPLIT[k][-repeats:]) * 1e3 for k in ("mf_startup", "mf_step"))
     wall_ratio = med["metaflow"] / med["tierflow"]
     mf_ratio = mf_over / over_actor if over_actor > 0 else float("inf")  # inf: tierflow within noise of raw
+    second = med["tierflow_second"]
     return "\n".join(
         [
             f"## Per-stage orchestration overhead ({n}-stage chain of no-op stages)",
@@ -253,6 +270,11 @@ def report(times: dict[str, list[float]], n: int, repeats: int, warmup: int, com
             f"- Whole chain, Metaflow / tierflow wall time: {wall_ratio:.1f}x ({per['metaflow']:.0f} vs "
             f"{per['tierflow']:.1f} ms per stage; target >= 20x: {verdict(wall_ratio >= 20)}): tierflow's time is "
             "dominated by starting its one actor, Metaflow's by a process per step.",
+            f"- **Second run of the chain in the same process: {second * 1e3:.0f} ms end to end** (target <= 100 ms: "
+            f"{verdict(second <= 0.1)}), {med['tierflow'] / second:.1f}x faster than the first; Metaflow / tierflow "
+            f"second run: **{med['metaflow'] / second:.0f}x** "
+            f"(target >= 50x: {verdict(med['metaflow'] / second >= 50)}); "
+            f"second run / raw warm: {second / med['raw_warm']:.1f}x",
             f"- tierflow / raw actor: {med['tierflow'] / med['raw_actor']:.2f}x; tierflow / raw warm: "
             f"{med['tierflow'] / med['raw_warm']:.1f}x; fresh actor per stage / tierflow: "
             f"{med['raw_fresh'] / med['tierflow']:.1f}x; cached re-run / tierflow: "
@@ -315,6 +337,7 @@ def main() -> None:
                 "raw_warm": lambda: warm_actor(n),
                 "raw_actor": lambda: nullcontext(lambda: run_raw_actor(n)),
                 "tierflow": lambda: nullcontext(lambda: run_tierflow(wf, store, use_cache=False)),
+                "tierflow_second": lambda: second_run(wf, store),
                 "tierflow_cached": lambda: nullcontext(
                     lambda: run_tierflow(wf, cached_store, use_cache=True, expect="cached")
                 ),

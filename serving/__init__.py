@@ -9,10 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from serving.config import ModelSource, RolloutRefused, ServeConfig, ServingError
+from serving.contract import InputSpec, ModelContractError, ModelSpec, torch_model
 
 __all__ = [
+    "InputSpec",
+    "ModelContractError",
     "ModelServer",
     "ModelSource",
+    "ModelSpec",
     "Rollout",
     "RolloutRefused",
     "ServeConfig",
@@ -22,6 +26,7 @@ __all__ = [
     "from_tensors",
     "predict_proba",
     "to_tensors",
+    "torch_model",
 ]
 
 

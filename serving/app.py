@@ -1,7 +1,10 @@
-"""The Ray Serve application for a tierflow model: FastAPI ingress, pydantic validation, dynamic batching.
+"""The Ray Serve application for any tierflow model: FastAPI ingress, validation, dynamic batching.
 
-Client mistakes (wrong JSON, types, shapes) answer 422, bodies over the limit 413; none reaches the
-model, and none is a 500. Past `max_ongoing_requests` + `max_queued_requests`, Serve answers 503.
+The request schema comes from the model's contract (`serving.contract.InputSpec`: width, dtype, range):
+pydantic checks the body's structure, then each row is checked against the model's spec.
+Client mistakes (wrong JSON, types, shapes, values outside the model's range) answer 422, bodies over
+the limit 413; none reaches the model, and none is a 500. Past `max_ongoing_requests` +
+`max_queued_requests`, Serve answers 503.
 """
 
 import asyncio
@@ -21,8 +24,8 @@ from ray.serve import metrics
 
 from actors.runner import detect_device
 from serving.config import USER_CODE_THREAD_ENV, ModelSource, ServeConfig
+from serving.contract import forward
 from serving.loading import load_model
-from serving.model import predict_proba
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # A forward pass expected to take less than this runs on the replica's event loop: handing it to a worker
@@ -48,12 +51,15 @@ api = FastAPI(title="tierflow model endpoint", description="Predictions from a t
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    instances: list[list[FiniteFloat]] = Field(min_length=1, description="Rows of features, one list per example.")
+    instances: list[list[FiniteFloat]] = Field(
+        min_length=1, description="Rows of features, one list per example; width, dtype and range: GET /info."
+    )
 
 
 class PredictResponse(BaseModel):
-    predictions: list[int]
-    probabilities: list[list[float]]
+    # a classifier: class labels and probabilities; a regressor: its outputs (one number or list per row)
+    predictions: list[Any]
+    probabilities: list[list[float]] | None = None
     model_digest: str
     model_version: str
     served_by: str
@@ -129,12 +135,12 @@ class ModelServer:
     """One model version. With a canary configured, a share of requests goes to the canary app."""
 
     def __init__(self, source: ModelSource, config: ServeConfig, canary_app: str | None = None) -> None:
-        self.model, self.model_config = load_model(source)
+        self.model, self.spec = load_model(source)
         self.source = source
         self.config = config
-        self.n_features = int(self.model_config["layers"][0])
+        self.n_features = self.spec.input.width
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        self.device, self.device_reason = serving_device(self.gpu_ids, compressed="compression" in self.model_config)
+        self.device, self.device_reason = serving_device(self.gpu_ids, compressed=self.spec.compression is not None)
         self.model.to(self.device)
         api.state.max_body_bytes = config.max_body_bytes
         self.canary = serve.get_deployment_handle("ModelServer", app_name=canary_app) if canary_app else None
@@ -182,13 +188,13 @@ class ModelServer:
         return proba
 
     def _forward(self, rows: np.ndarray) -> tuple[np.ndarray, float]:
-        """Probabilities and the seconds the forward pass took (timed where it runs, without the thread hop)."""
+        """Outputs (a classifier's probabilities) and the seconds the forward pass took (timed where it runs)."""
         t0 = time.perf_counter()
-        proba = predict_proba(self.model, rows, self.device)
+        proba = forward(self.model, self.spec, rows, self.device)
         return proba, time.perf_counter() - t0
 
     async def infer(self, rows: np.ndarray) -> np.ndarray:
-        """Probabilities for rows; also the entry point a stable replica calls on its canary.
+        """Model outputs for rows (a classifier's probabilities).
 
         Adaptive batching (`batch_wait_timeout_s=0`): a request that finds no batch computing and none
         queued has nothing to join and goes straight to the model, skipping the batch queue's event-loop
@@ -219,22 +225,31 @@ class ModelServer:
             )
         if len(request.instances) > self.config.max_rows:
             raise HTTPException(status_code=413, detail=f"at most {self.config.max_rows} instances per request")
-        rows = np.asarray(request.instances, dtype=np.float32)
+        rows = np.asarray(request.instances, dtype=np.float64)
+        if problem := self.spec.input.check(rows):  # the model's own schema: dtype and declared range
+            raise HTTPException(status_code=422, detail=problem)
+        rows = rows.astype(self.spec.input.dtype)
         to_canary = self.canary is not None and random.random() < self.config.canary_share  # noqa: S311
-        if to_canary:
-            proba, info = await self.canary.infer.remote(rows), await self.canary.describe.remote()
-        else:
-            proba, info = await self.infer(rows), self.describe()
+        answer = await (self.canary.answer.remote(rows) if to_canary else self.answer(rows))
         self.stats.requests += 1
         self.stats.latencies_ms.append((time.perf_counter() - t0) * 1000)
         self.request_counter.inc(tags={"served_by": "canary" if to_canary else "stable"})
-        return PredictResponse(
-            predictions=proba.argmax(axis=1).tolist(),
-            probabilities=np.round(proba, 6).tolist(),
-            model_digest=info["model_digest"],
-            model_version=info["model_version"],
-            served_by="canary" if to_canary else "stable",
-        )
+        return PredictResponse(**answer, served_by="canary" if to_canary else "stable")
+
+    async def answer(self, rows: np.ndarray) -> dict[str, Any]:
+        """The response body for rows, from this replica's model; also what a stable replica asks its canary."""
+        out = await self.infer(rows)
+        classifier = self.spec.task == "classifier"
+        return {
+            "predictions": self.spec.labels(out) if classifier else np.round(out, 6).tolist(),
+            "probabilities": np.round(out, 6).tolist() if classifier else None,
+            "model_digest": self.source.digest,
+            "model_version": self.source.version,
+        }
+
+    def smoke_rows(self) -> np.ndarray:
+        """One row the model declares valid (its input example): what a rollout asks before switching."""
+        return self.spec.example_rows()[:1]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -242,7 +257,17 @@ class ModelServer:
             "model_version": self.source.version,
             "model_name": self.source.model_name,
             "n_features": self.n_features,
-            "compression": self.model_config.get("compression", {}).get("method", "none"),
+            "input": {
+                "width": self.n_features,
+                "dtype": self.spec.input.dtype,
+                "min": self.spec.input.min,
+                "max": self.spec.input.max,
+            },
+            "task": self.spec.task,
+            "outputs": self.spec.outputs,
+            "classes": self.spec.classes,
+            "builder": self.spec.builder,
+            "compression": (self.spec.compression or {}).get("method", "none"),
             "canary_app": self.canary_app or "",
             "canary_share": self.config.canary_share,
             "device": self.device,

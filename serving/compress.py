@@ -1,6 +1,7 @@
-"""Post-training compression of tierflow's MLP classifiers: magnitude pruning, then int8 weights.
+"""Post-training compression of any tierflow torch model: magnitude pruning, then int8 Linear weights.
 
-`compress` prunes each `nn.Linear` weight by L1 magnitude (`torch.nn.utils.prune.l1_unstructured`,
+Works on every module rebuilt from the model contract (`serving.contract`): `compress` prunes each
+`nn.Linear` weight by L1 magnitude (`torch.nn.utils.prune.l1_unstructured`,
 made permanent with `prune.remove`) and quantises it exactly as `torch.ao.quantization.quantize_dynamic`
 does with its default qconfig: per-tensor qint8 weights (symmetric min/max, so the zero point is 0
 and pruned zeros stay exact zeros); activations stay float and are quantised per batch at run time.
@@ -11,11 +12,11 @@ The result is still a plain `Tensors` bundle, stored as safetensors with no pick
     <linear>.weight_scale       float32 [1]
     <linear>.weight_zero_point  int64 [1]
     <linear>.bias               float32 [out]
-    <other module buffers>      float32 (the Standardize mean / scale)
+    <other parameters/buffers>  their own dtype (Standardize mean / scale, BatchNorm statistics, ...)
 
 (per-tensor scalars are one-element arrays: `storage.formats` stores 0-d arrays as shape [1]), and
 the `config` metadata gains `"compression": {"method": "dynamic-int8", "prune_amount": ...}`.
-`load_compressed` rebuilds the network with `torch.ao.nn.quantized.dynamic.Linear` layers that run
+`load_compressed` rebuilds the network from its builder with `torch.ao.nn.quantized.dynamic.Linear` layers that run
 on those int8 weights; `load_any` loads either kind of bundle.
 """
 
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from serving.model import build_mlp, from_tensors
+from serving.contract import ModelContractError, build_module, code_of, load_float, spec_of
 from storage import Tensors
 from storage.formats import encode
 
@@ -52,8 +53,27 @@ def _quantization_api() -> Iterator[None]:
 
 def _config(bundle: Tensors) -> dict[str, Any]:
     if "config" not in bundle.metadata:
-        raise ValueError("bundle has no 'config' metadata; expected one written by serving.model.to_tensors")
+        raise ModelContractError(
+            "bundle has no 'config' metadata: return the trained model with workflows.torch_model(...)"
+        )
     return json.loads(bundle.metadata["config"])
+
+
+def _quantizable(module: nn.Module) -> bool:
+    # exactly nn.Linear: subclasses such as MultiheadAttention's out_proj are read as raw weights by their owner
+    return type(module) is nn.Linear
+
+
+def unsupported(bundle: Tensors) -> str | None:
+    """Why `compress` cannot apply to this bundle (say it, and serve the float model), or None."""
+    if is_compressed(bundle):
+        return "the model is already compressed"
+    model, spec = load_float(bundle)
+    if not any(_quantizable(m) for m in model.modules()):
+        return f"{spec.builder} has no nn.Linear layers; dynamic int8 quantisation applies only to Linear weights"
+    if spec.input.dtype != "float32":
+        return f"int8 Linear layers take float32 input; this model takes {spec.input.dtype}"
+    return None
 
 
 def is_compressed(bundle: Tensors) -> bool:
@@ -65,7 +85,7 @@ def prune_linear(model: nn.Module, amount: float) -> nn.Module:
     if not 0.0 <= amount < 1.0:
         raise ValueError(f"prune_amount={amount!r} must be in [0, 1)")
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if _quantizable(module):
             prune.l1_unstructured(module, name="weight", amount=amount)
             prune.remove(module, "weight")
     return model
@@ -83,16 +103,21 @@ def quantize_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def compress(bundle: Tensors, *, prune_amount: float = 0.3) -> Tensors:
-    """Prune, then int8-quantise the Linear weights of a float bundle from `serving.model.to_tensors`."""
+    """Prune, then int8-quantise the Linear weights of a float bundle (any module the contract rebuilds)."""
     if is_compressed(bundle):
         raise ValueError("bundle is already compressed; compress the original float weights instead")
-    model, config = from_tensors(bundle)
+    if not 0.0 <= prune_amount < 1.0:
+        raise ValueError(f"prune_amount={prune_amount!r} must be in [0, 1)")
+    if reason := unsupported(bundle):
+        raise ModelContractError(f"cannot compress: {reason}")
+    model, _ = load_float(bundle)
+    config = _config(bundle)
     prune_linear(model, prune_amount)
     tensors: dict[str, np.ndarray] = {}
     total = zeros = 0
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
-        if isinstance(module, nn.Linear):
+        if _quantizable(module):
             q = quantize_weight(module.weight)
             int8 = q.int_repr().numpy().copy()
             tensors[f"{prefix}weight_int8"] = int8
@@ -104,7 +129,9 @@ def compress(bundle: Tensors, *, prune_amount: float = 0.3) -> Tensors:
             zeros += int(np.count_nonzero(int8 == q.q_zero_point()))
             continue
         for key, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            tensors[f"{prefix}{key}"] = value.detach().numpy().astype(np.float32)
+            if key in module._non_persistent_buffers_set:  # not in state_dict: rebuilt by the builder
+                continue
+            tensors[f"{prefix}{key}"] = value.detach().cpu().numpy().copy()
     config["compression"] = {
         "method": METHOD,
         "prune_amount": float(prune_amount),
@@ -115,7 +142,14 @@ def compress(bundle: Tensors, *, prune_amount: float = 0.3) -> Tensors:
     return Tensors(tensors, {**bundle.metadata, "config": json.dumps(config)})
 
 
-def load_compressed(bundle: Tensors) -> nn.Sequential:
+def compress_if_supported(bundle: Tensors, *, prune_amount: float = 0.3) -> tuple[Tensors, str | None]:
+    """(the int8 bundle, None), or (`bundle` unchanged, why int8 does not apply to this model)."""
+    if reason := unsupported(bundle):
+        return bundle, reason
+    return compress(bundle, prune_amount=prune_amount), None
+
+
+def load_compressed(bundle: Tensors) -> nn.Module:
     """The network of a compressed bundle, its Linear layers running on the stored int8 weights."""
     import torch.ao.nn.quantized.dynamic as nnqd  # noqa: PLC0415
 
@@ -126,10 +160,10 @@ def load_compressed(bundle: Tensors) -> nn.Sequential:
     if torch.backends.quantized.engine == "none":
         raise RuntimeError("this torch build has no quantized engine; cannot run int8 weights")
     arrays = bundle.numpy()
-    model = build_mlp(config["layers"], standardize=bool(config.get("standardize")))
+    model = build_module(spec_of(bundle), code_of(bundle))
     used: set[str] = set()
 
-    def take(key: str, dtype: type) -> torch.Tensor:
+    def take(key: str, dtype: Any) -> torch.Tensor:
         if key not in arrays:
             raise ValueError(f"compressed bundle is missing {key!r}")
         value = arrays[key]
@@ -140,7 +174,7 @@ def load_compressed(bundle: Tensors) -> nn.Sequential:
 
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""
-        if isinstance(module, nn.Linear):
+        if _quantizable(module):
             int8 = take(f"{prefix}weight_int8", np.int8)
             if tuple(int8.shape) != (module.out_features, module.in_features):
                 raise ValueError(
@@ -157,8 +191,11 @@ def load_compressed(bundle: Tensors) -> nn.Sequential:
             model.set_submodule(name, qlinear)
             continue
         for key, value in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if key in module._non_persistent_buffers_set:
+                continue
             with torch.no_grad():
-                value.copy_(take(f"{prefix}{key}", np.float32).reshape(value.shape))
+                stored = take(f"{prefix}{key}", torch.empty(0, dtype=value.dtype).numpy().dtype)
+                value.copy_(stored.reshape(value.shape))
     unknown = sorted(set(arrays) - used)
     if unknown:
         raise ValueError(f"compressed bundle has tensors this network does not use: {unknown}")
@@ -172,10 +209,11 @@ def _scalar(value: torch.Tensor, key: str) -> float:
 
 
 def load_any(bundle: Tensors) -> tuple[nn.Module, dict[str, Any]]:
-    """(model, config) for a float bundle (`serving.model.from_tensors`) or a compressed one."""
+    """(model in eval mode, config dict) for a float bundle or a compressed one (`serving.contract.load_any`
+    gives the parsed `ModelSpec` instead)."""
     if is_compressed(bundle):
         return load_compressed(bundle), _config(bundle)
-    return from_tensors(bundle)
+    return load_float(bundle)[0], _config(bundle)
 
 
 def measure(

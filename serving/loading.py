@@ -35,8 +35,9 @@ def load_bundle(source: ModelSource) -> Tensors:
     return decode(SAFETENSORS, data)
 
 
-def load_model(source: ModelSource) -> tuple[Any, dict[str, Any]]:
-    from serving.compress import load_any  # noqa: PLC0415  # plain or int8-compressed weights
+def load_model(source: ModelSource) -> tuple[Any, Any]:
+    """(module in eval mode, `serving.contract.ModelSpec`) for any model bundle, plain or int8-compressed."""
+    from serving.contract import load_any  # noqa: PLC0415
 
     return load_any(load_bundle(source))
 

@@ -1,4 +1,5 @@
-"""A small MLP classifier whose weights and config round-trip through safetensors (no pickle)."""
+"""The digits MLP (`build_mlp`, a builder like any user's) and helpers kept for bundles written before the
+model contract (`to_tensors` with a `layers` config); `serving.contract` loads both kinds."""
 
 from __future__ import annotations
 
@@ -42,12 +43,12 @@ def to_tensors(model: nn.Module, config: dict[str, Any]) -> Tensors:
     return Tensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, {"config": json.dumps(config)})
 
 
-def from_tensors(bundle: Tensors) -> tuple[nn.Sequential, dict[str, Any]]:
-    config = json.loads(bundle.metadata["config"])
-    model = build_mlp(config["layers"], standardize=bool(config.get("standardize")))
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in bundle.tensors.items()})
-    model.eval()
-    return model, config
+def from_tensors(bundle: Tensors) -> tuple[nn.Module, dict[str, Any]]:
+    """(module in eval mode, config dict) of a float bundle, rebuilt from its builder."""
+    from serving.contract import load_float  # noqa: PLC0415
+
+    model, _ = load_float(bundle)
+    return model, json.loads(bundle.metadata["config"])
 
 
 @torch.inference_mode()

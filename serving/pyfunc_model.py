@@ -1,6 +1,9 @@
-"""MLflow "models from code" entry: the registered model is this file plus safetensors weights.
+"""MLflow "models from code" entry for every tierflow torch model: this file plus safetensors weights.
 
-Loading never unpickles anything: the weights are safetensors and the code is this file.
+Loading never unpickles anything: the weights are safetensors, the module is rebuilt by the builder its
+contract names (`serving.contract`), imported from the model's `code/` folder (MLflow `code_paths`) when it
+is not installed where the model loads. `predict` returns class labels for a classifier (probabilities
+with `params={"output": "probabilities"}`) and the outputs of a regressor.
 """
 
 from __future__ import annotations
@@ -12,22 +15,27 @@ from mlflow.pyfunc import PythonModel
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from serving.compress import load_any
-from serving.model import predict_proba
+from serving.contract import forward, load_any
 from storage import Tensors
 
 
-class TierflowClassifier(PythonModel):
+class TierflowModel(PythonModel):
     def load_context(self, context):  # type: ignore[no-untyped-def]
         path = context.artifacts["weights"]
         with safe_open(path, framework="numpy") as f:
             metadata = f.metadata() or {}
-        self.model, self.config = load_any(Tensors(load_file(path), metadata))  # float or int8-compressed
+        self.model, self.spec = load_any(Tensors(load_file(path), metadata))  # float or int8-compressed
 
     # The np.ndarray hint tells MLflow not to infer a schema from type hints (the signature is explicit).
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:  # type: ignore[no-untyped-def]
         rows = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
-        return predict_proba(self.model, rows.astype(np.float32)).argmax(axis=1)
+        rows = rows.reshape(1, -1) if rows.ndim == 1 else rows
+        if problem := self.spec.input.check(rows.astype(np.float64)):
+            raise ValueError(f"model input: {problem}")
+        out = forward(self.model, self.spec, rows.astype(self.spec.input.dtype))
+        if self.spec.task == "classifier" and (params or {}).get("output", "labels") == "labels":
+            return np.asarray(self.spec.labels(out))
+        return out
 
 
-set_model(TierflowClassifier())
+set_model(TierflowModel())

@@ -197,8 +197,8 @@ class Rollout:
             cfg = _with(cfg, graceful_shutdown_wait_loop_s=loop)
         try:
             handle = _run(_bind(source, cfg, actor_opts), name=name, route_prefix=None)
-            n = int(handle.describe.remote().result(timeout_s=60)["n_features"])
-            proba = handle.infer.remote(np.zeros((1, n), np.float32)).result(timeout_s=60)
+            rows = handle.smoke_rows.remote().result(timeout_s=60)  # a row the model's own spec accepts
+            proba = handle.infer.remote(rows).result(timeout_s=60)
             if proba.shape[0] != 1 or not np.isfinite(proba).all():
                 raise ServingError(f"smoke prediction returned {proba!r}")
         except Exception as exc:

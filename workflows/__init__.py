@@ -3,6 +3,7 @@
 from actors.context import StageContext
 from actors.resources import Resources
 from actors.streaming import BatchStream, Stream
+from serving.contract import InputSpec, ModelContractError, torch_model
 from storage import Tensors
 from workflows.errors import (
     GateFailed,
@@ -14,11 +15,14 @@ from workflows.errors import (
     WorkflowLoadError,
 )
 from workflows.model import Stage, Workflow, stage
+from workflows.serve_stage import serve_model
 
 __all__ = [
     "BatchStream",
     "GateFailed",
+    "InputSpec",
     "MLflowHook",
+    "ModelContractError",
     "Resources",
     "Stage",
     "StageContext",
@@ -33,7 +37,9 @@ __all__ = [
     "WorkflowLoadError",
     "release_warm_actors",
     "run_workflow",
+    "serve_model",
     "stage",
+    "torch_model",
 ]
 
 

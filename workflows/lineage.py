@@ -9,17 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 
+from serving.contract import ModelContractError
 from storage import ArtifactRef, ArtifactStore
 from storage.config import RAY_JOB_ENV, default_home
+from workflows.errors import StageFailedError
 from workflows.hooks import CACHED, FAILED, SUCCEEDED, RunInfo, StageRecord
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,6 @@ ENV_URI = "MLFLOW_TRACKING_URI"
 _PARENT_TAGS = ("tierflow.endpoint", "tierflow.model_name", "tierflow.model_version")
 GATE_TAG = "tierflow.gate"
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
-_PYFUNC = Path(__file__).resolve().parent.parent / "serving" / "pyfunc_model.py"
 
 
 def default_tracking_uri() -> str:
@@ -145,8 +144,16 @@ class MLflowHook:
         for i in range(_BATCH, len(metrics), _BATCH):
             self.client.log_batch(run_id, metrics=metrics[i : i + _BATCH])
         self._log_inputs(run_id, record)
+        failed: StageFailedError | None = None
         if stage.register_model and record.status in (SUCCEEDED, CACHED) and record.artifact:
-            self._register(run, record, stage.register_model, run_id)
+            try:
+                self._register(run, record, stage.register_model, run_id)
+            except ModelContractError as exc:  # nothing was registered: the stage fails with the reason
+                record.status, record.error = FAILED, f"{type(exc).__name__}: {exc}"
+                self.client.log_batch(
+                    run_id, tags=[RunTag("tierflow.status", FAILED), RunTag("tierflow.error", record.error[:4000])]
+                )
+                failed = StageFailedError(record.name, record.error, "", run.run_id)
         if stage.gate and record.status in (SUCCEEDED, CACHED, FAILED):
             self._tag_gate(run, record)
         propagate = [RunTag(k, v) for k, v in record.annotations.items() if k in _PARENT_TAGS]
@@ -155,6 +162,8 @@ class MLflowHook:
             self.client.log_batch(self.parent_run_id, tags=propagate)
         end = _ms(started + (res.duration_s if res else 0.0))
         self.client.set_terminated(run_id, "FAILED" if record.status == FAILED else "FINISHED", end_time=end)
+        if failed is not None:
+            raise failed
 
     def _stage_tags(self, record: StageRecord) -> dict[str, str]:
         res = record.result
@@ -231,34 +240,12 @@ class MLflowHook:
         )
 
     def _log_and_register(self, run: RunInfo, art: ArtifactRef, model_name: str, stage_run_id: str) -> Any:
-        """Save a pyfunc locally, upload it to the stage run, register a version — all through our client,
-        so the caller's global MLflow state (tracking URI, active run) is never touched."""
-        import numpy as np  # noqa: PLC0415
-        from mlflow.models import infer_signature  # noqa: PLC0415
+        """Save a models-from-code pyfunc, load it back, upload it to the stage run, register a version — all
+        through our client, so the caller's global MLflow state (tracking URI, active run) is never touched."""
+        from serving.registry import log_and_register  # noqa: PLC0415  # torch only when registering
 
-        store = ArtifactStore(run.store_config)
-        n_in = int(json.loads(store.get(art).metadata.get("config", "{}")).get("layers", [0])[0])
-        with tempfile.TemporaryDirectory() as tmp:
-            weights = Path(tmp) / "model.safetensors"
-            weights.write_bytes(store.get_blob(art.digest))
-            model_dir = Path(tmp) / "model"
-            mlflow.pyfunc.save_model(
-                path=str(model_dir),
-                python_model=str(_PYFUNC),
-                artifacts={"weights": str(weights)},
-                pip_requirements=["torch", "safetensors", "numpy"],
-                signature=infer_signature(np.zeros((1, n_in), np.float32), np.zeros((1,), np.int64)),
-            )
-            self.client.log_artifacts(stage_run_id, str(model_dir), artifact_path="model")
-        try:
-            self.client.create_registered_model(model_name)
-        except mlflow.exceptions.MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        source = f"{self.client.get_run(stage_run_id).info.artifact_uri}/model"
-        return self.client.create_model_version(
-            model_name, source=source, run_id=stage_run_id, tags={"tierflow.digest": art.digest}
-        )
+        data = ArtifactStore(run.store_config).get_blob(art.digest)
+        return log_and_register(self.client, data, model_name=model_name, digest=art.digest, stage_run_id=stage_run_id)
 
 
 def _dataset(name: str, uri: str, digest: str, fmt: str, schema: str, context: str) -> DatasetInput:

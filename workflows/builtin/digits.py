@@ -14,13 +14,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.context import StageContext
-from serving.config import ModelSource, ServeConfig
 from storage import Tensors
 from workflows.errors import GateFailed
 from workflows.model import Workflow, stage
+from workflows.serve_stage import serve_model
 
 N_FEATURES = 64
-_SERVE = ServeConfig()  # the serve stage's defaults are ServeConfig's
 
 
 def _features(table: pa.Table, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -128,22 +127,26 @@ def train(
 
 
 def _bundle(model: Any, preprocess: pa.Table, layers: list[int]) -> Tensors:
-    """The served artifact: the trained body behind a Standardize layer holding the scaler."""
+    """The served artifact (the model contract): the trained body behind a Standardize layer holding the
+    scaler, rebuilt by `serving.model:build_mlp`; it takes raw pixel intensities 0-16."""
     import torch  # noqa: PLC0415
 
-    from serving.model import to_tensors  # noqa: PLC0415
+    from serving.contract import InputSpec, torch_model  # noqa: PLC0415
 
     mean, scale = _scaler(preprocess)
     model[0].mean.copy_(torch.from_numpy(mean))
     model[0].scale.copy_(torch.from_numpy(scale))
-    return to_tensors(
+    x, y = _raw_test_rows(preprocess)
+    return torch_model(
         model,
-        {
-            "layers": layers,
-            "standardize": True,
-            "classes": list(range(10)),
-            "input": "64 raw pixel intensities (0-16) of an 8x8 digit",
-        },
+        builder="serving.model:build_mlp",
+        args={"layers": layers, "standardize": True},
+        task="classifier",
+        classes=list(range(10)),
+        input=InputSpec(N_FEATURES, min=0, max=16),
+        example=x[:5],
+        example_target=y[:5],
+        info={"layers": layers, "standardize": True, "description": "64 raw pixel intensities (0-16) of an 8x8 digit"},
     )
 
 
@@ -207,7 +210,7 @@ def train_ddp(ctx: StageContext, preprocess: pa.Table, spec: Any, config: Any) -
 def _raw_test_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     x, y = _features(table, "test")
     mean, scale = _scaler(table)
-    return x * scale + mean, y
+    return np.round(x * scale + mean), y  # raw pixels are whole numbers 0-16; rounding undoes float error
 
 
 @stage(cpus=1, gate=True)
@@ -240,12 +243,14 @@ def compress(
     """
     import torch  # noqa: PLC0415
 
-    from serving.compress import compress as compress_bundle  # noqa: PLC0415
-    from serving.compress import measure  # noqa: PLC0415
+    from serving.compress import compress_if_supported, measure  # noqa: PLC0415
 
     if max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop={max_accuracy_drop!r} must be >= 0")
-    candidate = compress_bundle(train, prune_amount=prune_amount)
+    candidate, unsupported = compress_if_supported(train, prune_amount=prune_amount)
+    if unsupported:  # a model int8 cannot apply to passes through, and says why
+        ctx.set_tag("tierflow.compression", f"unsupported: {unsupported}")
+        return train
     x, y = _raw_test_rows(preprocess)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # comparable latencies; restored because the actor may run other stages
@@ -263,85 +268,8 @@ def compress(
     return candidate if applied else train
 
 
-@stage(cpus=0.25, cache=False, inputs={"model": "compress"})
-def serve(
-    ctx: StageContext,
-    preprocess: pa.Table,
-    model: Tensors,
-    evaluate: dict[str, float],
-    app_name: str = _SERVE.app_name,
-    host: str = _SERVE.host,
-    port: int = _SERVE.port,
-    replica_cpus: float = _SERVE.num_cpus,
-    replica_gpus: float = _SERVE.num_gpus,
-    replica_accelerator_type: str | None = _SERVE.accelerator_type,
-    replica_fallback: str | None = "cpu",
-    min_replicas: int = _SERVE.min_replicas,
-    max_replicas: int = _SERVE.max_replicas,
-    target_ongoing_requests: float = _SERVE.target_ongoing_requests,
-    upscale_delay_s: float = _SERVE.upscale_delay_s,
-    downscale_delay_s: float = _SERVE.downscale_delay_s,
-    max_batch_size: int = _SERVE.max_batch_size,
-    batch_wait_timeout_s: float = _SERVE.batch_wait_timeout_s,
-    max_ongoing_requests: int = _SERVE.max_ongoing_requests,
-    max_queued_requests: int = _SERVE.max_queued_requests,
-    canary_share: float = _SERVE.canary_share,
-) -> dict[str, Any]:
-    """Roll the evaluated model out on Ray Serve (blue/green, optional canary); answer with the URL.
-
-    Replicas are placed like stages: `replica_gpus` (fractions allowed) and `replica_accelerator_type` are
-    honoured where a node has them, else the replica falls back to CPU (`replica_fallback=None` refuses
-    instead). `min_replicas < max_replicas` turns on Serve autoscaling around `target_ongoing_requests`.
-    """
-    from serving.rollout import Rollout  # noqa: PLC0415
-
-    facts = ctx.upstream["model"]
-    lineage = {k.removeprefix("tierflow."): v for k, v in facts.items() if k.startswith("tierflow.model")}
-    lineage |= {"training_run": facts.get("run_id", ""), "tierflow_run": ctx.run_id}
-    source = ModelSource(
-        digest=facts["digest"],
-        version=facts.get("tierflow.model_version", ""),
-        model_name=facts.get("tierflow.model_name", ""),
-        artifact=ctx.input_refs["model"],
-        store_config=ctx.store_config,
-        lineage=lineage,
-    )
-    config = ServeConfig(
-        app_name=app_name,
-        host=host,
-        port=port,
-        num_cpus=replica_cpus,
-        num_gpus=replica_gpus,
-        accelerator_type=replica_accelerator_type,
-        fallback=replica_fallback if replica_gpus else None,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        target_ongoing_requests=target_ongoing_requests,
-        upscale_delay_s=upscale_delay_s,
-        downscale_delay_s=downscale_delay_s,
-        max_batch_size=max_batch_size,
-        batch_wait_timeout_s=batch_wait_timeout_s,
-        max_ongoing_requests=max_ongoing_requests,
-        max_queued_requests=max_queued_requests,
-    )
-    rollout = Rollout(ctx.store_config, config)
-    url = rollout.deploy(source, canary_share=canary_share)  # type: ignore[arg-type]
-    ctx.set_tag("tierflow.endpoint", url)
-    ctx.set_tag("tierflow.replica_resources", json.dumps(rollout.replica_options, sort_keys=True))
-    direct = rollout.direct_urls()  # [] unless the cluster runs Serve with direct ingress
-    x, y = _raw_test_rows(preprocess)
-    return {
-        "url": url,
-        "predict_url": f"{url}/predict",
-        "direct_predict_urls": [f"{u}/predict" for u in direct],
-        "app_name": app_name,
-        "replica_resources": rollout.replica_options,
-        "accuracy": evaluate["accuracy"],
-        "model_digest": facts["digest"],
-        "example": {"instances": [x[0].round(4).tolist()]},
-        "example_label": int(y[0]),
-        **lineage,
-    }
+# the library serve stage, as a user's workflow ends: the compressed (or passed-through) model, after its gate
+serve = serve_model("compress", after=["evaluate"])
 
 
 digits = Workflow(
