@@ -109,17 +109,21 @@ def parse_node_flag(text: str, costs: CostConfig) -> NodeType:
     return NodeType(name, res, price, int(extra.get("min", 0)), int(extra.get("max", 1)), extra.get("cores"))
 
 
-def stage_profiles(workflow: Workflow, runs: Mapping[str, list[StageRun]]) -> dict[str, StageProfile]:
+def stage_profiles(
+    workflow: Workflow, runs: Mapping[str, list[StageRun]], *, solo: bool = True
+) -> dict[str, StageProfile]:
     """Per stage: median times on CPU and on GPU, CPU-seconds, a fused consumer's wait, stream facts.
 
     A stage with no runs borrows the profile of a profiled stage running the same function (a fan-out's
-    siblings), so a wider fan-out can be planned from a narrower one."""
+    siblings), so a wider fan-out can be planned from a narrower one. `solo=False` keeps the time stages
+    waited for a CPU in (times as profiled, contention included)."""
     out: dict[str, StageProfile] = {}
     for name, rs in runs.items():
         if name not in workflow.stages:
             continue
-        cpu = [_solo_s(r) for r in rs if not str(r.profile.get("device", "cpu")).startswith("cuda")]
-        gpu = [_solo_s(r) for r in rs if str(r.profile.get("device", "")).startswith("cuda")]
+        took = _solo_s if solo else (lambda r: float(r.profile["duration_s"]))
+        cpu = [took(r) for r in rs if not str(r.profile.get("device", "cpu")).startswith("cuda")]
+        gpu = [took(r) for r in rs if str(r.profile.get("device", "")).startswith("cuda")]
         spec = workflow.stages[name].stream
         shards = int(statistics.median(_shards(spec.shards, r.params) for r in rs)) if spec is not None else 0
         out[name] = StageProfile(

@@ -268,3 +268,10 @@ def test_a_fused_stream_overlaps_its_consumer_and_barrier_mode_does_not():
     assert p.stages["feat"].end_s == pytest.approx(3.5) and p.stages["fit"].start_s == pytest.approx(
         4.0
     )  # its actor starts at 3.5
+
+
+def test_profiles_take_out_the_time_a_stage_waited_for_a_cpu():
+    wf = Workflow("chain", [a, b, c])
+    run = StageRun("r1", "a", 0.0, {}, {"duration_s": 2.0, "cpu_s": 0.5, "runqueue_wait_s": 1.5, "device": "cpu"}, {})
+    assert stage_profiles(wf, {"a": [run]})["a"].cpu_duration_s == pytest.approx(0.5)
+    assert stage_profiles(wf, {"a": [run]}, solo=False)["a"].cpu_duration_s == pytest.approx(2.0)
