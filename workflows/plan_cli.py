@@ -133,6 +133,7 @@ def stage_profiles(
             wait_s=statistics.median(sum(v for k, v in r.metrics.items() if k.endswith(".wait_s")) for r in rs),
             shards=shards,
             busy_s=statistics.median(float(r.profile.get("cpu_s", 0.0)) for r in rs) if spec else 0.0,
+            pool_start_s=_pool_start_s(rs, shards) if spec else None,
         )
     by_fn = {}
     for name, prof in out.items():
@@ -141,6 +142,16 @@ def stage_profiles(
         if name not in out and (twin := by_fn.get(_fn_key(workflow, name))) is not None:
             out[name] = StageProfile(**{**twin.__dict__, "source": "sibling"})
     return out
+
+
+def _pool_start_s(runs: list[StageRun], shards: int) -> float | None:
+    """How long a stream's pool took to deliver its first batch beyond one shard's work (median)."""
+    gaps = [
+        r.metrics["first_batch_s"] - float(r.profile.get("cpu_s", 0.0)) / max(shards, 1)
+        for r in runs
+        if "first_batch_s" in r.metrics
+    ]
+    return max(0.0, statistics.median(gaps)) if gaps else None
 
 
 def _solo_s(run: StageRun) -> float:

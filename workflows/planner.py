@@ -69,6 +69,7 @@ class StageProfile:
     wait_s: float = 0.0  # a fused consumer's time waiting for its stream (not its own work)
     shards: int = 0  # streams: shards in the profiled run
     busy_s: float = 0.0  # streams: producers' total busy time in the profiled run
+    pool_start_s: float | None = None  # streams: first batch later than one shard's work (Ray Data start-up)
     source: str = "measured"
 
     def duration_on(self, device: str, sim: SimConfig) -> float:
@@ -248,7 +249,8 @@ class _Sim:
             self.take(i, req, 1)
             held.append((i, req))
         workers = max(1, len(held))
-        stream_s = sim.stream_pool_start_s + math.ceil(shards / workers) * per_shard
+        start = sp.pool_start_s if sp.pool_start_s is not None else sim.stream_pool_start_s
+        stream_s = start + math.ceil(shards / workers) * per_shard
         if stream == name:  # barrier mode: the stream alone
             return stream_s, 0.1, held
         return max(own, stream_s), demand, held

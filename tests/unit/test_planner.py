@@ -275,3 +275,14 @@ def test_profiles_take_out_the_time_a_stage_waited_for_a_cpu():
     run = StageRun("r1", "a", 0.0, {}, {"duration_s": 2.0, "cpu_s": 0.5, "runqueue_wait_s": 1.5, "device": "cpu"}, {})
     assert stage_profiles(wf, {"a": [run]})["a"].cpu_duration_s == pytest.approx(0.5)
     assert stage_profiles(wf, {"a": [run]}, solo=False)["a"].cpu_duration_s == pytest.approx(2.0)
+
+
+def test_a_streams_pool_start_up_is_measured_from_its_first_batch():
+    wf = Workflow("s", [feat, fit])
+    run = StageRun("r1", "feat", 0.0, {"shards": 4}, {"duration_s": 5.0, "cpu_s": 4.0}, {"first_batch_s": 3.0})
+    prof = stage_profiles(wf, {"feat": [run]})["feat"]
+    assert (prof.shards, prof.busy_s, prof.pool_start_s) == (4, 4.0, pytest.approx(2.0))  # 3 s - one 1 s shard
+    profiles = {"feat": prof, "fit": StageProfile(cpu_duration_s=0.5)}
+    sim = SimConfig(actor_start_s=0.0, dispatch_s=0.0, run_overhead_s=0.0, stream_pool_start_s=99.0)
+    # 3 CPUs, the consumer holds 1: 2 workers; 2 s start-up + 2 waves of 1 s shards
+    assert simulate(wf, profiles, [node(3)], params={"feat": {"shards": 4}}, sim=sim).makespan_s == pytest.approx(4.0)
