@@ -398,7 +398,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--duration-s", type=float, default=10.0, help="seconds per measured run (default 10)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s per run, 3 training epochs")
-    defaults = f"{dflt.max_ongoing_requests}/{dflt.max_queued_requests}"
+    defaults = f"{dflt.max_ongoing_requests}/{dflt.queue_limit}"
     parser.add_argument("--limits", nargs="+", default=[defaults], help="ONGOING/QUEUED, one pass each")
     parser.add_argument("--models", nargs="+", choices=["digits", "wide"], default=["digits", "wide"])
     parser.add_argument("--hidden", type=int, default=4096, help="wide model: units per hidden layer (4096)")

@@ -1,10 +1,10 @@
-"""The Ray Serve application for any tierflow model: FastAPI ingress, validation, dynamic batching.
+"""The Ray Serve application for any tierflow model: FastAPI ingress, request validation, dynamic batching.
 
-The request schema comes from the model's contract (`serving.contract.InputSpec`: width, dtype, range):
-pydantic checks the body's structure, then each row is checked against the model's spec.
-Client mistakes (wrong JSON, types, shapes, values outside the model's range) answer 422, bodies over
-the limit 413; none reaches the model, and none is a 500. Past `max_ongoing_requests` +
-`max_queued_requests`, Serve answers 503.
+The request schema comes from the model's contract (`serving.contract.InputSpec`: width, dtype, range),
+checked by `serving.validation` on the raw body. Client mistakes (wrong JSON, types, shapes, non-finite
+or dtype-overflowing numbers, values outside the model's range) answer 422, bodies over the limit 413;
+none reaches the model, none is a 500, and no 200 carries a non-finite number. Past
+`max_ongoing_requests` + `max_queued_requests`, Serve answers 503.
 """
 
 import asyncio
@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import ray
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -26,6 +26,7 @@ from actors.runner import detect_device
 from serving.config import USER_CODE_THREAD_ENV, ModelSource, ServeConfig
 from serving.contract import forward
 from serving.loading import load_model
+from serving.validation import EndpointError, check_model, check_outputs, parse_instances, probe
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # A forward pass expected to take less than this runs on the replica's event loop: handing it to a worker
@@ -63,6 +64,21 @@ class PredictResponse(BaseModel):
     model_digest: str
     model_version: str
     served_by: str
+
+
+@api.exception_handler(EndpointError)
+async def _endpoint_error(request: Request, exc: EndpointError) -> JSONResponse:
+    return JSONResponse(exc.body, exc.status)
+
+
+@api.exception_handler(Exception)  # anything unexpected still answers JSON (Starlette logs and re-raises it)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the replica's log"}, 500)
+
+
+# The body is parsed by serving.validation, not FastAPI (whose 422 echoes the input and cannot encode a
+# NaN in it); the OpenAPI document still shows the request schema.
+_PREDICT_BODY = {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}
 
 
 class BodyLimit:
@@ -142,6 +158,8 @@ class ModelServer:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.device, self.device_reason = serving_device(self.gpu_ids, compressed=self.spec.compression is not None)
         self.model.to(self.device)
+        # a model non-finite on a row inside its own range is broken for every request: refuse it at load
+        check_model(forward(self.model, self.spec, probe(self.spec.input), self.device), self.spec.input)
         api.state.max_body_bytes = config.max_body_bytes
         self.canary = serve.get_deployment_handle("ModelServer", app_name=canary_app) if canary_app else None
         self.canary_app = canary_app
@@ -214,23 +232,18 @@ class ModelServer:
         finally:
             self.queued -= 1
 
-    @api.post("/predict", response_model=PredictResponse)
-    async def predict(self, request: PredictRequest) -> PredictResponse:
+    @api.post("/predict", response_model=PredictResponse, openapi_extra={"requestBody": _PREDICT_BODY})
+    async def predict(self, request: Request) -> PredictResponse:
         t0 = time.perf_counter()
-        widths = {len(row) for row in request.instances}
-        if widths != {self.n_features}:
-            raise HTTPException(
-                status_code=422,
-                detail=f"each instance must have exactly {self.n_features} features; got lengths {sorted(widths)}",
-            )
-        if len(request.instances) > self.config.max_rows:
-            raise HTTPException(status_code=413, detail=f"at most {self.config.max_rows} instances per request")
-        rows = np.asarray(request.instances, dtype=np.float64)
-        if problem := self.spec.input.check(rows):  # the model's own schema: dtype and declared range
-            raise HTTPException(status_code=422, detail=problem)
-        rows = rows.astype(self.spec.input.dtype)
+        body, content_type = await request.body(), request.headers.get("content-type")
+        rows = parse_instances(body, content_type, self.spec.input, max_rows=self.config.max_rows)
         to_canary = self.canary is not None and random.random() < self.config.canary_share  # noqa: S311
-        answer = await (self.canary.answer.remote(rows) if to_canary else self.answer(rows))
+        try:
+            answer = await (self.canary.answer.remote(rows) if to_canary else self.answer(rows))
+        except Exception as exc:  # the canary's refusal arrives wrapped in Ray's task error: answer it as ours
+            if isinstance(cause := getattr(exc, "cause", None), EndpointError):
+                raise cause from None
+            raise
         self.stats.requests += 1
         self.stats.latencies_ms.append((time.perf_counter() - t0) * 1000)
         self.request_counter.inc(tags={"served_by": "canary" if to_canary else "stable"})
@@ -239,6 +252,7 @@ class ModelServer:
     async def answer(self, rows: np.ndarray) -> dict[str, Any]:
         """The response body for rows, from this replica's model; also what a stable replica asks its canary."""
         out = await self.infer(rows)
+        check_outputs(out, self.spec.input)  # never a 200 with null or non-finite numbers
         classifier = self.spec.task == "classifier"
         return {
             "predictions": self.spec.labels(out) if classifier else np.round(out, 6).tolist(),

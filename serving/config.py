@@ -51,11 +51,17 @@ class ServeConfig:
     # replica, not the router: 2 routing tasks per replica poll a full replica with exponential backoff (Serve's
     # default 25 ms doubling up to 0.5 s) and hand out the oldest request first without resetting their own
     # backoff, so a deep router queue reaches the replica about one request per sleep. With 128 queued, a replica
-    # serving ~250 req/s got 4 req/s under overload and accepted requests waited 10 s or more. A short router
-    # queue (it absorbs requests Serve still counts for a moment after their answer left) and a capped backoff
-    # refill a freed slot within ~20 ms, far sooner than a full replica drains.
+    # serving ~250 req/s got 4 req/s under overload and accepted requests waited 10 s or more. A capped backoff
+    # refills a freed slot within ~20 ms, far sooner than a full replica drains.
+    # The queue limit must still be at least the replicas' capacity: Serve 2.60 counts a request as queued from
+    # the moment its router (in the HTTP proxy) receives it until a routing task has handed it to a replica,
+    # whether or not any replica is full (router.py: wrap_queued_request around _choose_replica_for_request; a
+    # direct-ingress replica counts from admission to its slot). Clients whose answers leave one batch together
+    # come back together, so all of them sit in that window at once: with a fixed 8, 16 closed-loop clients
+    # against a replica with 64 slots got 503s (1-6 in 5 s here, 31 with 32 clients). None sizes the limit to
+    # max_ongoing_requests x max_replicas, so concurrency up to the deployment's capacity is never refused.
     max_ongoing_requests: int = 64
-    max_queued_requests: int = 8
+    max_queued_requests: int | None = None
     router_initial_backoff_s: float = 0.005
     router_max_backoff_s: float = 0.02
     # dynamic batching (max_batch_size=1 turns it off). With no wait a batch is whatever queued while the
@@ -96,7 +102,10 @@ class ServeConfig:
             # Serve averages the pushed counts over this window: it needs more than one push in it
             "look_back_period_s": (self.look_back_period_s > self.metrics_interval_s, "> metrics_interval_s"),
             "max_ongoing_requests": (self.max_ongoing_requests >= 1, ">= 1"),
-            "max_queued_requests": (self.max_queued_requests >= -1, ">= 0, or -1 for no limit"),
+            "max_queued_requests": (
+                self.max_queued_requests is None or self.max_queued_requests == -1 or self.max_queued_requests >= 1,
+                ">= 1, -1 for no limit, or None for max_ongoing_requests x max_replicas",
+            ),
             "router_initial_backoff_s": (
                 0 < self.router_initial_backoff_s <= self.router_max_backoff_s,
                 "0 < router_initial_backoff_s <= router_max_backoff_s",
@@ -122,10 +131,26 @@ class ServeConfig:
                 self.max_batch_size,
                 self.max_ongoing_requests,
             )
+        if 0 < self.queue_limit < self.max_ongoing_requests * self.max_replicas:
+            log.warning(
+                "max_queued_requests=%d is below the replicas' capacity (%d): Serve counts every request its router "
+                "has not yet handed to a replica, so more than %d clients arriving together can get 503 while slots "
+                "are free; leave max_queued_requests unset to size it from the capacity",
+                self.queue_limit,
+                self.max_ongoing_requests * self.max_replicas,
+                self.queue_limit,
+            )
         try:
             self.resources()
         except ResourceSpecError as exc:
             raise ServingError(f"replica resources: {exc}") from None
+
+    @property
+    def queue_limit(self) -> int:
+        """Serve's max_queued_requests: as set, else the capacity of the most replicas this config runs."""
+        if self.max_queued_requests is not None:
+            return self.max_queued_requests
+        return self.max_ongoing_requests * self.max_replicas
 
     @property
     def route_prefix(self) -> str:
@@ -150,7 +175,7 @@ class ServeConfig:
         opts: dict[str, Any] = {
             "ray_actor_options": actor,
             "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
+            "max_queued_requests": self.queue_limit,
             "request_router_config": {
                 "initial_backoff_s": self.router_initial_backoff_s,
                 "backoff_multiplier": 2,

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from serving.validation import InvalidInput, check_values
 from storage import Tensors
 
 FORMAT = "tierflow.torch/1"
@@ -75,19 +76,17 @@ class InputSpec:
         return cls(int(data["width"]), data.get("dtype", "float32"), data.get("min"), data.get("max"))
 
     def check(self, rows: np.ndarray) -> str | None:
-        """Why `rows` do not fit this spec (a message that says the fix), or None when they do."""
+        """Why `rows` do not fit this spec (a message that says the fix), or None when they do.
+
+        The same rules the endpoint applies to a request (`serving.validation`), so an example row a
+        model was registered with is one its endpoint accepts.
+        """
         if rows.ndim != 2 or rows.shape[1] != self.width:
             return f"each instance must have exactly {self.width} features; got shape {list(rows.shape)}"
-        if not np.isfinite(rows).all():
-            return "feature values must be finite numbers"
-        if self.dtype == "float32" and (np.abs(rows) > np.finfo(np.float32).max).any():
-            return f"feature values must fit in float32 (|x| <= {np.finfo(np.float32).max:.4g})"
-        if self.dtype == "int64" and (rows != np.round(rows)).any():
-            return "this model takes integer features; send whole numbers"
-        if self.min is not None and (rows < self.min).any():
-            return f"feature values must be >= {self.min} (the model's declared input range)"
-        if self.max is not None and (rows > self.max).any():
-            return f"feature values must be <= {self.max} (the model's declared input range)"
+        try:
+            check_values(np.asarray(rows, dtype=np.float64), self)
+        except InvalidInput as exc:
+            return exc.message
         return None
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.console import Console
 
-from serving.config import ServeConfig
+from serving.config import ServeConfig, ServingError
 
 # ServeConfig fields that are also flags (--num-gpus 0.5 ...), with the type argparse parses them as
 _SETTINGS: dict[str, type] = {
@@ -52,7 +53,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("model_uri")
     build.add_argument("-o", "--output", type=Path, default=Path("serve_config.yaml"))
     for p in ops.choices.values():
-        p.add_argument("--app", default="digits", help="application name (route /APP)")
+        p.add_argument(
+            "--app",
+            help="application name (route /APP); default: deploy/build name it after the model "
+            "(models:/breast-cancer/1 -> breast-cancer), the other commands use the one app the store knows",
+        )
         p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless you mean it)")
         p.add_argument("--port", type=int, default=8000)
         p.add_argument("--address", help="Ray cluster (default: $RAY_ADDRESS)")
@@ -67,10 +72,41 @@ def _config(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(app_name=args.app, host=args.host, port=args.port, **extra)
 
 
+def app_for_model(model_uri: str) -> str:
+    """The application a registered model is served as by default: its name, as a route segment."""
+    name = model_uri.removeprefix("models:/").split("/")[0].split("@")[0]
+    app = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:48].rstrip("-")
+    if not app or not app[0].isalpha():
+        raise ServingError(f"cannot name an application after {model_uri!r}; pass --app NAME")
+    return app
+
+
+def _default_app(args: argparse.Namespace) -> str:
+    """deploy/build: the app already serving this model (a new version replaces it), else one named after
+    it; the other commands: the one app the store knows."""
+    from serving.rollout import STATE  # noqa: PLC0415
+    from storage import ArtifactStore, StoreConfig  # noqa: PLC0415
+
+    store = ArtifactStore(StoreConfig.resolve(args.store))
+    apps = sorted({parts[1] for parts in store.list_documents(STATE, "state")})
+    if args.serve_command in ("deploy", "build"):
+        name = args.model_uri.removeprefix("models:/").split("/")[0].split("@")[0]
+        serving = [
+            a for a in apps if ((store.get_document((STATE, a, "state")).get("stable") or {}).get("model_name")) == name
+        ]
+        return serving[0] if len(serving) == 1 else app_for_model(args.model_uri)
+    if len(apps) != 1:
+        known = f"the store knows {', '.join(apps)}" if apps else "nothing was deployed from this store"
+        raise ServingError(f"which application? {known}; pass --app NAME")
+    return apps[0]
+
+
 def run(args: argparse.Namespace, console: Console) -> int:
     from storage import StoreConfig  # noqa: PLC0415
     from workflows.lineage import default_tracking_uri  # noqa: PLC0415
 
+    if args.app is None:
+        args.app = _default_app(args)
     config = _config(args)
     tracking_uri = args.tracking_uri or default_tracking_uri()
     if args.serve_command == "build":

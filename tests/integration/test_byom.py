@@ -137,7 +137,7 @@ def test_breast_cancer_served_by_the_library_stage_and_rolled_out(env):
     ("rows", "needle"),
     [
         ([[1.0] * 64], "exactly 30 features"),  # the digits width is not this model's
-        ([[-1.0] * 30], ">= 0.0"),  # below the declared range
+        ([[-1.0] * 30], "below the model's input range"),  # below the declared range [0, inf]
         ([[1e39] * 30], "float32"),  # finite JSON, but not a float32
     ],
 )

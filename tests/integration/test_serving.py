@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import math
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from serving.loading import registry_source
 from serving.rollout import Rollout, replica_options, wait_running
 from storage import StoreConfig
 from tests.conftest import free_port, start_local_ray
+from tests.fixtures.hostile_bodies import REPORTED_LITERALS, expected_statuses, hostile_cases, reported_body
 from workflows import StageFailedError, Workflow
 from workflows.builtin.digits import _raw_test_rows, evaluate, preprocess, train
 from workflows.engine import run_workflow
@@ -159,6 +161,89 @@ def test_a_chunked_oversized_body_is_refused(env):
     r = httpx.post(url, content=chunks(), headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413
     assert predict(env).status_code == 200
+
+
+@pytest.mark.parametrize("literal", REPORTED_LITERALS)
+def test_the_reported_non_finite_and_overflow_bodies_answer_422(env, literal):
+    # issue 16: NaN / Infinity / 1e999 answered 500 (FastAPI's 422 echoed them and could not encode them),
+    # 1e300 answered 200 with null probabilities (finite, but over float32)
+    url = f"http://127.0.0.1:{env['port']}/digits/predict"
+    r = httpx.post(url, content=reported_body(literal), headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 422, r.text
+    assert "send f" in r.json()["detail"]  # "send finite ..." / "send float32 values ..."
+
+
+def _finite_probabilities(body: dict) -> bool:
+    return all(isinstance(p, float) and math.isfinite(p) for row in body["probabilities"] for p in row)
+
+
+async def _fuzz(url: str, seed: int, count: int, clients: int) -> list[tuple[str, int, bytes, bytes]]:
+    """(category, status, request body, response body) of `count` seeded hostile cases, `clients` at a time."""
+    gate = asyncio.Semaphore(clients)
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=clients)) as client:
+
+        async def one(category: str, body: bytes, content_type: str | None) -> tuple[str, int, bytes, bytes]:
+            headers = {} if content_type is None else {"content-type": content_type}
+            async with gate:
+                r = await client.post(url, content=body, headers=headers)
+            return category, r.status_code, body, r.content
+
+        return await asyncio.gather(*(one(*case) for case in hostile_cases(seed, count)))
+
+
+def test_fuzzed_bodies_never_reach_5xx_and_the_replica_stays_healthy(env):
+    # Non-finite literals, overflow, deep nesting, huge rows/columns, wrong types, odd or missing content
+    # types, empty bodies, invalid UTF-8, truncated and mutated JSON (tests/fixtures/hostile_bodies.py)
+    t0 = time.perf_counter()
+    results = asyncio.run(_fuzz(f"http://127.0.0.1:{env['port']}/digits/predict", seed=16, count=2000, clients=16))
+    took = time.perf_counter() - t0
+    statuses = Counter(status for _, status, _, _ in results)
+    assert not {s for s in statuses if s >= 500 and s != 503}, statuses
+    unexpected = [(c, s, b[:80]) for c, s, b, _ in results if s != 503 and s not in expected_statuses(c)]
+    assert not unexpected, unexpected[:5]
+    for category, status, body, answer in results:
+        doc = json.loads(answer)  # every answer is JSON, errors included
+        if status == 200:
+            assert _finite_probabilities(doc), (category, body[:80], answer[:200])
+        else:
+            assert isinstance(doc["detail"], str) and doc["detail"], (category, status, answer[:200])
+    assert statuses[200] >= 100 and statuses[422] >= 1000 and statuses[413] >= 10, statuses
+    print(f"fuzz: {len(results)} requests in {took:.1f} s, {dict(statuses)}")
+    base = f"http://127.0.0.1:{env['port']}/digits"
+    assert httpx.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
+    r = predict(env)
+    assert r.status_code == 200 and _finite_probabilities(r.json())
+
+
+async def _closed_loops(url: str, rows: list, clients: int, seconds: float) -> Counter:
+    """`clients` closed loops posting `rows` for `seconds`, all sharing one connection pool: status counts."""
+    codes: Counter = Counter()
+    end = time.monotonic() + seconds
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=None)) as client:
+
+        async def loop() -> None:
+            while time.monotonic() < end:
+                codes[(await client.post(url, json={"instances": rows})).status_code] += 1
+
+        async def waves() -> None:  # all of them at once, as clients answered by one batch come back
+            while time.monotonic() < end:
+                rs = await asyncio.gather(*(client.post(url, json={"instances": rows}) for _ in range(clients)))
+                codes.update(r.status_code for r in rs)
+
+        await asyncio.gather(*(loop() for _ in range(clients)))
+        end = time.monotonic() + seconds
+        await waves()
+    return codes
+
+
+def test_16_concurrent_clients_far_below_capacity_get_no_503(env):
+    # issue 16: 16 clients against a default deployment (64 slots) got 503s, because Serve counts a request
+    # as queued until the router has handed it to a replica and the queue limit was a fixed 8 (ServeConfig)
+    assert cfg(env).queue_limit >= 16
+    codes = asyncio.run(_closed_loops(f"http://127.0.0.1:{env['port']}/digits/predict", env["x"][:1].tolist(), 16, 2))
+    assert codes[503] == 0 and set(codes) == {200}, codes
+    assert codes[200] >= 100, codes
+    print(f"16 clients, 2 s closed loops + 2 s waves: {dict(codes)}")
 
 
 def test_a_version_that_failed_its_gate_is_refused_and_the_old_keeps_serving(env):
@@ -374,6 +459,7 @@ def serve_cli_start(env, *args: str) -> subprocess.Popen:
         "workflows",
         "serve",
         *args,
+        *(() if "--app" in args else ("--app", "digits")),  # the app these tests deploy the digits model as
         "--address",
         address,
         "--port",

@@ -22,7 +22,7 @@ def test_fixed_replicas_or_autoscaling():
         "look_back_period_s": 30.0,
     }
     assert "num_replicas" not in opts
-    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (64, 8)
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (64, 4 * 64)  # sized from the capacity
 
 
 def test_autoscaling_can_react_in_seconds_and_serve_accepts_the_config():
@@ -44,6 +44,17 @@ def test_replicas_run_user_code_on_the_main_loop_unless_asked_not_to():
     assert opts["ray_actor_options"]["num_cpus"] == 1
     serve_default = ServeConfig(separate_user_code_thread=True).deployment_options({"num_cpus": 1})
     assert serve_default["ray_actor_options"] == {"num_cpus": 1}
+
+
+def test_the_router_queue_is_never_shorter_than_the_capacity_unless_set(caplog):
+    # Serve counts a request as queued until its router has handed it to a replica, full or not: a limit
+    # below the capacity refuses clients that arrive together while slots are free (issue 16: 503s at 16)
+    assert ServeConfig().deployment_options({})["max_queued_requests"] == 64
+    three = ServeConfig(max_ongoing_requests=8, max_batch_size=8, max_replicas=3)
+    assert three.deployment_options({})["max_queued_requests"] == 24
+    assert ServeConfig(max_queued_requests=-1).queue_limit == -1 and "capacity" not in caplog.text
+    assert ServeConfig(max_queued_requests=8).deployment_options({})["max_queued_requests"] == 8
+    assert "below the replicas' capacity (64)" in caplog.text and "leave max_queued_requests unset" in caplog.text
 
 
 def test_the_router_queue_is_short_and_polls_a_full_replica_often():
@@ -82,6 +93,7 @@ def test_replicas_are_placed_like_stages():
         ({"min_replicas": 3, "max_replicas": 2}, "min_replicas"),
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"max_queued_requests": -2}, "max_queued_requests"),
+        ({"max_queued_requests": 0}, r"max_queued_requests=0 \(must be >= 1, -1 for no limit"),  # Serve refuses 0
         ({"router_max_backoff_s": 0.001}, "router_initial_backoff_s"),
         ({"router_max_backoff_s": 0}, "router_max_backoff_s"),
         ({"canary_share": 1.0}, "canary_share"),
