@@ -8,6 +8,8 @@ from typing import Any
 
 from storage import ArtifactRef, StoreConfig
 
+PROGRESS_INTERVAL_S = 1.0
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -42,9 +44,19 @@ class StageContext:
     metrics: list[Metric] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
     sources: list[SourceInput] = field(default_factory=list)
+    # Latest value per metric, published for the driver's live progress at most once per interval.
+    _latest: dict[str, float] = field(default_factory=dict, repr=False)
+    _published_at: float = field(default=0.0, repr=False)
 
     def log_metric(self, key: str, value: float, step: int = 0) -> None:
         self.metrics.append(Metric(key, float(value), int(step), int(time.time() * 1000)))
+        self._latest[key] = float(value)
+        now = time.monotonic()
+        if now - self._published_at >= PROGRESS_INTERVAL_S:
+            self._published_at = now
+            from actors.ray_api import publish_progress  # noqa: PLC0415  # keeps this module Ray-free to import
+
+            publish_progress(self.run_id, self.stage, {"step": int(step), "metrics": dict(self._latest)})
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         for key, value in metrics.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -40,3 +41,38 @@ def cluster_nodes() -> list[NodeInfo]:
         for n in ray.nodes()
         if n.get("Alive")
     ]
+
+
+# -- live stage progress: the latest `ctx.log_metric` values, published to Ray's KV store -------------
+_PROGRESS_NS = "tierflow-progress"
+
+
+def _progress_key(run_id: str, stage: str) -> str:
+    return f"{run_id}/{stage}"
+
+
+def publish_progress(run_id: str, stage: str, payload: dict[str, Any]) -> None:
+    """Best effort: progress is a display aid, so a failed write is logged at debug and ignored."""
+    if not ray.is_initialized():
+        return
+    from ray.experimental import internal_kv  # noqa: PLC0415
+
+    try:
+        internal_kv._internal_kv_put(
+            _progress_key(run_id, stage), json.dumps(payload), overwrite=True, namespace=_PROGRESS_NS
+        )
+    except Exception as exc:
+        log.debug("progress for %s/%s not published: %s", run_id, stage, exc)
+
+
+def read_progress(run_id: str, stage: str) -> dict[str, Any] | None:
+    if not ray.is_initialized():
+        return None
+    from ray.experimental import internal_kv  # noqa: PLC0415
+
+    try:
+        raw = internal_kv._internal_kv_get(_progress_key(run_id, stage), namespace=_PROGRESS_NS)
+    except Exception as exc:
+        log.debug("progress for %s/%s not read: %s", run_id, stage, exc)
+        return None
+    return json.loads(raw) if raw else None

@@ -319,7 +319,7 @@ def bind(
 def build_app(args: dict[str, Any]) -> Any:
     """Serve application builder: `import_path: serving.app:build_app` in a Serve config (`serve run`)."""
     from serving.loading import registry_source  # noqa: PLC0415
-    from serving.rollout import replica_options  # noqa: PLC0415
+    from serving.placement import replica_options  # noqa: PLC0415
 
     args = dict(args)
     source = registry_source(args.pop("model_uri"), args.pop("tracking_uri"))

@@ -378,7 +378,8 @@ def forward(module: Any, spec: ModelSpec, rows: np.ndarray, device: str = "cpu")
     import torch  # noqa: PLC0415
 
     with torch.inference_mode():
-        x = torch.as_tensor(np.asarray(rows), dtype=torch_dtype(spec.input.dtype), device=device)
+        # Rows from Ray's object store are read-only; torch warns on (and cannot safely wrap) those.
+        x = torch.as_tensor(np.require(rows, requirements="W"), dtype=torch_dtype(spec.input.dtype), device=device)
         out = module(x)
         if not isinstance(out, torch.Tensor):
             raise ModelContractError(f"the module returned a {type(out).__name__}; forward must return one tensor")

@@ -53,5 +53,5 @@ def from_tensors(bundle: Tensors) -> tuple[nn.Module, dict[str, Any]]:
 
 @torch.inference_mode()
 def predict_proba(model: nn.Module, rows: np.ndarray, device: str = "cpu") -> np.ndarray:
-    x = torch.as_tensor(rows, dtype=torch.float32, device=device)
+    x = torch.as_tensor(np.require(rows, requirements="W"), dtype=torch.float32, device=device)  # may be read-only
     return torch.softmax(model(x), dim=1).cpu().numpy()

@@ -18,9 +18,8 @@ import ray
 from ray import serve
 from ray.serve.schema import ApplicationStatus
 
-from actors.placement import NodeInfo, decide, ray_options
-from actors.ray_api import cluster_nodes
 from serving.config import ModelSource, RolloutRefused, ServeConfig, ServingError
+from serving.placement import replica_options
 from storage import ArtifactNotFoundError, ArtifactRef, ArtifactStore, StoreConfig
 
 STATE = "serving"
@@ -40,15 +39,6 @@ def _candidate(app: str) -> str:
 
 def _canary(app: str) -> str:
     return f"{app}-canary"
-
-
-def replica_options(config: ServeConfig, nodes: list[NodeInfo] | None = None) -> dict[str, Any]:
-    """Replicas are placed like stages: as declared if a node fits, else the CPU fallback, else refused."""
-    decision = decide(f"{config.app_name} replica", config.resources(), cluster_nodes() if nodes is None else nodes)
-    if not decision.feasible:
-        raise RolloutRefused(decision.reason)
-    opts = ray_options(decision.effective)  # type: ignore[arg-type]
-    return {k: v for k, v in opts.items() if v or k == "num_cpus"}
 
 
 class Rollout:

@@ -34,18 +34,14 @@ import hmac
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.errors import StorageError
 from storage.secrets import SecretFileError, read_secret_file
-
-if TYPE_CHECKING:
-    from actors.context import StageContext
-    from workflows.model import Stage
 
 KEY_ENV = "TIERFLOW_PSEUDONYM_KEY"
 KEY_FILE_ENV = "TIERFLOW_PSEUDONYM_KEY_FILE"
@@ -247,7 +243,7 @@ def _pseudonymise_column(col: pa.ChunkedArray, key: bytes, prefix: str, length: 
     return pc.take(tok.tokens(uniques), indices)
 
 
-def _check_columns(columns: Sequence[str]) -> tuple[str, ...]:
+def check_columns(columns: Sequence[str]) -> tuple[str, ...]:
     if isinstance(columns, str | bytes):
         raise PrivacyError(f"columns must be a list of column names, not one string: use [{columns!r}]")
     names = tuple(dict.fromkeys(columns))  # dedupe, keep order
@@ -259,7 +255,7 @@ def _check_columns(columns: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _check_options(prefix: str, output_length: int) -> None:
+def check_options(prefix: str, output_length: int) -> None:
     if not isinstance(prefix, str):
         raise PrivacyError(f"prefix must be a str, got {type(prefix).__name__}")
     if isinstance(output_length, bool) or not isinstance(output_length, int) or not 16 <= output_length <= 64:
@@ -282,8 +278,8 @@ def pseudonymise(
     gains `tierflow.pseudonymised` (JSON list of names), `tierflow.pseudonym_key_id` and
     `tierflow.pseudonym_scheme`.
     """
-    names = _check_columns(columns)
-    _check_options(prefix, output_length)
+    names = check_columns(columns)
+    check_options(prefix, output_length)
     if not isinstance(key, bytes | bytearray) or len(key) < MIN_KEY_BYTES:
         raise PrivacyError(f"key must be at least {MIN_KEY_BYTES} bytes; load it with load_key()")
     key = bytes(key)
@@ -310,109 +306,3 @@ def pseudonymise(
     meta[META_KEY_ID.encode()] = kid.encode()
     meta[META_SCHEME.encode()] = SCHEME.encode()
     return table.replace_schema_metadata(meta)
-
-
-# -- stages ---------------------------------------------------------------------------------------
-#
-# Caching: both stages are `cache=False`. tierflow computes a cache key on the driver from code,
-# version, parameters and input digests, before the stage runs; the key is loaded only on the worker
-# (and never captured in the pickled stage function), so a cache key cannot reflect it. A cached
-# entry would then survive a key rotation (old tokens mixed with new ones downstream), and for
-# `pseudonymise_source` a change in the raw data the loader reads. Always running costs one HMAC per
-# distinct value; downstream stages still cache, on this stage's output digest, which changes exactly
-# when the tokens (key, data or options) change. `version=` still records the configuration.
-
-
-def _record(ctx: StageContext | None, names: tuple[str, ...], key: bytes) -> None:
-    if ctx is not None:  # MLflow tags on the stage run: which key (by id) and which columns
-        ctx.set_tag(META_KEY_ID, key_id(key))
-        ctx.set_tag(META_COLUMNS, json.dumps(list(names)))
-
-
-def _version(kind: str, names: tuple[str, ...], prefix: str, output_length: int, **extra: str) -> str:
-    config = {"columns": list(names), "prefix": prefix, "output_length": output_length, "scheme": SCHEME, **extra}
-    return f"{kind}:{json.dumps(config, sort_keys=True)}"
-
-
-def pseudonymise_stage(
-    columns: Sequence[str],
-    *,
-    name: str = "pseudonymise",
-    input_name: str = "raw",
-    cpus: float = 1.0,
-    prefix: str = "",
-    output_length: int = 32,
-    key_env: str = KEY_ENV,
-    key_file_env: str = KEY_FILE_ENV,
-) -> Stage:
-    """A stage that pseudonymises the table produced by stage `input_name`.
-
-    The upstream raw table is itself a stage output, so it is in the store already: prefer
-    `pseudonymise_source`, which never lets the raw table become an output.
-    """
-    from workflows.model import stage  # noqa: PLC0415  # workflows imports storage
-
-    names = _check_columns(columns)
-    _check_options(prefix, output_length)  # fail when the workflow is built, not on a worker
-
-    def pseudonymise_table(table: pa.Table, ctx: StageContext | None = None) -> pa.Table:
-        key = load_key(key_env, key_file_env)  # on the worker, so the key never travels with the stage
-        _record(ctx, names, key)
-        return pseudonymise(table, names, key, prefix=prefix, output_length=output_length)
-
-    return stage(
-        pseudonymise_table,
-        name=name,
-        cpus=cpus,
-        inputs={"table": input_name},
-        cache=False,
-        version=_version("pseudonymise", names, prefix, output_length),
-    )
-
-
-def pseudonymise_source(
-    loader: Callable[[], pa.Table],
-    columns: Sequence[str],
-    *,
-    name: str = "pseudonymise",
-    cpus: float = 1.0,
-    prefix: str = "",
-    output_length: int = 32,
-    key_env: str = KEY_ENV,
-    key_file_env: str = KEY_FILE_ENV,
-) -> Stage:
-    """A source stage that calls `loader()` and returns only the pseudonymised table (recommended).
-
-    The raw table exists only in this stage's worker memory: it is never a stage output, so it never
-    reaches the artifact store, Ray's object store or a cache entry. A loader exception is reported by
-    type only, because error messages are stored (run journal, MLflow) and parsers quote raw rows.
-    """
-    from workflows.model import stage  # noqa: PLC0415  # workflows imports storage
-
-    if not callable(loader):
-        raise PrivacyError(f"loader must be a callable returning a pyarrow.Table, got {type(loader).__name__}")
-    names = _check_columns(columns)
-    _check_options(prefix, output_length)
-    loader_name = f"{getattr(loader, '__module__', '?')}.{getattr(loader, '__qualname__', type(loader).__name__)}"
-
-    def pseudonymise_loaded(ctx: StageContext | None = None) -> pa.Table:
-        key = load_key(key_env, key_file_env)
-        try:
-            raw = loader()
-        except Exception as exc:
-            raise PrivacyError(
-                f"loader {loader_name} raised {type(exc).__name__}; its message is withheld because it may "
-                f"quote raw identifiers; call the loader outside tierflow to see it"
-            ) from None
-        if not isinstance(raw, pa.Table):
-            raise PrivacyError(f"loader {loader_name} returned {type(raw).__name__}, not a pyarrow.Table")
-        _record(ctx, names, key)
-        return pseudonymise(raw, names, key, prefix=prefix, output_length=output_length)
-
-    return stage(
-        pseudonymise_loaded,
-        name=name,
-        cpus=cpus,
-        cache=False,
-        version=_version("pseudonymise_source", names, prefix, output_length, loader=loader_name),
-    )

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-gpus", type=float, help="GPUs of a locally started Ray (default: detected)")
     run.add_argument("--json", action="store_true", help="print the run summary as JSON")
     run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="stream Ray, Serve and MLflow logs to the terminal too (they always go to the run's log file)",
+    )
+    run.add_argument(
         "--placement-timeout-s",
         type=float,
         default=60.0,
@@ -107,9 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("list", help="list built-in workflows")
+    init = sub.add_parser("init", help="write a starter workflow NAME.py, its test and a tierflow.toml")
+    init.add_argument("name", help="the workflow's module name, e.g. churn_model")
+    init.add_argument("--dir", type=Path, default=Path("."), help="where to write the files (default: here)")
+    doctor = sub.add_parser("doctor", help="check what a first run needs and say how to fix what is not right")
+    doctor.add_argument("--address", help="Ray cluster to check (default: $RAY_ADDRESS, else none: a local Ray)")
+    doctor.add_argument("--store", help="tier URLs (default: $TIERFLOW_STORE, else ./tierflow.toml, else defaults)")
+    doctor.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     runs = sub.add_parser("runs", help="list runs recorded in the store")
     show = sub.add_parser("show", help="show one run's stages: state, attempts, cache, node, device, duration")
     show.add_argument("run_id")
+    show.add_argument("--logs", action="store_true", help="print the run's log file (Ray, Serve, MLflow output)")
     store_cli.add_parser(sub)
     serve_cli.add_parser(sub)
     plan_cli.add_parsers(sub, common)
@@ -126,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{name}\t{target}")
         return EXIT_OK
     try:
+        if args.command == "init":
+            from workflows.starter import init  # noqa: PLC0415
+
+            for path in init(args.name, args.dir):
+                console.print(f"wrote {path}", markup=False)
+            console.print(f"run it: tierflow run {args.dir / args.name}.py:workflow", markup=False, soft_wrap=True)
+            return EXIT_OK
+        if args.command == "doctor":
+            return _doctor(args)
         if args.command == "store":
             return store_cli.run(args, console)
         if args.command == "serve":
@@ -134,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             from workflows.runs import show_run, show_runs  # noqa: PLC0415
 
             store = StoreConfig.resolve(args.store)
-            return show_runs(store, console) if args.command == "runs" else show_run(store, args.run_id, console)
+            if args.command == "runs":
+                return show_runs(store, console)
+            return show_run(store, args.run_id, console, logs=args.logs)
         wf = load_workflow(args.workflow)
         params = dict(args.param)
         if not getattr(args, "resume", None):
@@ -168,6 +193,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from workflows.doctor import run_checks  # noqa: PLC0415
+
+    checks = run_checks(args.address, args.store, args.tracking_uri)
+    for c in checks:
+        mark = "[green]ok[/]  " if c.ok else "[bold red]FAIL[/]"
+        console.print(f"{mark} {c.name}: ", end="")
+        console.print(c.detail, markup=False, soft_wrap=True)
+        if not c.ok and c.fix:
+            console.print(f"      fix: {c.fix}", markup=False, soft_wrap=True)
+    failed = [c.name for c in checks if not c.ok]
+    console.print(
+        f"{len(checks) - len(failed)}/{len(checks)} checks passed"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def _validate(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
     from actors.placement import nodes_from_cluster_yaml  # noqa: PLC0415
     from workflows.engine import plan  # noqa: PLC0415
@@ -189,17 +232,44 @@ def _validate(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) ->
 
 
 def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
+    from storage import ArtifactStore  # noqa: PLC0415
+    from workflows.engine import new_run_id  # noqa: PLC0415
+    from workflows.runlog import RunLog, local_log_path  # noqa: PLC0415
+
+    store = StoreConfig.resolve(args.store)
+    if not args.resume:
+        _hint_unfinished(wf, store)
+    run_id = args.resume or args.run_id or new_run_id()
+    if args.run_id and not args.resume:
+        from workflows.journal import Journals  # noqa: PLC0415
+
+        if Journals(ArtifactStore(store)).exists(run_id):  # checked here too so its log is not overwritten
+            raise ValidationError(f"run id {run_id!r} is taken; continue it with --resume {run_id} or pick another")
+    runlog = RunLog(local_log_path(run_id), stream=args.verbose)
+    try:
+        with runlog as terminal:
+            console.file = terminal  # tierflow's lines go to the terminal; everything else to the log file
+            return _run_logged(wf, params, args, store, run_id, runlog)
+    finally:
+        console.file = sys.stdout
+        kept = runlog.keep(ArtifactStore(store), run_id)
+        if not args.json:
+            console.print(
+                f"log: {runlog.path}  (kept at {kept}; tierflow show {run_id} --logs)", markup=False, soft_wrap=True
+            )
+
+
+def _run_logged(
+    wf: Workflow, params: dict[str, Any], args: argparse.Namespace, store: StoreConfig, run_id: str, runlog: Any
+) -> int:
     import ray  # noqa: PLC0415
 
-    from actors.ray_api import connect  # noqa: PLC0415
+    from actors.ray_api import connect, read_progress  # noqa: PLC0415
     from workflows.engine import run_workflow  # noqa: PLC0415
     from workflows.lineage import MLflowHook  # noqa: PLC0415
     from workflows.profile import EnergyHook  # noqa: PLC0415
 
-    store = StoreConfig.resolve(args.store)
     init_kwargs = {k: v for k, v in (("num_cpus", args.num_cpus), ("num_gpus", args.num_gpus)) if v is not None}
-    if not args.resume:
-        _hint_unfinished(wf, store)
     started_ray = connect(args.address, **init_kwargs)
     mlflow_hook = MLflowHook(args.tracking_uri)
     run: RunInfo | None = None
@@ -207,9 +277,10 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
         run = run_workflow(
             wf,
             params=params,
-            run_id=args.run_id,
+            run_id=None if args.resume else run_id,
             store_config=store,
-            hooks=[ProgressHook(console), mlflow_hook, EnergyHook(mlflow_hook)],  # energy after: it needs MLflow's runs
+            # EnergyHook after MLflowHook: it logs co2/cost on the runs that one made
+            hooks=[ProgressHook(console, progress=read_progress), mlflow_hook, EnergyHook(mlflow_hook)],
             use_cache=not args.no_cache,
             streaming=not args.no_streaming,
             rerun=args.rerun,
@@ -220,7 +291,8 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
         )
         answers = _smoke_requests(run)
         if args.json:
-            print(json.dumps(_summary(run, mlflow_hook, answers), indent=1, default=str))
+            summary = _summary(run, mlflow_hook, answers) | {"log": str(runlog.path)}
+            print(json.dumps(summary, indent=1, default=str), file=console.file)
         else:
             _print_summary(run, mlflow_hook, answers)
         if args.serve and answers:
@@ -297,6 +369,8 @@ def _undeploy(run: RunInfo) -> None:
 
 
 def _summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> dict[str, Any]:
+    from workflows.summary import mlflow_ui_url  # noqa: PLC0415
+
     return {
         "run_id": run.run_id,
         "workflow": run.workflow.name,
@@ -307,6 +381,7 @@ def _summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> dict[str
             "tracking_uri": hook.tracking_uri,
             "experiment_id": hook.experiment_id,
             "run_id": hook.parent_run_id,
+            "ui_url": mlflow_ui_url(hook.tracking_uri, hook.experiment_id, hook.parent_run_id),
         },
         "stages": [
             {
@@ -332,15 +407,14 @@ def _summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> dict[str
 def _print_summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> None:
     from rich.table import Table  # noqa: PLC0415
 
+    from workflows.summary import COLUMNS, stage_rows  # noqa: PLC0415
+
     data = _summary(run, hook, answers)
     table = Table(title=f"tierflow run {run.run_id} ({run.workflow.name}) - {run.status} in {run.duration_s:.1f}s")
-    for col in ("stage", "resources", "node", "device", "duration", "energy (method)", "cache"):
+    for col in COLUMNS:
         table.add_column(col)
-    for s in data["stages"]:
-        res = s["requested"] if s["requested"] == s["placed"] else f"{s['requested']} -> {s['placed']}"
-        node = s["node_id"][:8] or "-"
-        energy = f"{s['energy_j']:.1f} J ({s['energy_method']})" if s["energy_method"] else "-"
-        table.add_row(s["stage"], res, node, s["device"] or "-", f"{s['duration_s']:.2f}s", energy, s["cache"])
+    for row in stage_rows(run):
+        table.add_row(*row)
     console.print(table)
     for a in answers:
         console.print(f"endpoint: {a['url']}")
@@ -354,7 +428,8 @@ def _print_summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> No
     ml = data["mlflow"]
     console.print(f"MLflow: {ml['tracking_uri']}  experiment {ml['experiment_id']}  run {ml['run_id']}")
     if ml["tracking_uri"].startswith("sqlite:"):
-        console.print(f"  browse: mlflow ui --backend-store-uri {ml['tracking_uri']}")
+        console.print(f"  browse: mlflow ui --backend-store-uri {ml['tracking_uri']}", soft_wrap=True)
+    console.print(f"  open: {ml['ui_url']}", markup=False, soft_wrap=True)
     console.print(f"artifacts: {data['store']}")
 
 

@@ -21,6 +21,7 @@ from storage import ArtifactRef, ArtifactStore
 from storage.config import RAY_JOB_ENV, default_home
 from workflows.errors import StageFailedError
 from workflows.hooks import CACHED, FAILED, SUCCEEDED, RunInfo, StageRecord
+from workflows.summary import description, markdown
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ ENV_URI = "MLFLOW_TRACKING_URI"
 _PARENT_TAGS = ("tierflow.endpoint", "tierflow.model_name", "tierflow.model_version")
 GATE_TAG = "tierflow.gate"
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch
+# MLflow 3 opens an experiment in the view its kind names; untagged ones open in the GenAI (traces) view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+NOTE = "mlflow.note.content"  # a run's description in the MLflow UI (markdown)
 
 
 def default_tracking_uri() -> str:
@@ -64,11 +68,14 @@ class MLflowHook:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             try:
-                self.experiment_id = self.client.create_experiment(name)
+                self.experiment_id = self.client.create_experiment(name, tags=EXPERIMENT_KIND)
             except mlflow.exceptions.MlflowException:  # created concurrently
                 self.experiment_id = self.client.get_experiment_by_name(name).experiment_id
         else:
             self.experiment_id = exp.experiment_id
+            if not exp.tags.get("mlflow.experimentKind"):  # created before tierflow set a kind
+                for key, value in EXPERIMENT_KIND.items():
+                    self.client.set_experiment_tag(self.experiment_id, key, value)
         parent = self.client.create_run(
             self.experiment_id,
             start_time=_ms(run.started_at),
@@ -108,7 +115,7 @@ class MLflowHook:
         if not self.parent_run_id:
             return
         status = {SUCCEEDED: "FINISHED", "cancelled": "KILLED"}.get(run.status, "FAILED")
-        tags = [RunTag("tierflow.status", run.status)]
+        tags = [RunTag("tierflow.status", run.status), RunTag(NOTE, markdown(run))]
         if error is not None:
             tags.append(RunTag("tierflow.error", str(error)[:4000]))
         self.client.log_batch(
@@ -130,7 +137,7 @@ class MLflowHook:
             self.experiment_id,
             start_time=_ms(started),
             run_name=record.name,
-            tags={"mlflow.parentRunId": self.parent_run_id, **self._stage_tags(record)},
+            tags={"mlflow.parentRunId": self.parent_run_id, **self._stage_tags(record), **_note(stage)},
         )
         run_id = child.info.run_id
         record.annotations["mlflow_run_id"] = run_id
@@ -246,6 +253,11 @@ class MLflowHook:
 
         data = ArtifactStore(run.store_config).get_blob(art.digest)
         return log_and_register(self.client, data, model_name=model_name, digest=art.digest, stage_run_id=stage_run_id)
+
+
+def _note(stage: Any) -> dict[str, str]:
+    text = description(stage)
+    return {NOTE: text} if text else {}
 
 
 def _dataset(name: str, uri: str, digest: str, fmt: str, schema: str, context: str) -> DatasetInput:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -10,22 +13,60 @@ from rich.table import Table
 
 from workflows.hooks import RunInfo, StageRecord
 
+# (run_id, stage) -> {"step": int, "metrics": {...}} or None: what stages published via ctx.log_metric.
+ProgressReader = Callable[[str, str], dict[str, Any] | None]
+PLAIN_PROGRESS_EVERY_S = 10.0  # off a terminal, one progress line per stage per interval
+
 _STYLE = {"succeeded": "green", "cached": "cyan", "failed": "red", "running": "yellow", "retrying": "magenta"}
 
 
 class ProgressHook:
     """Observes the engine (`on_stage_start` is optional for hooks; the driver calls it when present)."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(
+        self,
+        console: Console,
+        progress: ProgressReader | None = None,
+        poll_s: float = 1.0,
+        plain_every_s: float = PLAIN_PROGRESS_EVERY_S,
+    ) -> None:
         self.console = console
         self.live: Live | None = None
         self.started: dict[str, float] = {}
+        self.progress = progress
+        self.poll_s, self.plain_every_s = poll_s, plain_every_s
+        self.latest: dict[str, str] = {}  # stage -> "epoch=3 loss=0.21"
+        self._printed_at: dict[str, float] = {}
+        self._stop = threading.Event()
 
     def on_run_start(self, *, run: RunInfo) -> None:
         self.console.print(f"run {run.run_id}: workflow {run.workflow.name} ({len(run.records)} stages)")
         if self.console.is_terminal:
             self.live = Live(self._table(run), console=self.console, refresh_per_second=4, transient=False)
             self.live.start()
+        if self.progress is not None:
+            threading.Thread(target=self._poll, args=(run,), daemon=True, name="tierflow-progress").start()
+
+    def _poll(self, run: RunInfo) -> None:
+        """Show what running stages report through `ctx.log_metric`: no extra code in the stage."""
+        while not self._stop.wait(self.poll_s):
+            for name, rec in list(run.records.items()):
+                if rec.status == "running" and self.progress is not None:
+                    payload = self.progress(run.run_id, name)
+                    if payload:
+                        self._show_progress(run, name, payload)
+
+    def _show_progress(self, run: RunInfo, name: str, payload: dict[str, Any]) -> None:
+        text = " ".join(f"{k}={v:.4g}" for k, v in payload.get("metrics", {}).items())
+        text = f"step {payload.get('step', 0)}: {text}" if payload.get("step") else text
+        if text == self.latest.get(name):
+            return
+        self.latest[name] = text
+        if self.live:
+            self.live.update(self._table(run))
+        elif time.monotonic() - self._printed_at.get(name, 0.0) >= self.plain_every_s:
+            self._printed_at[name] = time.monotonic()
+            self.console.print(f"  progress  {name} {text}", markup=False)
 
     def on_stage_start(self, *, run: RunInfo, record: StageRecord) -> None:
         self.started[record.name] = time.monotonic()
@@ -50,13 +91,14 @@ class ProgressHook:
         self.console.print(f"  {record.status:<9} {record.name} {detail}", markup=False)
 
     def on_run_end(self, *, run: RunInfo, error: BaseException | None) -> None:
+        self._stop.set()
         if self.live:
             self.live.update(self._table(run))
             self.live.stop()
 
     def _table(self, run: RunInfo) -> Table:
         table = Table(title=f"{run.workflow.name} {run.run_id}", expand=False)
-        for col in ("stage", "status", "attempt", "node", "device", "time"):
+        for col in ("stage", "status", "attempt", "node", "device", "time", "progress"):
             table.add_column(col)
         now = time.monotonic()
         for rec in run.records.values():
@@ -75,5 +117,6 @@ class ProgressHook:
                 res.node_id[:8] if res else "-",
                 res.device if res else "-",
                 took,
+                self.latest.get(rec.name, "") if rec.status == "running" else "",
             )
         return table

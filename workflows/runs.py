@@ -28,8 +28,14 @@ def show_runs(store: StoreConfig, console: Console) -> int:
     return 0
 
 
-def show_run(store: StoreConfig, run_id: str, console: Console) -> int:
-    j = Journals(ArtifactStore(store)).read(run_id)
+def show_run(store: StoreConfig, run_id: str, console: Console, *, logs: bool = False) -> int:
+    artifacts = ArtifactStore(store)
+    j = Journals(artifacts).read(run_id)
+    if logs:
+        from workflows.runlog import read_log  # noqa: PLC0415
+
+        console.file.write(read_log(artifacts, run_id).decode(errors="replace"))
+        return 0
     dur = f"{j.duration_s:.1f}s" if j.duration_s is not None else "-"
     title = f"run {j.run_id} ({j.workflow}) - {j.status}, started {_when(j.started_at)}, {dur}"
     table = Table(title=title)

@@ -64,8 +64,9 @@ def join(left: dict, right: dict) -> dict:
 def test_independent_stages_run_concurrently_and_feed_downstream(store):
     run = run_workflow(Workflow("fan", [left, right, join]), store_config=store)
     overlap = ArtifactStore(store).get(run.records["join"].artifact)["overlap_s"]
-    # Run one after the other they would not overlap at all; a slow second actor start only shortens it.
-    assert overlap > 0.5, f"left and right overlapped only {overlap:.2f}s"
+    # Run one after the other they would not overlap at all (overlap <= 0); a slow second actor start on a
+    # busy machine only shortens the overlap, so any overlap proves they ran concurrently.
+    assert overlap > 0.05, f"left and right did not run concurrently (overlap {overlap:.2f}s)"
     assert run.records["left"].result.pid != run.records["right"].result.pid
     # Busy CPU time / wall time: a stage that sleeps is mostly idle.
     utilisation = {m.key: m.value for m in run.records["left"].result.metrics}["utilisation"]

@@ -19,7 +19,7 @@ MARKER = "# breast_cancer.py"
 
 
 def readme_example() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```python(?: run)?\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
     found = [b for b in blocks if b.startswith(MARKER)]
     assert len(found) == 1, f"README.md must hold exactly one python block starting with {MARKER!r}"
     return found[0]

@@ -20,10 +20,9 @@ from storage.privacy import (
     key_id,
     load_key,
     pseudonymise,
-    pseudonymise_source,
-    pseudonymise_stage,
 )
 from workflows import Stage, Workflow, stage
+from workflows.privacy import pseudonymise_source, pseudonymise_stage
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

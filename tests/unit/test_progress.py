@@ -55,3 +55,27 @@ def test_a_live_table_on_a_terminal(tmp_path):
     hook.on_run_end(run=run, error=None)
     text = out.getvalue()
     assert "prog r1" in text and "second" in text and "running" in text and "started" not in text
+
+
+def test_stage_metrics_show_as_progress_without_user_code(tmp_path):
+    import time
+
+    out = io.StringIO()
+    published = {("r1", "first"): {"step": 3, "metrics": {"epoch": 3, "loss": 0.21}}}
+    hook = ProgressHook(
+        Console(file=out, force_terminal=False, width=200),
+        progress=lambda run_id, stage: published.get((run_id, stage)),
+        poll_s=0.02,
+        plain_every_s=0.0,
+    )
+    run = make_run(tmp_path)
+    hook.on_run_start(run=run)
+    rec = run.records["first"]
+    rec.status, rec.attempts = "running", 1
+    hook.on_stage_start(run=run, record=rec)
+    deadline = time.monotonic() + 5
+    while "progress" not in out.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    hook.on_run_end(run=run, error=None)
+    assert "progress  first step 3: epoch=3 loss=0.21" in out.getvalue()
+    assert "second" not in out.getvalue().split("progress", 1)[1]  # a pending stage reports nothing

@@ -1,0 +1,22 @@
+"""Where Serve replicas go: placed like stages (as declared if a node fits, else the CPU fallback, else refused).
+
+Its own module so that the Serve app (`serving.app.build_app`) and the rollout both use it without
+importing each other: rollout -> app, never back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.placement import NodeInfo, decide, ray_options
+from actors.ray_api import cluster_nodes
+from serving.config import RolloutRefused, ServeConfig
+
+
+def replica_options(config: ServeConfig, nodes: list[NodeInfo] | None = None) -> dict[str, Any]:
+    """Ray actor options for the app's replicas, decided against `nodes` (default: the connected cluster)."""
+    decision = decide(f"{config.app_name} replica", config.resources(), cluster_nodes() if nodes is None else nodes)
+    if not decision.feasible:
+        raise RolloutRefused(decision.reason)
+    opts = ray_options(decision.effective)  # type: ignore[arg-type]
+    return {k: v for k, v in opts.items() if v or k == "num_cpus"}
