@@ -45,13 +45,22 @@ class SimConfig:
     actor_start_s: float = 0.5  # a fresh Ray actor, placed and ready (DESIGN.md: ~460 ms)
     dispatch_s: float = 0.01  # a call on a warm actor plus the driver's bookkeeping per stage
     stream_pool_start_s: float = 1.0  # Ray Data starting a stream's actor pool
+    # Ending idle actors of other shapes to make room: ray.kill returns before their CPUs do (measured ~1-2 s here)
+    reclaim_s: float = 1.0
     run_overhead_s: float = 0.3  # run set-up and tear-down around the stages (journal, hooks)
     gpu_speedup: float = 4.0  # GPU vs CPU-fallback time when profiles lack one of the two
     default_stage_s: float = 1.0  # a stage with no profile and no profiled sibling running the same function
     streaming: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("actor_start_s", "dispatch_s", "stream_pool_start_s", "run_overhead_s", "default_stage_s"):
+        for name in (
+            "actor_start_s",
+            "dispatch_s",
+            "stream_pool_start_s",
+            "reclaim_s",
+            "run_overhead_s",
+            "default_stage_s",
+        ):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"SimConfig.{name}={v!r} must be a finite number of seconds >= 0")
@@ -294,8 +303,9 @@ class _Sim:
         mine = sum(1 for a in self.actors if a.shape == shape)
         coming = sum(1 for _, _, a in self.starting if a.shape == shape)
         for _ in range(max(0, min(len(queue) - coming, self.caps[shape] - mine))):
-            spot = self.spot(req)
+            spot, delay = self.spot(req), self.sim.actor_start_s
             if spot is None:  # end idle actors of other shapes to make room (ActorPool._make_room)
+                delay += self.sim.reclaim_s
                 for victim in [a for a in self.actors if not a.busy and a.shape != shape]:
                     self.actors.remove(victim)
                     self.take(victim.node, victim.request, -1)
@@ -308,7 +318,7 @@ class _Sim:
             actor = _Actor(shape, spot, req, busy=True)  # not lent while it starts
             self.actors.append(actor)
             self.seq += 1
-            heapq.heappush(self.starting, (self.now + self.sim.actor_start_s, self.seq, actor))  # type: ignore[misc]
+            heapq.heappush(self.starting, (self.now + delay, self.seq, actor))  # type: ignore[misc]
 
     def ready(self, name: str) -> None:
         if name not in self.fused:  # a fused stream starts inside its consumer

@@ -286,3 +286,17 @@ def test_a_streams_pool_start_up_is_measured_from_its_first_batch():
     sim = SimConfig(actor_start_s=0.0, dispatch_s=0.0, run_overhead_s=0.0, stream_pool_start_s=99.0)
     # 3 CPUs, the consumer holds 1: 2 workers; 2 s start-up + 2 waves of 1 s shards
     assert simulate(wf, profiles, [node(3)], params={"feat": {"shards": 4}}, sim=sim).makespan_s == pytest.approx(4.0)
+
+
+@stage(cpus=0.5)
+def half(a: int) -> int:
+    return a
+
+
+def test_a_new_shape_on_a_full_node_waits_for_idle_actors_to_be_ended():
+    """1 CPU: a's actor (1 CPU) is idle when half (0.5 CPU) is ready, and must be ended first (reclaim_s)."""
+    wf = Workflow("shapes", [a, half])
+    sim = SimConfig(actor_start_s=0.5, reclaim_s=1.0, dispatch_s=0.0, run_overhead_s=0.0)
+    profiles = {"a": prof(1), "half": prof(1)}
+    assert simulate(wf, profiles, [node(1)], sim=sim).makespan_s == pytest.approx(0.5 + 1 + 1.0 + 0.5 + 1)
+    assert simulate(wf, profiles, [node(2)], sim=sim).makespan_s == pytest.approx(0.5 + 1 + 0.5 + 1)  # room: no kill
