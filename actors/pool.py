@@ -298,6 +298,10 @@ def explain_start_failure(failure: StartFailure) -> str:
 
 
 def _kill(actor: Any) -> None:
+    # Never through a Ray that is gone: any Ray call without a connection auto-starts a new local Ray
+    # (from the reaper's thread, after the user's ray.shutdown()); the actor died with its Ray anyway.
+    if not ray.is_initialized():
+        return
     try:
         ray.kill(actor, no_restart=True)
     except Exception:  # already dead, or Ray already shut down
@@ -363,7 +367,10 @@ class SharedPools:
     def _reap(self) -> None:
         while True:
             time.sleep(1.0)
+            session = _session() if ray.is_initialized() else None
             with self._lock:
+                for stale in [k for k in self._pools if k[0] != session]:  # their Ray was shut down
+                    del self._pools[stale], self._keep[stale]
                 parked = [(p, self._keep[k]) for k, p in self._pools.items()]
                 if not parked:
                     self._reaper = None

@@ -49,11 +49,23 @@ def wait_for_resources_released(timeout_s: float = 10.0) -> tuple[dict, dict]:
         time.sleep(0.1)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_parked_actors_between_modules() -> Iterator[None]:
+    """Runs park idle actors for the next run of the process; none may outlive a module's Ray."""
+    yield
+    from actors.pool import shared_pools
+
+    shared_pools.release_all()  # after the module's ray.shutdown() this only forgets them
+
+
 @pytest.fixture(scope="module")
 def ray_with_declared_gpu() -> Iterator[None]:
     """One node with 4 CPUs and one declared T4 GPU (no real GPU on this machine)."""
     start_local_ray(num_cpus=4, num_gpus=1, resources={"accelerator_type:T4": 1, "licence": 2})
     yield
+    from actors.pool import shared_pools
+
+    shared_pools.release_all()
     ray.shutdown()
 
 
