@@ -25,6 +25,7 @@ _KEYS = frozenset(
         "streams",
     }
 )  # fmt: skip
+_OPTIONAL = frozenset({"profile"})  # added after VERSION 1 shipped: records without it still read
 _METRIC_KEYS = frozenset({"key", "value", "step", "timestamp_ms"})
 _SOURCE_KEYS = frozenset({"name", "source", "digest", "num_rows"})
 
@@ -64,6 +65,7 @@ def to_record(
         "inputs": {p: asdict(ref) for p, ref in inputs.items()},
         # Facts only: a stream's own stage has its own record; its artifact is among `inputs`.
         "streams": {s: {**asdict(c), "artifact": c.artifact.digest} for s, c in result.streams.items()},
+        "profile": result.profile,  # actors.stage_profile: JSON-safe numbers and strings
     }
 
 
@@ -72,8 +74,11 @@ def from_record(doc: dict[str, Any], artifact: ArtifactRef, *, run_id: str, stag
     document is malformed or describes another run, stage or digest."""
     if not isinstance(doc, dict) or doc.get("version") != VERSION:
         raise RecordError(f"a stage record has version {_get(doc, 'version')!r}; this tierflow reads {VERSION}")
-    if set(doc) != _KEYS:
-        raise RecordError(f"a stage record has keys {sorted(set(doc) ^ _KEYS)} it should not / lacks")
+    if set(doc) - _OPTIONAL != _KEYS:
+        raise RecordError(f"a stage record has keys {sorted((set(doc) - _OPTIONAL) ^ _KEYS)} it should not / lacks")
+    profile = doc.get("profile", {})
+    if not isinstance(profile, dict):
+        raise RecordError("a stage record's profile must be a JSON object")
     for key, want in {"run_id": run_id, "stage": stage, "digest": artifact.digest}.items():
         if doc[key] != want:
             raise RecordError(f"the record of stage {doc['stage']!r} names {key} {doc[key]!r}, not {want!r}")
@@ -99,6 +104,7 @@ def from_record(doc: dict[str, Any], artifact: ArtifactRef, *, run_id: str, stag
             metrics=metrics,
             tags=dict(tags),
             sources=sources,
+            profile=dict(profile),
         )
         return RestoredStage(result, inputs, str(doc["cache_key"]), int(doc["attempt"]))
     except (TypeError, ValueError, AttributeError, StorageError) as exc:

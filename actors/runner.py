@@ -14,7 +14,16 @@ from typing import Any
 import ray
 
 from actors.context import Metric, SourceInput, StageContext
+from actors.energy import EnergyConfig, EnergyMeter
 from actors.errors import StageExecutionError
+from actors.stage_profile import (
+    StageSampler,
+    assigned_resources,
+    build_profile,
+    profile_metrics,
+    profile_tags,
+    stream_profile,
+)
 from actors.streaming import BatchStream, LiveStream, StreamCommit, StreamSource, stored_stream
 from storage import ArtifactRef, ArtifactStore, StoreConfig
 from storage.formats import decode, encode
@@ -59,11 +68,14 @@ class StageResult:
     tags: dict[str, str] = field(default_factory=dict)
     sources: list[SourceInput] = field(default_factory=list)
     streams: dict[str, StreamCommit] = field(default_factory=dict)  # upstream stage -> its committed stream
+    profile: dict[str, Any] = field(default_factory=dict)  # actors.stage_profile: time, CPU, memory, bytes, energy
 
 
 def stream_stage_result(consumer: StageResult, commit: StreamCommit) -> StageResult:
     """A fused streaming stage's own result: it ran inside `consumer`'s stage, on the same actor."""
-    metrics = [Metric(k, float(v), 0, int(commit.started_at * 1000)) for k, v in commit.metrics().items()]
+    profile = _stream_profile(commit)
+    facts = commit.metrics() | profile_metrics(profile)
+    metrics = [Metric(k, float(v), 0, int(commit.started_at * 1000)) for k, v in facts.items()]
     return dataclasses.replace(
         consumer,
         stage=commit.stage,
@@ -71,9 +83,35 @@ def stream_stage_result(consumer: StageResult, commit: StreamCommit) -> StageRes
         started_at=commit.started_at,
         duration_s=commit.wall_s,
         metrics=metrics,
-        tags={"tierflow.stream.consumer": consumer.stage, "tierflow.stream.workers": str(commit.workers)},
+        tags={"tierflow.stream.consumer": consumer.stage, "tierflow.stream.workers": str(commit.workers)}
+        | profile_tags(profile),
         sources=[],
         streams={},
+        profile=profile,
+    )
+
+
+def _meter(info: dict[str, Any]) -> tuple[StageSampler, dict[str, float]]:
+    resources = assigned_resources()
+    meter = EnergyMeter(
+        EnergyConfig.from_env(),
+        gpu_ids=list(info["gpu_ids"]),
+        on_cuda=info["device"].startswith("cuda"),
+        gpu_fraction=resources.get("GPU", 1.0) or 1.0,
+    )
+    sampler = StageSampler(meter)
+    sampler.start()
+    return sampler, resources
+
+
+def _stream_profile(commit: StreamCommit) -> dict[str, Any]:
+    return stream_profile(
+        wall_s=commit.wall_s,
+        busy_s=commit.producer_busy_s,
+        workers=commit.workers,
+        rows=commit.rows,
+        out_bytes=commit.artifact.size_bytes,
+        config=EnergyConfig.from_env(),
     )
 
 
@@ -135,17 +173,21 @@ class StageActor:
             )
             if call.wants_context:
                 kwargs["ctx"] = ctx
+            meter, resources = _meter(info)  # started: counters read just before the stage runs
+            prof: dict[str, Any] = {}  # filled once the stage has run; every result made after carries it
             started = time.time()
             t0, cpu0 = time.perf_counter(), time.process_time()
 
             def result(ref: ArtifactRef, duration_s: float, streams: dict[str, StreamCommit]) -> StageResult:
-                return _result(call, info, ctx, ref, started, duration_s, streams)
+                return _result(call, info, ctx, ref, started, duration_s, streams, prof)
 
             barrier: list[StageResult] = []  # this call's result, if it is a stream committed by finish()
 
             def stream_record(commit: StreamCommit) -> Mapping[str, Any]:
                 if commit.stage == call.stage:  # barrier mode: this call is the stream
-                    ctx.log_metrics(commit.metrics())
+                    prof.update(_stream_profile(commit))
+                    ctx.log_metrics(commit.metrics() | profile_metrics(prof))
+                    ctx.tags.update(profile_tags(prof))
                     barrier.append(result(commit.artifact, time.perf_counter() - t0, {}))
                     return to_record(barrier[0], call, call.input_refs)
                 src = next(ls.source for ls in live if ls.stage == commit.stage)
@@ -170,6 +212,7 @@ class StageActor:
                 ) from None
             duration = time.perf_counter() - t0
             cpu_s = time.process_time() - cpu0
+            energy, waited = meter.stop(cpu_s=cpu_s, wall_s=duration)
         finally:
             for ls in live:
                 ls.close()
@@ -179,6 +222,12 @@ class StageActor:
                 return dataclasses.replace(barrier[0], artifact=commit.artifact), None
             ctx.log_metrics(commit.metrics())  # committed by an earlier attempt
             return result(commit.artifact, duration, streams), None
+        inputs_read = dict(call.input_refs) | {c.stage: c.artifact for c in streams.values()}  # fused: what it read
+        prof.update(
+            build_profile(duration, cpu_s, info["device"], inputs_read, schema, len(data), energy, resources, waited)
+        )
+        ctx.log_metrics(profile_metrics(prof))
+        ctx.tags.update(profile_tags(prof))
         encoded = (fmt, data, schema)
         return self._commit(call, ctx, result, encoded, duration, cpu_s, bool(live), streams)
 
@@ -242,6 +291,7 @@ def _result(
     started: float,
     duration_s: float,
     streams: dict[str, StreamCommit],
+    profile: dict[str, Any] | None = None,
 ) -> StageResult:
     return StageResult(
         stage=call.stage,
@@ -258,6 +308,7 @@ def _result(
         tags=dict(ctx.tags),
         sources=list(ctx.sources),
         streams={k: v for k, v in streams.items() if k != call.stage},
+        profile=dict(profile or {}),
     )
 
 

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from serving.config import ServingError
 from storage import StorageError, StoreConfig, validate_name
-from workflows import serve_cli, store_cli
+from workflows import plan_cli, serve_cli, store_cli
 from workflows.errors import StageFailedError, TierflowError, ValidationError
 from workflows.hooks import RunInfo, StageRecord
 from workflows.loader import BUILTINS, load_workflow
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--logs", action="store_true", help="print the run's log file (Ray, Serve, MLflow output)")
     store_cli.add_parser(sub)
     serve_cli.add_parser(sub)
+    plan_cli.add_parsers(sub, common)
     for sp in (runs, show):
         sp.add_argument("--store", help="tier URLs (default: $TIERFLOW_STORE, else ./.tierflow/store)")
     return p
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             validate_name(args.run_id, "run id")
         if args.command == "validate":
             return _validate(wf, params, args)
+        if args.command in ("profile", "plan"):
+            return plan_cli.run(args, wf, params, console)
         return _run(wf, params, args)
     except ValidationError as exc:
         console.print(f"[bold red]invalid:[/] {exc}", markup=True)
@@ -264,6 +267,7 @@ def _run_logged(
     from actors.ray_api import connect, read_progress  # noqa: PLC0415
     from workflows.engine import run_workflow  # noqa: PLC0415
     from workflows.lineage import MLflowHook  # noqa: PLC0415
+    from workflows.profile import EnergyHook  # noqa: PLC0415
 
     init_kwargs = {k: v for k, v in (("num_cpus", args.num_cpus), ("num_gpus", args.num_gpus)) if v is not None}
     started_ray = connect(args.address, **init_kwargs)
@@ -275,7 +279,8 @@ def _run_logged(
             params=params,
             run_id=None if args.resume else run_id,
             store_config=store,
-            hooks=[ProgressHook(console, progress=read_progress), mlflow_hook],
+            # EnergyHook after MLflowHook: it logs co2/cost on the runs that one made
+            hooks=[ProgressHook(console, progress=read_progress), mlflow_hook, EnergyHook(mlflow_hook)],
             use_cache=not args.no_cache,
             streaming=not args.no_streaming,
             rerun=args.rerun,
@@ -389,6 +394,8 @@ def _summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> dict[str
                 "node_id": r.result.node_id if r.result else "",
                 "device": r.result.device if r.result else "",
                 "duration_s": round(r.result.duration_s, 3) if r.result else 0.0,
+                "energy_j": round(float(r.result.profile.get("energy_j", 0.0)), 3) if r.result else 0.0,
+                "energy_method": str(r.result.profile.get("energy_method", "")) if r.result else "",
                 "digest": r.artifact.digest if r.artifact else "",
             }
             for r in run.records.values()

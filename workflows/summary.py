@@ -7,7 +7,7 @@ import inspect
 from workflows.hooks import RunInfo
 from workflows.model import Stage
 
-COLUMNS = ("stage", "resources", "node", "device", "duration", "cache")
+COLUMNS = ("stage", "resources", "node", "device", "duration", "energy (method)", "cache")
 
 
 def stage_rows(run: RunInfo) -> list[tuple[str, ...]]:
@@ -19,7 +19,9 @@ def stage_rows(run: RunInfo) -> list[tuple[str, ...]]:
         node = r.result.node_id[:8] if r.result else "-"
         device = r.result.device if r.result else "-"
         took = f"{r.result.duration_s:.2f}s" if r.result else "-"
-        rows.append((r.name, res, node, device or "-", took, r.cache if r.status != "failed" else "failed"))
+        prof = r.result.profile if r.result else {}
+        energy = f"{prof['energy_j']:.1f} J ({prof.get('energy_method', '')})" if "energy_j" in prof else "-"
+        rows.append((r.name, res, node, device or "-", took, energy, r.cache if r.status != "failed" else "failed"))
     return rows
 
 

@@ -21,7 +21,9 @@ REPO = Path(__file__).resolve().parents[2]
 FIXTURE = "tests/fixtures/lineage_workflows.py:chain"
 # Differ between any two runs by construction: ids, and what measures wall or CPU time.
 _RUN_TAGS = {"mlflow.parentRunId", "tierflow.artifact.producer_run", "tierflow.restored"}
-_TIMED = {"duration_s", "utilisation"}
+_TIMED = {"duration_s", "utilisation", "energy_j", "energy_cpu_j", "energy_gpu_j", "co2_g", "cost_usd"} | {
+    f"profile.{k}" for k in ("duration_s", "cpu_s", "runqueue_wait_s", "peak_rss_bytes")
+}  # energy is CPU time x W/core here; rows and bytes of the profile are compared
 
 
 @pytest.fixture(scope="module")
