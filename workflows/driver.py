@@ -190,7 +190,8 @@ class Driver:
                 self._launch_ready()
             if self._changed and time.monotonic() >= self._journal_at + self._journal_gap:
                 self._journal()
-            starting = self.pool.ready_refs() if self.failure is None else []
+            # Actors still starting matter only while a stage waits for one (a faster actor may have served it).
+            starting = self.pool.ready_refs() if self.failure is None and any(self._waiting.values()) else []
             if not self.inflight and not starting and self.commits.pending:
                 for rec, result in self.commits.drain():  # nothing else to wait for
                     self._committed(rec, result)
@@ -493,7 +494,7 @@ class Driver:
         no idle actor left to end, only someone else can free the resources, so waiting is bounded.
         """
         starting = self.pool.starting()
-        if self.inflight or not starting or self.failure is not None:
+        if self.inflight or not starting or self.failure is not None or not any(self._waiting.values()):
             self._unplaced_since = None
             return
         now = time.monotonic()

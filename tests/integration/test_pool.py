@@ -212,3 +212,23 @@ def test_parked_actors_expiring_after_ray_shutdown_do_not_start_a_new_ray(tmp_pa
     assert out.returncode == 0, out.stdout + out.stderr
     assert "initialized after shutdown: False" in out.stdout, out.stdout + out.stderr
     assert (out.stdout + out.stderr).count("Started a local Ray instance") == 1  # ours, no second one
+
+
+def _quick(i: int):
+    return stage(cpus=1, name=f"quick{i}")(lambda: {"v": i})
+
+
+def test_a_run_whose_stages_are_done_does_not_wait_for_an_actor_it_no_longer_needs(node, store):
+    release_warm_actors()
+    squatter = Squatter.options(num_cpus=1).remote()  # one of the two CPUs: a second actor stays unplaced
+    ray.get(squatter.ping.remote())
+    try:
+        t0 = time.monotonic()
+        run = run_workflow(Workflow("served_by_one", [_quick(i) for i in range(3)]), store_config=store,
+                           use_cache=False, placement_timeout_s=60)  # fmt: skip
+        took = time.monotonic() - t0
+    finally:
+        ray.kill(squatter)
+    assert run.status == "succeeded"
+    assert len({r.result.pid for r in run.records.values()}) == 1  # one placed actor ran all three
+    assert took < 30, took  # it waited out the 60 s placement timeout for the unplaced second actor
