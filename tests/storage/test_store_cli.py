@@ -56,9 +56,9 @@ def test_store_commands(tmp_path):
     assert not (tmp_path / "durable" / blob_key(orphan)).exists()
 
 
-def test_the_readme_toml_example_is_a_valid_store_config(tmp_path):
-    readme = (REPO / "README.md").read_text()
-    block = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+def test_the_documented_toml_example_is_a_valid_store_config(tmp_path):
+    page = (REPO / "docs" / "configuration.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", page, re.S).group(1)
     (tmp_path / "tierflow.toml").write_text(block)
     cfg = StoreConfig.from_file(tmp_path / "tierflow.toml")
     assert [(t.role, t.capacity_bytes) for t in cfg.tiers] == [("hot", 2**30), ("warm", 50 * 2**30), ("durable", None)]
