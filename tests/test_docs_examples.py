@@ -23,11 +23,14 @@ BLOCK = re.compile(r"^```python run\n(.*?)^```", re.S | re.M)
 RUN_ELSEWHERE = "# breast_cancer.py"  # tests/integration/test_readme_example.py
 
 
-def examples() -> list:
+def examples(*, here_only: bool = False) -> list:
+    """Every `python run` block; `here_only` leaves out the one run through the CLI elsewhere."""
     found = []
     for doc in DOCS:
         text = doc.read_text()
         for m in BLOCK.finditer(text):
+            if here_only and m.group(1).startswith(RUN_ELSEWHERE):
+                continue
             line = text.count("\n", 0, m.start()) + 1
             found.append(pytest.param(m.group(1), id=f"{doc.relative_to(REPO)}:{line}"))
     return found
@@ -35,6 +38,7 @@ def examples() -> list:
 
 def test_the_docs_hold_examples_and_every_page_is_linked_from_the_readme():
     assert len(examples()) >= 6
+    assert sum(p.values[0].startswith(RUN_ELSEWHERE) for p in examples()) == 1  # the README's, run by the CLI test
     readme = (REPO / "README.md").read_text()
     for page in (REPO / "docs").glob("*.md"):
         assert f"docs/{page.name}" in readme, f"{page.name} is not linked from README.md"
@@ -50,10 +54,8 @@ def shared_ray():
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("code", examples())
+@pytest.mark.parametrize("code", examples(here_only=True))
 def test_example_runs(code, shared_ray, tmp_path, monkeypatch):
-    if code.startswith(RUN_ELSEWHERE):
-        pytest.skip("run through the CLI by tests/integration/test_readme_example.py")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("TIERFLOW_STORE", f"memory://docs-{os.getpid()},{tmp_path / 'store'}")

@@ -1,10 +1,7 @@
 """The actor pool on one 2-CPU node: mixed shapes never deadlock, waiting is bounded, actors stay warm."""
 
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -87,7 +84,7 @@ def test_mixed_shapes_from_the_report_finish_on_two_cpus(node, store):
 
 # -- property: any DAG of any feasible shapes finishes, with a sequential run's outputs -------------------
 @settings(
-    max_examples=int(os.environ.get("TIERFLOW_PROPERTY_EXAMPLES", "8")),
+    max_examples=int(os.environ.get("TIERFLOW_PROPERTY_EXAMPLES", "6")),
     derandomize=True,  # seeded: CI sees the same DAGs every time
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -175,43 +172,6 @@ def test_a_run_of_other_shapes_ends_the_parked_actors_it_does_not_use(node, stor
         time.sleep(0.1)
     assert ray.available_resources().get("CPU") == 1.5
     assert release_warm_actors() == 1
-
-
-_AFTER_SHUTDOWN = """
-import os, sys, time
-os.environ["RAY_AUTH_MODE"] = "token"
-import ray
-from ray import cloudpickle
-sys.path.insert(0, sys.argv[1])
-from storage import StoreConfig
-from workflows import Workflow, stage
-from workflows.engine import run_workflow
-
-@stage(cpus=1)
-def one() -> dict:
-    return {"v": 1}
-
-ray.init("local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-run_workflow(Workflow("parked", [one]), store_config=StoreConfig.from_urls([sys.argv[2]]), keep_warm_s=1)
-ray.shutdown()  # with an actor parked: its reaper must not call into a Ray that is gone
-time.sleep(3)
-print("initialized after shutdown:", ray.is_initialized())
-"""
-
-
-def test_parked_actors_expiring_after_ray_shutdown_do_not_start_a_new_ray(tmp_path):
-    # A Ray call without a connection auto-starts a local Ray: from the reaper's thread that was a stray
-    # Ray inside the user's process (and, in the test suite, an exit when that Ray went away).
-    script = tmp_path / "after_shutdown.py"
-    script.write_text(_AFTER_SHUTDOWN)
-    repo = str(Path(__file__).resolve().parents[2])
-    out = subprocess.run(
-        [sys.executable, str(script), repo, str(tmp_path / "store")],
-        capture_output=True, text=True, timeout=120, check=False, cwd=repo,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "initialized after shutdown: False" in out.stdout, out.stdout + out.stderr
-    assert (out.stdout + out.stderr).count("Started a local Ray instance") == 1  # ours, no second one
 
 
 def _quick(i: int):

@@ -35,7 +35,7 @@ def two_nodes():
 
 
 @settings(
-    max_examples=int(os.environ.get("TIERFLOW_PROPERTY_EXAMPLES", "8")),
+    max_examples=int(os.environ.get("TIERFLOW_PROPERTY_EXAMPLES", "6")),
     derandomize=True,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
