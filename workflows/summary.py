@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 
 from workflows.hooks import RunInfo
 from workflows.model import Stage
@@ -25,11 +26,19 @@ def stage_rows(run: RunInfo) -> list[tuple[str, ...]]:
     return rows
 
 
+MARKDOWN_ROWS = 40  # a table of more stages would pass MLflow's 8,000-character description limit
+
+
 def markdown(run: RunInfo) -> str:
     """A short markdown description: what ran, where, how long (MLflow renders `mlflow.note.content`)."""
     head = f"**tierflow run `{run.run_id}`** of workflow `{run.workflow.name}`: {run.status}"
     if run.ended_at is not None:
         head += f" in {run.duration_s:.1f}s"
+    if len(run.records) > MARKDOWN_ROWS:  # MLflow truncates a description past 8,000 characters, with a warning
+        counts = Counter(r.status for r in run.records.values())
+        per = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        where = "its nested runs, or the table artifact `tierflow/stages.json` for a run in summary mode"
+        return f"{head}\n\n{len(run.records)} stages: {per}. Each stage: {where}."
     lines = [head, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in stage_rows(run)]
     return "\n".join(lines)
