@@ -239,7 +239,7 @@ def report(
         "",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- Machine: {machine()}; load average (1/5/15 min) {' '.join(f'{x:.2f}' for x in before)} before, "
-        f"{' '.join(f'{x:.2f}' for x in after)} after (the machine is shared: other engineers' tests ran meanwhile)",
+        f"{' '.join(f'{x:.2f}' for x in after)} after",
         f"- Python {sys.version.split()[0]}, Ray {ray.__version__}; code: commit `{commit.stdout.strip()}`",
         f"- Command: `python benchmarks/plan_accuracy.py --repeat {args.repeat} --measure-repeat "
         f"{args.measure_repeat} --only {args.only}{' --write' if args.write else ''}`",
