@@ -100,8 +100,8 @@ class ActorPool:
             mine = [m for m in self._members.values() if m.shape == shape]
             starting = sum(m.state == STARTING for m in mine)
             n = min(waiting - starting, self._capacity(resources) - len(mine))
+            # Idle actors of other shapes that may hold what these need go in `reclaim`, the driver's next step.
             for _ in range(max(0, n)):
-                self._make_room(resources)
                 actor = _RemoteStageActor.options(**options, max_concurrency=1).remote(self.store_config)
                 m = Member(actor, resources, STARTING, time.monotonic(), actor.__ray_ready__.remote())
                 self._members[actor] = m
@@ -243,21 +243,6 @@ class ActorPool:
             nodes = self.nodes if self.nodes is not None else cluster_nodes()
             self._caps[shape] = max(1, capacity(resources.as_ray_resources(), nodes))
         return self._caps[shape]
-
-    def _make_room(self, resources: Resources) -> None:
-        """End idle actors of other shapes until the new actor would fit in what is free now."""
-        need = {k: v for k, v in resources.as_ray_resources().items() if v > 0}
-        others = [m for m in self._members.values() if m.state == IDLE and m.shape != resources.shape()]
-        if not others:
-            return
-        free = ray.available_resources()
-        for m in others:
-            if all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
-                return
-            del self._members[m.actor]
-            _kill(m.actor)
-            for k, v in m.resources.as_ray_resources().items():
-                free[k] = free.get(k, 0.0) + v
 
 
 def _fmt(values: dict[str, float], keys: list[str]) -> str:

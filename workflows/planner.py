@@ -5,7 +5,7 @@ It runs the DAG as the engine does (`workflows.driver`, `actors.pool`), with the
 - pool size per resource shape: `actors.placement.capacity`, each actor counted whole on one node;
 - actors are warm and keyed by shape: a stage waits (FIFO per shape) for an idle actor of its shape, else one is
   started (`actor_start_s`) if the pool is below capacity and a node has room, after ending idle actors of
-  other shapes (`ActorPool._make_room`); idle actors keep their resources;
+  other shapes (`ActorPool.reclaim`); idle actors keep their resources;
 - a streaming stage with one consumer is fused into it (overlapped), otherwise it runs alone first (barrier).
 
 Scaling model (documented in docs/planning.md):
@@ -304,7 +304,7 @@ class _Sim:
         coming = sum(1 for _, _, a in self.starting if a.shape == shape)
         for _ in range(max(0, min(len(queue) - coming, self.caps[shape] - mine))):
             spot, delay = self.spot(req), self.sim.actor_start_s
-            if spot is None:  # end idle actors of other shapes to make room (ActorPool._make_room)
+            if spot is None:  # end idle actors of other shapes to make room (ActorPool.reclaim)
                 delay += self.sim.reclaim_s
                 for victim in [a for a in self.actors if not a.busy and a.shape != shape]:
                     self.actors.remove(victim)
