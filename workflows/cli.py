@@ -253,7 +253,9 @@ def _validate(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) ->
         where = "the connected cluster"
     decisions = plan(wf, nodes, types)
     for name, d in decisions.items():
-        console.print(f"{name}: {d.label}: {d.requested.describe()} -> {d.effective.describe()}  ({d.reason})")  # type: ignore[union-attr]
+        why = f"  ({d.reason})" if d.reason != d.label else ""
+        line = f"{name}: {d.requested.describe()} -> {d.effective.describe()}  [{d.label}]{why}"  # type: ignore[union-attr]
+        console.print(line, markup=False, soft_wrap=True)  # one line per stage, for grep
     console.print(f"workflow {wf.name!r} is valid on {where}")
     return EXIT_OK
 

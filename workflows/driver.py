@@ -511,24 +511,15 @@ class Driver:
         """Show stages that wait for a node the autoscaler launches; fail them after node_wait_s."""
         if self.failure is not None:
             return
-        for shape, queue in self._waiting.items():
-            waits_for = self.run.records[queue[0]].decision.waits_for if queue else None
-            if not waits_for or self.pool.placed(shape):
-                self.node_waits.end(shape)  # nothing waits, or a node came
-            elif self.pool.starting_of(shape) and (w := self.node_waits.begin(shape, waits_for, self._res(shape))):
-                for h in self.hooks:
-                    if hasattr(h, "on_stage_waiting"):
-                        for name in queue:
-                            h.on_stage_waiting(run=self.run, record=self.run.records[name], node_type=w.node_type)
+        for wait, names in self.node_waits.update(self._waiting, self.run.records, self.pool):
+            for h, name in ((h, n) for h in self.hooks if hasattr(h, "on_stage_waiting") for n in names):
+                h.on_stage_waiting(run=self.run, record=self.run.records[name], node_type=wait.node_type)
         for wait in self.node_waits.expired():
             self.node_waits.end(wait.shape)
-            request = self.run.records[self._waiting[wait.shape][0]].decision.requested.describe()
-            report = report_text(autoscaler_status(), wait.node_type)
-            self._fail_waiting(wait.shape, self.node_waits.cause(wait, request, report))
+            self._fail_waiting(
+                wait.shape, self.node_waits.cause(wait, report_text(autoscaler_status(), wait.node_type))
+            )
             self.pool.end_unidle()  # no actor request is left pending behind a failed run
-
-    def _res(self, shape: tuple) -> Resources:
-        return self._actor_resources(self._waiting[shape][0])
 
     def _check_placement(self) -> None:
         """Fail stages whose actors stayed unplaced for placement_timeout_s while nothing of ours ran.

@@ -10,7 +10,9 @@ stage waits for a busy actor like any other).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from actors.resources import Resources
 
@@ -36,6 +38,20 @@ class NodeWaits:
         self.limit_s = limit_s
         self._waits: dict[tuple, NodeWait] = {}
 
+    def update(
+        self, waiting: Mapping[tuple, Sequence[str]], records: Mapping[str, Any], pool: Any
+    ) -> list[tuple[NodeWait, list[str]]]:
+        """Start the clock of shapes whose first queued stage waits for a node and has an actor requested;
+        stop it once an actor of the shape is placed. Returns the waits that began, with their stages."""
+        begun = []
+        for shape, queue in waiting.items():
+            decision = records[queue[0]].decision if queue else None
+            if decision is None or not decision.waits_for or pool.placed(shape):
+                self.end(shape)  # nothing waits, or a node came
+            elif pool.starting_of(shape) and (w := self.begin(shape, decision.waits_for, decision.requested)):
+                begun.append((w, list(queue)))
+        return begun
+
     def begin(self, shape: tuple, node_type: str, resources: Resources) -> NodeWait | None:
         """Start the clock for `shape`; returns the new wait (None if it was already waiting)."""
         if shape in self._waits:
@@ -54,10 +70,11 @@ class NodeWaits:
         now = time.monotonic()
         return [w for w in self._waits.values() if now - w.started >= self.limit_s]
 
-    def cause(self, wait: NodeWait, request: str, report: str) -> str:
+    def cause(self, wait: NodeWait, report: str) -> str:
         return (
             f"no node of type {wait.node_type} came within --node-wait-s={self.limit_s:g} s (waiting since "
-            f"{wait.since_text()}) for the request {request}; the autoscaler reported: {report}. Fix: check "
-            "`ray status` and the autoscaler's log (monitor.log on the head) for launch errors or quota, check that "
-            f"the cluster config still has node type {wait.node_type}, or raise --node-wait-s if nodes are slow to boot"
+            f"{wait.since_text()}) for the request {wait.resources.describe()}; the autoscaler reported: {report}. "
+            "Fix: check `ray status` and the autoscaler's log (monitor.log on the head) for launch errors or quota, "
+            f"check that the cluster config still has node type {wait.node_type}, or raise --node-wait-s if nodes "
+            "are slow to boot"
         )

@@ -16,6 +16,7 @@ import copy
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -165,7 +166,7 @@ def _validate(config: Path, target: str, capsys: pytest.CaptureFixture) -> dict[
     capsys.readouterr()
     assert main(["validate", target, "--cluster-yaml", str(config)]) == 0
     out = capsys.readouterr().out
-    return {line.split(": ")[0]: line.split(": ")[1] for line in out.splitlines() if line.count(": ") >= 2}
+    return {m[1]: m[2] for line in out.splitlines() if (m := re.match(r"(\w+): .+? -> .+?  \[(.+?)\]", line))}
 
 
 def _pending_actors() -> list[str]:
