@@ -387,7 +387,8 @@ class Driver:
             return
         self._launched.add(name)
         if name not in self.fused:
-            self._unstarted[self._actor_resources(name).shape()] -= 1
+            shape = self._actor_resources(name).shape()
+            self._unstarted[shape] = self._unstarted.get(shape, 0) - 1
         for up in {e.upstream for e in self._up[name]}:
             self._unlaunched[up] -= 1
             if self._unlaunched[up] <= 0:
