@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -50,6 +51,8 @@ from workflows.engine import run_workflow
 from workflows.errors import StageFailedError
 from workflows.lineage import MLflowHook
 from workflows.progress import ProgressHook
+from workflows.runs import show_run
+from workflows.summary import COLUMNS, stage_rows
 
 pytestmark = pytest.mark.integration
 
@@ -218,6 +221,11 @@ def test_the_gpu_stage_waits_for_a_launched_a10g_node_and_the_node_goes_when_idl
     assert tags["tierflow.placement"] == "waits for a launchable node of type worker_gpu"
     assert tags["tierflow.fallback"] == "false"
     assert run.records["score"].result.node_id not in gpu_nodes  # the GPU node's CPU is not the default
+    rows = {row[0]: row for row in stage_rows(run)}  # the run summary's table
+    assert rows["fit"][COLUMNS.index("placement")] == "waits for a launchable node of type worker_gpu"
+    shown = io.StringIO()
+    show_run(StoreConfig.from_urls([str(tmp_path / "store")]), run.run_id, Console(file=shown, width=250))
+    assert "waits for a launchable node of type worker_gpu" in shown.getvalue()  # `tierflow show`
 
     # The pool ended the idle actor with the run, so the autoscaler takes the node back after its idle timeout.
     took = _wait_until("the worker_gpu node released", lambda: not cluster.alive_of_type("worker_gpu"), 60, cluster)
@@ -245,12 +253,17 @@ def test_a_fan_out_brings_cpu_workers_up_and_lets_them_go(cluster, tmp_path):
     print(f"{len(launched)} worker_cpu nodes used; all released {took:.1f} s after the run")
 
 
-def test_a_stage_waiting_for_a_node_that_never_comes_fails_within_node_wait_s(cluster, tmp_path):
-    # A config that names a type the running autoscaler does not have: a stale cluster.yaml.
+def _stale_config(cluster: FakeCluster) -> dict:
+    """A config that names a type the running autoscaler does not have: a stale cluster.yaml."""
     stale = yaml.safe_load(cluster.config.read_text())
     spec = {"resources": {"CPU": 1, "tpu": 1}, "min_workers": 0, "max_workers": 1, "node_config": {}}
     stale["available_node_types"]["worker_tpu"] = spec
-    node_wait_s = 6.0
+    return stale
+
+
+def test_a_stage_waiting_for_a_node_that_never_comes_fails_within_node_wait_s(cluster, tmp_path):
+    stale = _stale_config(cluster)
+    node_wait_s = 5.0
     t0 = time.monotonic()
     with pytest.raises(StageFailedError) as err:
         run_workflow(
@@ -264,6 +277,21 @@ def test_a_stage_waiting_for_a_node_that_never_comes_fails_within_node_wait_s(cl
     took = time.monotonic() - t0
     assert node_wait_s <= took < node_wait_s + 10, took
     text = str(err.value)
-    for part in ("worker_tpu", "--node-wait-s=6", "cpus=1 tpu=1", "the autoscaler reported", "it has not tried"):
+    for part in ("worker_tpu", "--node-wait-s=5", "cpus=1 tpu=1", "the autoscaler reported", "it has not tried"):
         assert part in text, text
     assert json.dumps(_pending_actors()) == "[]"  # the failed run left no actor request behind
+
+
+def test_the_cli_shows_the_wait_and_exits_1_when_the_node_never_comes(cluster, tmp_path):
+    (tmp_path / "stale.yaml").write_text(yaml.safe_dump(_stale_config(cluster)))
+    cmd = ["-m", "workflows", "run", f"{PROJECT}/tests/fixtures/autoscale_workflows.py:needs_tpu"]
+    cmd += ["--address", cluster.address, "--cluster-yaml", "stale.yaml", "--node-wait-s", "4"]
+    cmd += ["--store", str(tmp_path / "store"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    env = base_env() | {"RAY_AUTH_MODE": "token", "PYTHONPATH": str(PROJECT)}
+    p = subprocess.run(
+        [sys.executable, *cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    out = p.stdout + p.stderr
+    assert p.returncode == 1, out
+    assert re.search(r"waiting +on_tpu for a node of type worker_tpu since \d\d:\d\d:\d\d", out), out
+    assert "no node of type worker_tpu came within --node-wait-s=4 s" in out, out
