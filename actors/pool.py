@@ -93,7 +93,8 @@ class ActorPool:
 
     @property
     def autoscaling(self) -> bool:
-        return any(t.launchable for t in self.node_types)
+        """The cluster has node types that come and go: an actor kept idle keeps a node up."""
+        return any(t.max_count != 0 for t in self.node_types)
 
     # -- lending --------------------------------------------------------------------------------
     def acquire(self, resources: Resources) -> Any | None:
