@@ -2,8 +2,10 @@
 
 Ray publishes two things (read in `actors.ray_api`):
 - the `ClusterConfig` in the GCS (`node_group_configs`: name, resources, max_count), which Ray Data's
-  autoscaler reads. On Ray 2.60 no Python component of the wheel writes it: neither autoscaler v1 nor
-  v2 filled it on this machine, so a `ray up` cluster needs its config named (`--cluster-yaml`);
+  autoscaler reads. On Ray 2.60 no Python code of the wheel writes it, and autoscaler v1 (the default)
+  left it empty on a fake multi-node cluster here, so a `ray up` cluster needs its config named
+  (`--cluster-yaml`). Autoscaler v2 could not be tried: its fake provider needs an example.yaml the
+  wheel lacks;
 - autoscaler v1's status in the GCS key-value store (`__autoscaling_status`): which node is of which
   type, the nodes it is launching, the launches that failed. `ray status` prints the same.
 """

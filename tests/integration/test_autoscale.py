@@ -232,7 +232,7 @@ def test_the_gpu_stage_waits_for_a_launched_a10g_node_and_the_node_goes_when_idl
     print(f"worker_gpu node released {took:.1f} s after the run (idle timeout {IDLE_TIMEOUT_MIN * 60:g} s)")
 
 
-def test_a_fan_out_brings_cpu_workers_up_and_lets_them_go(cluster, tmp_path):
+def test_a_fan_out_brings_cpu_workers_up_and_lets_them_go(cluster, tmp_path, capsys):
     before = set(cluster.alive_of_type("worker_cpu"))
     run = run_workflow(
         wfs.fan_out(),
@@ -244,6 +244,8 @@ def test_a_fan_out_brings_cpu_workers_up_and_lets_them_go(cluster, tmp_path):
     )
     assert run.status == "succeeded", {n: r.error for n, r in run.records.items()}
     assert {r.decision.label for r in run.records.values()} == {"fits as declared"}  # the head fits one
+    offline = _validate(cluster.config, "tests/fixtures/autoscale_workflows.py:fan_out", capsys)
+    assert offline == {n: r.decision.label for n, r in run.records.items()}
     mapping = cluster.types_by_node()
     used = {r.result.node_id for r in run.records.values()}
     launched = {n for n in used if mapping.get(n) == "worker_cpu"} - before
@@ -261,8 +263,11 @@ def _stale_config(cluster: FakeCluster) -> dict:
     return stale
 
 
-def test_a_stage_waiting_for_a_node_that_never_comes_fails_within_node_wait_s(cluster, tmp_path):
+def test_a_stage_waiting_for_a_node_that_never_comes_fails_within_node_wait_s(cluster, tmp_path, capsys):
     stale = _stale_config(cluster)
+    (tmp_path / "stale.yaml").write_text(yaml.safe_dump(stale))
+    offline = _validate(tmp_path / "stale.yaml", "tests/fixtures/autoscale_workflows.py:needs_tpu", capsys)
+    assert offline == {"on_tpu": "waits for a launchable node of type worker_tpu"}
     node_wait_s = 5.0
     t0 = time.monotonic()
     with pytest.raises(StageFailedError) as err:
@@ -280,6 +285,7 @@ def test_a_stage_waiting_for_a_node_that_never_comes_fails_within_node_wait_s(cl
     for part in ("worker_tpu", "--node-wait-s=5", "cpus=1 tpu=1", "the autoscaler reported", "it has not tried"):
         assert part in text, text
     assert json.dumps(_pending_actors()) == "[]"  # the failed run left no actor request behind
+    assert err.value.stage == "on_tpu"
 
 
 def test_the_cli_shows_the_wait_and_exits_1_when_the_node_never_comes(cluster, tmp_path):
