@@ -8,6 +8,7 @@ CPU 1 (max 2), worker_gpu CPU 1 GPU 1 accelerator_type:A10G 1 (max 1), idle time
 
 Autoscaler v1 does not publish its node types in the GCS ClusterConfig (checked here: it stays empty),
 so the driver is told them as a user of a `ray up` cluster would be: `cluster_types` from the same file.
+Set TF_KEEP_FAKE=1 to keep the head's temp dir (the autoscaler's monitor.log) after the module.
 """
 
 from __future__ import annotations
