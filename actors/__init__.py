@@ -2,7 +2,15 @@
 
 from actors.context import StageContext
 from actors.errors import ActorsError, ResourceSpecError, StageExecutionError
-from actors.placement import NodeInfo, PlacementDecision, decide, nodes_from_cluster_yaml, ray_options
+from actors.placement import (
+    NodeInfo,
+    NodeType,
+    PlacementDecision,
+    cluster_from_yaml,
+    decide,
+    nodes_from_cluster_yaml,
+    ray_options,
+)
 from actors.resources import Resources, parse_memory
 
 _DDP = ("DDPConfig", "GangFailedError", "TrainResult", "TrainSpec", "train_data_parallel")
@@ -22,6 +30,7 @@ __all__ = [
     "DDPConfig",
     "GangFailedError",
     "NodeInfo",
+    "NodeType",
     "PlacementDecision",
     "ResourceSpecError",
     "Resources",
@@ -29,6 +38,7 @@ __all__ = [
     "StageExecutionError",
     "TrainResult",
     "TrainSpec",
+    "cluster_from_yaml",
     "decide",
     "nodes_from_cluster_yaml",
     "parse_memory",

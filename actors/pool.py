@@ -25,7 +25,7 @@ from typing import Any
 
 import ray
 
-from actors.placement import NodeInfo, capacity
+from actors.placement import NodeInfo, NodeType, capacity
 from actors.ray_api import cluster_nodes
 from actors.resources import Resources
 from actors.runner import StageActor
@@ -79,9 +79,22 @@ class ActorPool:
 
     store_config: StoreConfig
     nodes: list[NodeInfo] | None = None
+    node_types: list[NodeType] = field(default_factory=list)  # what the autoscaler can still launch
+    max_actors: int = 64  # actors per shape at most (the workflow's max_actors)
     _members: dict[Any, Member] = field(default_factory=dict)  # ready ref or actor -> member
     _caps: dict[tuple, int] = field(default_factory=dict)
     _lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def configure(self, node_types: list[NodeType], max_actors: int) -> None:
+        """Set what a run's capacity counts: alive nodes, launchable ones, and the workflow's maximum."""
+        with self._lock:
+            self.node_types, self.max_actors = list(node_types), max_actors
+            self._caps.clear()
+
+    @property
+    def autoscaling(self) -> bool:
+        """The cluster has node types that come and go: an actor kept idle keeps a node up."""
+        return any(t.max_count != 0 for t in self.node_types)
 
     # -- lending --------------------------------------------------------------------------------
     def acquire(self, resources: Resources) -> Any | None:
@@ -142,7 +155,9 @@ class ActorPool:
             except Exception as exc:  # ActorDiedError, RuntimeEnvSetupError, ...: never lend it
                 self.discard(m.actor)
                 text = str(exc)
-                never_ran = "never ran" in text or "RuntimeEnv" in type(exc).__name__
+                # A node that died under a starting actor (e.g. a launch the autoscaler gave up on) is no
+                # verdict on the request: another actor may be placed on the next node.
+                never_ran = ("never ran" in text and "node has died" not in text) or "RuntimeEnv" in type(exc).__name__
                 init_failed = bool(getattr(exc, "actor_init_failed", False))
                 failures.append(StartFailure(m.resources, f"{type(exc).__name__}: {text}", never_ran, init_failed))
                 continue
@@ -152,10 +167,13 @@ class ActorPool:
                     self._set(m, IDLE)
         return failures
 
-    def reclaim(self) -> int:
-        """While an actor waits for placement, end idle actors of other shapes: they may hold what it needs."""
+    def reclaim(self, ignore: Iterable[tuple] = ()) -> int:
+        """While an actor waits for placement, end idle actors of other shapes: they may hold what it needs.
+
+        Shapes in `ignore` wait for a node the autoscaler launches, not for room on the nodes alive.
+        """
         with self._lock:
-            waiting = {m.shape for m in self._members.values() if m.state == STARTING}
+            waiting = {m.shape for m in self._members.values() if m.state == STARTING} - set(ignore)
             if not waiting:
                 return 0
             victims = [m for m in self._members.values() if m.state == IDLE and m.shape not in waiting]
@@ -166,9 +184,39 @@ class ActorPool:
             _kill(m.actor)
         return len(victims)
 
+    def trim(self, needed: dict[tuple, int]) -> int:
+        """End starting and idle actors beyond what `needed` (shape -> stages not launched yet) can use.
+
+        On an autoscaling cluster an actor nobody will use holds a node up (or, still starting, makes the
+        autoscaler launch one): once a fan-out has drained, its actors go and the nodes can scale down.
+        """
+        with self._lock:
+            spare: dict[tuple, list[Member]] = {}
+            for m in self._members.values():
+                if m.state != BUSY:
+                    spare.setdefault(m.shape, []).append(m)
+            victims = []
+            for shape, members in spare.items():
+                members.sort(key=lambda m: m.state != STARTING)  # unplaced ones first: no start-up is lost
+                victims += members[: max(0, len(members) - needed.get(shape, 0))]
+            for m in victims:
+                del self._members[m.actor]
+        for m in victims:
+            _kill(m.actor)
+        return len(victims)
+
     def starting(self) -> list[Member]:
         with self._lock:
             return [m for m in self._members.values() if m.state == STARTING]
+
+    def starting_of(self, shape: tuple) -> int:
+        with self._lock:
+            return sum(m.state == STARTING and m.shape == shape for m in self._members.values())
+
+    def placed(self, shape: tuple) -> bool:
+        """An actor of `shape` is placed (idle or busy): a node for it exists."""
+        with self._lock:
+            return any(m.state != STARTING and m.shape == shape for m in self._members.values())
 
     def held(self) -> dict[str, list[Member]]:
         """Members by state, for error messages that say what holds the cluster."""
@@ -241,7 +289,8 @@ class ActorPool:
         shape = resources.shape()
         if shape not in self._caps:
             nodes = self.nodes if self.nodes is not None else cluster_nodes()
-            self._caps[shape] = max(1, capacity(resources.as_ray_resources(), nodes))
+            cap = capacity(resources.as_ray_resources(), nodes, self.max_actors, self.node_types)
+            self._caps[shape] = max(1, cap)
         return self._caps[shape]
 
 

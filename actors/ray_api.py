@@ -1,4 +1,5 @@
-"""The thin layer over Ray: connecting and reading the node inventory (actors live in `actors.pool`)."""
+"""The thin layer over Ray: connecting, reading the node inventory and what the autoscaler publishes
+(actors live in `actors.pool`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from typing import Any
 
 import ray
 
-from actors.placement import NodeInfo
+from actors import autoscaler
+from actors.placement import NodeInfo, NodeType
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,41 @@ def cluster_nodes() -> list[NodeInfo]:
         for n in ray.nodes()
         if n.get("Alive")
     ]
+
+
+def autoscaler_status() -> dict[str, Any] | None:
+    """Autoscaler v1's last published status (what `ray status` prints), or None without one."""
+    from ray._private import ray_constants  # noqa: PLC0415
+    from ray.experimental import internal_kv  # noqa: PLC0415
+
+    try:
+        raw = internal_kv._internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        return json.loads(raw) if raw else None
+    except Exception as exc:  # a display and error-message aid: never a reason to fail
+        log.debug("autoscaler status not read: %s", exc)
+        return None
+
+
+def published_node_types() -> list[NodeType]:
+    """The node types in the GCS ClusterConfig (Ray Data's source), or [] when nothing published one."""
+    from ray._private.state import state  # noqa: PLC0415
+
+    try:
+        config = state.get_cluster_config()
+    except Exception as exc:
+        log.debug("cluster config not read: %s", exc)
+        return []
+    return autoscaler.types_from_cluster_config(config) if config is not None else []
+
+
+def node_types(declared: list[NodeType] | None = None, alive: list[NodeInfo] | None = None) -> list[NodeType]:
+    """What the cluster can launch: the published node types, else `declared` (from a cluster.yaml),
+    each with its workers alive now counted, so `launchable` is what is left."""
+    types = published_node_types() or list(declared or [])
+    if not types:
+        return []
+    alive = cluster_nodes() if alive is None else alive
+    return autoscaler.with_running(types, alive, autoscaler.node_type_mapping(autoscaler_status()))
 
 
 # -- live stage progress: the latest `ctx.log_metric` values, published to Ray's KV store -------------

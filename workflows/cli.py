@@ -25,6 +25,7 @@ from workflows.errors import StageFailedError, TierflowError, ValidationError
 from workflows.hooks import RunInfo, StageRecord
 from workflows.loader import BUILTINS, load_workflow
 from workflows.model import Workflow
+from workflows.node_wait import DEFAULT_NODE_WAIT_S
 from workflows.progress import ProgressHook
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_CANCELLED = 0, 1, 2, 130
@@ -101,7 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="fail a stage whose actor Ray has not placed after this long with nothing else of the run running "
-        "(default: 60)",
+        "(default: 60; a stage waiting for a node the autoscaler launches is bounded by --node-wait-s instead)",
+    )
+    run.add_argument(
+        "--node-wait-s",
+        type=float,
+        default=DEFAULT_NODE_WAIT_S,
+        help="fail a stage that waited this long for a node the autoscaler has to launch for it "
+        f"(default: {DEFAULT_NODE_WAIT_S:g})",
+    )
+    run.add_argument(
+        "--cluster-yaml",
+        type=Path,
+        help="the cluster's config (e.g. ~/ray_bootstrap_config.yaml on a `ray up` head): the node types the "
+        "autoscaler can launch, when the cluster does not publish them itself",
     )
 
     val = sub.add_parser("validate", help="check a workflow without running anything")
@@ -211,23 +225,38 @@ def _doctor(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _read_cluster_yaml(path: Path) -> tuple[list[Any], list[Any]]:
+    """(nodes alive right after `ray up`, launchable node types) of a cluster-launcher config."""
+    import yaml  # noqa: PLC0415
+
+    from actors.placement import cluster_from_yaml  # noqa: PLC0415
+
+    try:
+        config = yaml.safe_load(path.read_text())
+        return cluster_from_yaml(config if isinstance(config, dict) else {})
+    except (OSError, yaml.YAMLError, ValueError, TypeError) as exc:
+        raise ValidationError(f"--cluster-yaml {path}: {exc}. Fix: name a Ray cluster-launcher config") from None
+
+
 def _validate(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
-    from actors.placement import nodes_from_cluster_yaml  # noqa: PLC0415
     from workflows.engine import plan  # noqa: PLC0415
 
     if args.cluster_yaml:
-        import yaml  # noqa: PLC0415
-
-        nodes = nodes_from_cluster_yaml(yaml.safe_load(args.cluster_yaml.read_text()))
+        nodes, types = _read_cluster_yaml(args.cluster_yaml)
+        where = f"{args.cluster_yaml} right after `ray up` (head and min_workers alive)"
     else:
-        from actors.ray_api import cluster_nodes, connect  # noqa: PLC0415
+        from actors.ray_api import cluster_nodes, connect, node_types  # noqa: PLC0415
 
         connect(args.address)
         nodes = cluster_nodes()
-    decisions = plan(wf, nodes)
+        types = node_types(None, nodes)
+        where = "the connected cluster"
+    decisions = plan(wf, nodes, types)
     for name, d in decisions.items():
-        console.print(f"{name}: {d.requested.describe()} -> {d.effective.describe()}  ({d.reason})")  # type: ignore[union-attr]
-    console.print(f"workflow {wf.name!r} is valid")
+        why = f"  ({d.reason})" if d.reason != d.label else ""
+        line = f"{name}: {d.requested.describe()} -> {d.effective.describe()}  [{d.label}]{why}"  # type: ignore[union-attr]
+        console.print(line, markup=False, soft_wrap=True)  # one line per stage, for grep
+    console.print(f"workflow {wf.name!r} is valid on {where}")
     return EXIT_OK
 
 
@@ -237,6 +266,7 @@ def _run(wf: Workflow, params: dict[str, Any], args: argparse.Namespace) -> int:
     from workflows.runlog import RunLog, local_log_path  # noqa: PLC0415
 
     store = StoreConfig.resolve(args.store)
+    args.cluster_types = _read_cluster_yaml(args.cluster_yaml)[1] if args.cluster_yaml else None  # before Ray starts
     if not args.resume:
         _hint_unfinished(wf, store)
     run_id = args.resume or args.run_id or new_run_id()
@@ -288,6 +318,8 @@ def _run_logged(
             workflow_ref=args.workflow,
             keep_warm_s=0.0,  # one run per process: nothing to keep warm for
             placement_timeout_s=args.placement_timeout_s,
+            node_wait_s=args.node_wait_s,
+            cluster_types=args.cluster_types,
         )
         answers = _smoke_requests(run)
         if args.json:
@@ -390,6 +422,8 @@ def _summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> dict[str
                 "cache": r.cache,
                 "requested": r.decision.requested.describe(),
                 "placed": r.decision.effective.describe() if r.decision.effective else "",
+                "placement": r.decision.label,
+                "node_type_waited_for": r.decision.waits_for or "",
                 "node": r.result.node_ip if r.result else "",
                 "node_id": r.result.node_id if r.result else "",
                 "device": r.result.device if r.result else "",

@@ -24,10 +24,11 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
+from actors.autoscaler import report_text
 from actors.errors import StageExecutionError
-from actors.placement import PlacementDecision, decide, ray_options
+from actors.placement import NodeType, PlacementDecision, decide, ray_options
 from actors.pool import StartFailure, explain_start_failure, shared_pools
-from actors.ray_api import cluster_nodes
+from actors.ray_api import autoscaler_status, cluster_nodes, node_types
 from actors.resources import Resources
 from actors.runner import StageCall, StageResult, stream_stage_result
 from actors.streaming import StreamSource
@@ -51,6 +52,7 @@ from workflows.hooks import (
 )
 from workflows.journal import Journals
 from workflows.model import Workflow
+from workflows.node_wait import DEFAULT_NODE_WAIT_S, NodeWaits
 from workflows.retry import INFRA, TIMEOUT, USER
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,9 @@ class Driver:
         streaming: bool = True,
         keep_warm_s: float = 0.0,
         placement_timeout_s: float = 60.0,
+        node_wait_s: float = DEFAULT_NODE_WAIT_S,
+        declared_types: list[NodeType] | None = None,
+        launchable: list[NodeType] | None = None,
     ) -> None:
         self.wf = workflow
         self.run = run
@@ -93,6 +98,11 @@ class Driver:
         self.keep_warm_s = keep_warm_s
         self.placement_timeout_s = placement_timeout_s
         self.pool = shared_pools.borrow(store.config)  # warm actors of an earlier run of this process
+        # On an autoscaling cluster the pool counts launchable nodes too, and ends actors the run no longer
+        # needs, so that nodes come up for a fan-out and go again once it drained.
+        self.pool.configure(launchable or [], workflow.max_actors)
+        self.declared_types = declared_types  # the cluster.yaml's node types, for a replan after a failure
+        self.node_waits = NodeWaits(node_wait_s)
         self._unplaced_since: float | None = None  # when an actor began waiting with nothing of ours running
         self._start_failures: dict[tuple, int] = {}  # shape -> actors in a row that could not start
         # stage -> ObjectRef (ran in this driver) or ArtifactRef (cache hit / restored / retry input)
@@ -119,6 +129,11 @@ class Driver:
         self._candidates: set[str] = set(workflow.order)
         self._scan: dict[str, int] = {}  # stage -> upstream edges already seen done
         self._waiting: dict[tuple, deque[str]] = {}  # shape -> ready stages waiting for an actor
+        self._unstarted: dict[tuple, int] = {}  # shape -> stages of it not launched yet (actors beyond: surplus)
+        for n in workflow.order:
+            if run.records[n].status not in DONE and n not in self.fused:
+                shape = self._actor_resources(n).shape()
+                self._unstarted[shape] = self._unstarted.get(shape, 0) + 1
         self._journal_at = 0.0
         self._journal_gap = JOURNAL_EVERY_S
         self._changed: dict[str, None] = {}  # stages whose journal entry is behind their record (ordered)
@@ -284,8 +299,11 @@ class Driver:
                 if queue:  # actors for the waiting stages, as many as the cluster holds (lent once placed)
                     res = self._actor_resources(queue[0])
                     self.pool.want(res, ray_options(res), len(queue))
-        # An actor waiting for placement may need what idle actors of other shapes hold.
-        self.pool.reclaim()
+        # An actor waiting for placement may need what idle actors of other shapes hold (not one waiting for
+        # a node to be launched: it needs none of theirs).
+        self.pool.reclaim(ignore=self.node_waits.shapes())
+        if self.pool.autoscaling:
+            self.pool.trim(self._unstarted)
 
     def _actor_resources(self, name: str) -> Resources:
         """What the stage's actor reserves: its placement, or almost nothing for a barrier-mode stream's driver."""
@@ -368,6 +386,9 @@ class Driver:
         if name in self._launched:  # a retry is no new consumer
             return
         self._launched.add(name)
+        if name not in self.fused:
+            shape = self._actor_resources(name).shape()
+            self._unstarted[shape] = self._unstarted.get(shape, 0) - 1
         for up in {e.upstream for e in self._up[name]}:
             self._unlaunched[up] -= 1
             if self._unlaunched[up] <= 0:
@@ -487,13 +508,30 @@ class Driver:
         cause = explain_start_failure(failure)
         self._fail_waiting(shape, cause)
 
+    def _check_node_waits(self) -> None:
+        """Show stages that wait for a node the autoscaler launches; fail them after node_wait_s."""
+        if self.failure is not None:
+            return
+        for wait, names in self.node_waits.update(self._waiting, self.run.records, self.pool):
+            for h, name in ((h, n) for h in self.hooks if hasattr(h, "on_stage_waiting") for n in names):
+                h.on_stage_waiting(run=self.run, record=self.run.records[name], node_type=wait.node_type)
+        for wait in self.node_waits.expired():
+            self.node_waits.end(wait.shape)
+            self._fail_waiting(
+                wait.shape, self.node_waits.cause(wait, report_text(autoscaler_status(), wait.node_type))
+            )
+            self.pool.end_unidle()  # no actor request is left pending behind a failed run
+
     def _check_placement(self) -> None:
         """Fail stages whose actors stayed unplaced for placement_timeout_s while nothing of ours ran.
 
         While a stage of this run runs, what it holds comes back when it ends; with nothing running and
         no idle actor left to end, only someone else can free the resources, so waiting is bounded.
+        Actors waiting for a node to be launched are bounded by node_wait_s instead.
         """
-        starting = self.pool.starting()
+        self._check_node_waits()
+        exempt = self.node_waits.shapes()
+        starting = [m for m in self.pool.starting() if m.shape not in exempt]
         if self.inflight or not starting or self.failure is not None or not any(self._waiting.values()):
             self._unplaced_since = None
             return
@@ -574,7 +612,8 @@ class Driver:
 
     def _replan(self, rec: StageRecord) -> PlacementDecision:
         """After a failure (perhaps a lost node), decide again against the nodes alive now."""
-        return decide(rec.name, self.wf.stages[rec.name].resources, cluster_nodes())
+        alive = cluster_nodes()
+        return decide(rec.name, self.wf.stages[rec.name].resources, alive, node_types(self.declared_types, alive))
 
     def _notify(self, rec: StageRecord) -> None:
         if rec.status in DONE:

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from actors.errors import RecordError
-from actors.placement import NodeInfo, PlacementDecision, decide
-from actors.ray_api import cluster_nodes
+from actors.placement import NodeInfo, NodeType, PlacementDecision, decide
+from actors.ray_api import cluster_nodes, node_types
 from actors.record import RestoredStage, from_record
 from storage import ArtifactNotFoundError, ArtifactRef, ArtifactStore, StorageError, StoreConfig, validate_name
 from workflows.driver import Driver
@@ -21,6 +21,7 @@ from workflows.errors import UnsatisfiableResourcesError, ValidationError
 from workflows.hooks import CACHED, DONE, SUCCEEDED, RunHook, RunInfo, StageRecord
 from workflows.journal import Journal, Journals
 from workflows.model import Workflow
+from workflows.node_wait import DEFAULT_NODE_WAIT_S
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,11 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def plan(workflow: Workflow, nodes: Iterable[NodeInfo]) -> dict[str, PlacementDecision]:
-    """A placement decision per stage; raise if any stage fits no node (before any compute)."""
-    nodes = list(nodes)
-    decisions = {name: decide(name, workflow.stages[name].resources, nodes) for name in workflow.order}
+def plan(workflow: Workflow, nodes: Iterable[NodeInfo], types: Iterable[NodeType] = ()) -> dict[str, PlacementDecision]:
+    """A placement decision per stage against the nodes alive and the node types the autoscaler can
+    launch; raise if any stage fits neither (before any compute)."""
+    nodes, types = list(nodes), list(types)
+    decisions = {name: decide(name, workflow.stages[name].resources, nodes, types) for name in workflow.order}
     bad = [d.reason for d in decisions.values() if not d.feasible]
     if bad:
         head = f"workflow {workflow.name!r} cannot be placed:\n  - "
@@ -67,6 +69,8 @@ def run_workflow(
     streaming: bool = True,
     keep_warm_s: float = 60.0,
     placement_timeout_s: float = 60.0,
+    node_wait_s: float = DEFAULT_NODE_WAIT_S,
+    cluster_types: list[NodeType] | None = None,
 ) -> RunInfo:
     """Run `workflow` on the connected Ray cluster and return its final state.
 
@@ -76,6 +80,9 @@ def run_workflow(
     `keep_warm_s`: after a successful run its idle actors stay warm this long for the next run of this
     process (a notebook, a test suite, a service); 0 ends them with the run. `release_warm_actors()` ends them now.
     `placement_timeout_s`: how long a stage's actor may stay unplaced while nothing else of the run runs.
+    `node_wait_s`: how long a stage may wait for a node the autoscaler has to launch for it.
+    `cluster_types`: the node types of the cluster's config (`cluster_from_yaml`), used when the cluster
+    publishes none itself; their running workers are counted live. `nodes` (a test's fixed inventory) skips both.
     Raises a `ValidationError` before anything starts, or `StageFailedError` after committed work is kept.
     """
     store = ArtifactStore(store_config)
@@ -93,7 +100,9 @@ def run_workflow(
         run_id = validate_name(run_id or new_run_id(), "run id")
         if journals.exists(run_id):
             raise ValidationError(f"run id {run_id!r} is taken; continue it with --resume {run_id} or pick another")
-    decisions = plan(workflow, nodes if nodes is not None else cluster_nodes())
+    alive = nodes if nodes is not None else cluster_nodes()
+    launchable = [] if nodes is not None else node_types(cluster_types, alive)
+    decisions = plan(workflow, alive, launchable)
     run = RunInfo(
         run_id=run_id,
         workflow=workflow,
@@ -104,9 +113,10 @@ def run_workflow(
     )
     if journal is not None:
         _restore(run, journal, store)
-    if not (keep_warm_s >= 0 and placement_timeout_s > 0):
+    if not (keep_warm_s >= 0 and placement_timeout_s > 0 and node_wait_s > 0):
         raise ValidationError(
-            f"keep_warm_s={keep_warm_s!r} must be >= 0 and placement_timeout_s={placement_timeout_s!r} > 0 (seconds)"
+            f"keep_warm_s={keep_warm_s!r} must be >= 0, placement_timeout_s={placement_timeout_s!r} and "
+            f"node_wait_s={node_wait_s!r} > 0 (seconds)"
         )
     driver = Driver(
         workflow,
@@ -119,6 +129,9 @@ def run_workflow(
         streaming,
         keep_warm_s=keep_warm_s,
         placement_timeout_s=placement_timeout_s,
+        node_wait_s=node_wait_s,
+        declared_types=cluster_types,
+        launchable=launchable,
     )
     return driver.execute()
 

@@ -44,6 +44,7 @@ class StageEntry:
     duration_s: float = 0.0
     error: str = ""
     annotations: dict[str, str] = field(default_factory=dict)
+    placement: str = ""  # the placement decision's label, e.g. "waits for a launchable node of type worker_gpu"
 
 
 @dataclass
@@ -129,6 +130,7 @@ def entry_for(record: StageRecord) -> StageEntry:
         duration_s=round(res.duration_s, 6) if res else 0.0,
         error=record.error,
         annotations=dict(record.annotations),
+        placement=record.decision.label,
     )
 
 

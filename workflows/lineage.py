@@ -274,8 +274,11 @@ class MLflowHook:
             "tierflow.gpu_ids": json.dumps(res.gpu_ids) if res else "[]",
             "tierflow.cuda_visible_devices": res.cuda_visible_devices if res else "",
             "tierflow.fallback": str(record.decision.fallback_used).lower(),
+            "tierflow.placement": record.decision.label,
             "tierflow.attempts": str(record.attempts),
         }
+        if record.decision.waits_for:
+            tags["tierflow.node_type_waited_for"] = record.decision.waits_for
         if record.restored:
             tags["tierflow.restored"] = "true"
         if record.artifact:

@@ -186,11 +186,16 @@ class Edge:
 class Workflow:
     """A validated DAG of stages. Construction raises `WorkflowDefinitionError` listing every problem."""
 
-    def __init__(self, name: str, stages: Iterable[Stage], *, description: str = "") -> None:
+    def __init__(self, name: str, stages: Iterable[Stage], *, description: str = "", max_actors: int = 64) -> None:
         self.name = _check_name(name, "workflow name")
         self.description = description
         stages = list(stages)
         problems: list[str] = []
+        # Actors of one resource shape at most: bounds a fan-out on the nodes alive and those the autoscaler
+        # may launch for it (each actor asks for its own resources, which is what makes it launch nodes).
+        self.max_actors = max_actors
+        if isinstance(max_actors, bool) or not isinstance(max_actors, int) or max_actors < 1:
+            problems.append(f"max_actors={max_actors!r} must be a whole number >= 1 (actors per resource shape)")
         self.stages: dict[str, Stage] = {}
         for s in stages:
             if not isinstance(s, Stage):

@@ -299,7 +299,7 @@ class _Sim:
         res = self.actor_res(queue[0])
         req = {k: v for k, v in res.as_ray_resources().items() if v > 0}
         if shape not in self.caps:
-            self.caps[shape] = max(1, capacity(res.as_ray_resources(), self.infos))
+            self.caps[shape] = max(1, capacity(res.as_ray_resources(), self.infos, self.wf.max_actors))  # as ActorPool
         mine = sum(1 for a in self.actors if a.shape == shape)
         coming = sum(1 for _, _, a in self.starting if a.shape == shape)
         for _ in range(max(0, min(len(queue) - coming, self.caps[shape] - mine))):

@@ -79,8 +79,16 @@ class ProgressHook:
             self._printed_at[name] = time.monotonic()
             self.console.print(f"  progress  {name} {text}", markup=False)
 
+    def on_stage_waiting(self, *, run: RunInfo, record: StageRecord, node_type: str) -> None:
+        """The stage's actor waits for a node the autoscaler has to launch (shown until the stage starts)."""
+        text = f"waiting for a node of type {node_type} since {time.strftime('%H:%M:%S')}"
+        self.latest[record.name] = text
+        if not self.live:
+            self.console.print(f"  waiting   {record.name} {text[8:]}", markup=False)
+
     def on_stage_start(self, *, run: RunInfo, record: StageRecord) -> None:
         self.started[record.name] = time.monotonic()
+        self.latest.pop(record.name, None)  # no longer waiting for a node
         self._seen(record)
         if not self.live:
             attempt = f" (attempt {record.attempts})" if record.attempts > 1 else ""
@@ -138,7 +146,7 @@ class ProgressHook:
                 res.node_id[:8] if res else "-",
                 res.device if res else "-",
                 took,
-                self.latest.get(rec.name, "") if rec.status == "running" else "",
+                self.latest.get(rec.name, "") if rec.status in ("running", "pending") else "",
             )
         return table
 

@@ -39,7 +39,7 @@ def show_run(store: StoreConfig, run_id: str, console: Console, *, logs: bool = 
     dur = f"{j.duration_s:.1f}s" if j.duration_s is not None else "-"
     title = f"run {j.run_id} ({j.workflow}) - {j.status}, started {_when(j.started_at)}, {dur}"
     table = Table(title=title)
-    for col in ("stage", "status", "attempts", "cache", "node", "device", "duration", "error"):
+    for col in ("stage", "status", "attempts", "cache", "placement", "node", "device", "duration", "error"):
         table.add_column(col)
     for name, e in j.stages.items():
         table.add_row(
@@ -47,6 +47,7 @@ def show_run(store: StoreConfig, run_id: str, console: Console, *, logs: bool = 
             e.status,
             str(e.attempts),
             e.cache,
+            e.placement or "-",
             e.node_id[:8] or "-",
             e.device or "-",
             f"{e.duration_s:.2f}s",

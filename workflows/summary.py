@@ -8,7 +8,7 @@ from collections import Counter
 from workflows.hooks import RunInfo
 from workflows.model import Stage
 
-COLUMNS = ("stage", "resources", "node", "device", "duration", "energy (method)", "cache")
+COLUMNS = ("stage", "resources", "placement", "node", "device", "duration", "energy (method)", "cache")
 
 
 def stage_rows(run: RunInfo) -> list[tuple[str, ...]]:
@@ -22,7 +22,8 @@ def stage_rows(run: RunInfo) -> list[tuple[str, ...]]:
         took = f"{r.result.duration_s:.2f}s" if r.result else "-"
         prof = r.result.profile if r.result else {}
         energy = f"{prof['energy_j']:.1f} J ({prof.get('energy_method', '')})" if "energy_j" in prof else "-"
-        rows.append((r.name, res, node, device or "-", took, energy, r.cache if r.status != "failed" else "failed"))
+        cache = r.cache if r.status != "failed" else "failed"
+        rows.append((r.name, res, r.decision.label, node, device or "-", took, energy, cache))
     return rows
 
 
