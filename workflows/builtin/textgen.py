@@ -116,15 +116,9 @@ def preprocess(ctx: StageContext, held_out: float = 0.1) -> pa.Table:
     split = ["held_out" if _held_out(q, held_out) else "train" for q, _ in docs]
     table = pa.table({"name": [q for q, _ in docs], "text": [t for _, t in docs], "split": split})
     table = table.replace_schema_metadata({"source_sha256": digest, "python": python, "modules": " ".join(MODULES)})
-    sizes = {s: sum(len(t.encode()) for (_, t), s2 in zip(docs, split, strict=True) if s2 == s) for s in set(split)}
-    ctx.log_metrics(
-        {
-            "docs_train": split.count("train"),
-            "docs_held_out": split.count("held_out"),
-            "bytes_train": sizes.get("train", 0),
-            "bytes_held_out": sizes.get("held_out", 0),
-        }
-    )
+    for part in ("train", "held_out"):
+        texts = [t for (_, t), s in zip(docs, split, strict=True) if s == part]
+        ctx.log_metrics({f"docs_{part}": len(texts), f"bytes_{part}": sum(len(t.encode()) for t in texts)})
     return table
 
 
