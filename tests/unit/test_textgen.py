@@ -7,6 +7,7 @@ import torch
 
 from serving.generation import EOS_ID, decode
 from workflows.builtin import textgen as tg
+from workflows.builtin.docstrings import MIN_DOC_CHARS
 
 
 def test_corpus_is_deterministic_standard_library_text():
@@ -15,7 +16,7 @@ def test_corpus_is_deterministic_standard_library_text():
     names = [q for q, _ in docs]
     assert len(set(names)) == len(names) and len({t for _, t in docs}) == len(docs)
     assert {q.split(".")[0] for q in names} <= {m.split(".")[0] for m in tg.MODULES}
-    assert all(len(t) >= tg.MIN_DOC_CHARS and t == t.strip() and "\n\n\n" not in t for _, t in docs)
+    assert all(len(t) >= MIN_DOC_CHARS and t == t.strip() and "\n\n\n" not in t for _, t in docs)
     assert sum(len(t.encode()) for _, t in docs) > 100_000  # enough text to learn from in a minute
     held = [q for q, _ in docs if tg._held_out(q, 0.1)]
     assert 0.05 < len(held) / len(docs) < 0.15
