@@ -63,7 +63,7 @@ class ByteGRU(nn.Module):
 # -- the corpus ----------------------------------------------------------------------------------------
 def collect_docstrings(modules: tuple[str, ...] = MODULES) -> list[tuple[str, str]]:
     """(qualified name, cleaned docstring) of `modules`, read by a fresh interpreter that imports nothing else
-    (-I -S: no site-packages, which may patch the standard library; inspect.isgenerator is, in a Ray worker)."""
+    (-I -S: no site-packages; importing ray, for one, replaces inspect.isgenerator)."""
     script = Path(__file__).with_name("docstrings.py")
     out = subprocess.run(
         [sys.executable, "-I", "-S", str(script), *modules], capture_output=True, text=True, timeout=120, check=False
