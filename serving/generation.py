@@ -352,7 +352,16 @@ def generator_model(
     if files:
         metadata[CODE_KEY] = json.dumps(files)
     bundle = Tensors(tensors, metadata)
-    _smoke(load_generator(bundle), torch)  # the stage fails here, not at registration or in a replica
+    gen = load_generator(bundle)
+    try:  # the stage fails here, not at registration or in a replica
+        _smoke(gen, torch)
+    except ModelContractError:
+        raise
+    except Exception as exc:
+        raise ModelContractError(
+            f"{ref} failed on its example prompt, alone or batched ({type(exc).__name__}: {exc}); check init_state "
+            "and step against the generator protocol (docs/models.md)"
+        ) from exc
     return bundle
 
 
