@@ -14,6 +14,7 @@ import inspect
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 from actors.context import StageContext
@@ -137,18 +138,30 @@ def deploy(ctx: StageContext, kw: dict[str, Any], waits: Sequence[str]) -> dict[
     for w in waits:  # e.g. the evaluation's accuracy; the serve stage's own keys win
         if isinstance(kw[w], dict):
             out |= {k: v for k, v in kw[w].items() if isinstance(v, int | float | str | bool)}
+    # where the example request goes: a generator answers text at /generate (non-streaming unless asked)
+    route = "generate" if spec.generation else "predict"
     out |= {
         "url": url,
-        "predict_url": f"{url}/predict",
-        "direct_predict_urls": [f"{u}/predict" for u in direct],
+        "predict_url": f"{url}/{route}",
+        "direct_predict_urls": [f"{u}/{route}" for u in direct],
         "app_name": app_name,
         "replica_resources": rollout.replica_options,
         "model_digest": facts["digest"],
         "task": spec.task,
-        "input": {"width": spec.input.width, "dtype": spec.input.dtype, "min": spec.input.min, "max": spec.input.max},
-        "example": {"instances": spec.example_rows()[:1].tolist()},
+        **_request_schema(spec),
         **lineage,
     }
     if spec.example_target:
         out["example_label"] = spec.example_target[0]
     return out
+
+
+def _request_schema(spec: Any) -> dict[str, Any]:
+    """What a request to the endpoint takes, and an example one built from the model's own example."""
+    if spec.generation is not None:
+        return {"generation": asdict(spec.generation), "example": {"prompt": spec.generation.example_prompt}}
+    schema = spec.row_input()
+    return {
+        "input": {"width": schema.width, "dtype": schema.dtype, "min": schema.min, "max": schema.max},
+        "example": {"instances": spec.example_rows()[:1].tolist()},
+    }
