@@ -67,6 +67,12 @@ _STREAM_COORDINATOR = Resources(cpus=0.01)
 _START_ATTEMPTS = 3  # actors of one shape that may fail to start (a node lost while it started) before the run fails
 _INFRA_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError)
 _COMMIT_POLL_S = 0.002  # how often a turn looks for a finished barrier while one runs
+# A stage may queue in a busy actor (actors.pool.PIPELINE_DEPTH), or share one actor call with others, only
+# behind stages whose function last took less than this here (a call's stages: all together): it then waits
+# at most about that long, while a fan-out of short stages saves the driver's round trip and Ray's per-call
+# cost between every two of them.
+PIPELINE_MAX_S = 0.05
+MAX_BATCH = 16  # stages in one actor call at most (short ones of a fan-out: Ray's per-call cost is shared)
 
 
 class Driver:
@@ -98,6 +104,11 @@ class Driver:
         # stage -> ObjectRef (ran in this driver) or ArtifactRef (cache hit / restored / retry input)
         self.outputs: dict[str, Any] = {n: r.artifact for n, r in run.records.items() if r.status in DONE}
         self.inflight: dict[Any, tuple[str, Any, float | None]] = {}  # result ref -> (stage, actor, deadline)
+        self._on_actor: dict[Any, list[str]] = {}  # actor -> its stages in flight, oldest first
+        self._took: dict[int, float] = {}  # id(stage function) -> how long its last stage here took (s)
+        self._orphaned: set[str] = set()  # queued in an actor ended for another stage's failure: not their fault
+        self._has_fn: dict[Any, set[int]] = {}  # actor -> id(stage function) of calls it returned from
+        self._batches: dict[Any, tuple[str, ...]] = {}  # result ref of a call of several stages -> them
         self.retry_at: dict[str, float] = {}
         self.failure: StageFailedError | None = None
         self._pos = {n: i for i, n in enumerate(workflow.order)}
@@ -270,7 +281,7 @@ class Driver:
         while progress:
             progress = False
             for queue in self._waiting.values():
-                while queue and self._launch(queue[0]):
+                while queue and self._launch(queue[0], queue):
                     queue.popleft()
                     progress = True
             for name in self._ready():
@@ -295,42 +306,100 @@ class Driver:
         assert effective is not None  # plan() refused infeasible stages
         return effective
 
-    def _launch(self, name: str) -> bool:
+    def _launch(self, name: str, queue: deque[str] | None = None) -> bool:
         """Start `name` (or complete it from the cache); False when no actor of its shape is free.
 
         A stage queued for an actor is tried again every turn: the cache key and lookup are done once.
+        `queue`: the stages waiting behind `name` for the same shape; short ones may go in the same call.
         """
-        stage, rec = self.wf.stages[name], self.run.records[name]
+        rec = self.run.records[name]
         edges = self._up[name]
-        if rec.status == PENDING and name not in self._keyed:
-            self._keyed.add(name)
-            # Stages of one function (a sweep, a fan-out) share its source: read it once per run, not per stage.
-            source = self._sources.get(id(stage.fn)) or self._sources.setdefault(id(stage.fn), stage.source())
-            rec.cache_key = cache_key(stage, rec.params, self._input_keys(name), source)
-            cacheable = self.use_cache and stage.cache and name not in self.rerun
-            if cacheable and (hit := self.store.lookup_cache(rec.cache_key)):
-                rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges}  # type: ignore[misc]
-                rec.status, rec.artifact = CACHED, self.store.adopt(hit, run_id=self.run.run_id, stage=name)
-                self.outputs[name] = rec.artifact
-                self._consumed(name)
-                self._notify(rec)
-                return True
+        if self._from_cache(name):
+            return True
         if name in self.fused:
             live = {e.param for e in edges if self._is_live(e.upstream)}
             rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges if e.param not in live}  # type: ignore[misc]
             self._consumed(name)
             return self._start_fused(rec)
-        actor = self.pool.acquire(self._actor_resources(name))
+        live = {e.param for e in edges if self._is_live(e.upstream)}
+        queue_ok = self._batchable(name) and not live  # a deadline starts at launch: never queued
+        actor = self.pool.acquire(self._actor_resources(name), self._short_behind if queue_ok else None)
         if actor is None:
             return False
-        live = {e.param for e in edges if self._is_live(e.upstream)}
+        batch = [name, *self._companions(name, queue)] if queue_ok and queue else [name]
+        if len(batch) == 1:
+            call, args = self._call(name, actor, live)
+            result_ref, value_ref = actor.run.remote(call, *args)
+            self._submitted(name, actor, result_ref, value_ref)
+            return True
+        calls, counts, flat = [], [], []
+        for n in batch:
+            call, args = self._call(n, actor, set())
+            calls.append(call)
+            counts.append(len(args))
+            flat += args
+        refs = actor.run_batch.options(num_returns=1 + len(batch)).remote(calls, counts, *flat)
+        self._batches[refs[0]] = tuple(batch)
+        for n, value_ref in zip(batch, refs[1:], strict=True):
+            self._submitted(n, actor, refs[0], value_ref)
+        return True
+
+    def _from_cache(self, name: str) -> bool:
+        """Compute the stage's cache key (once) and complete it from the cache if it may and can."""
+        stage, rec = self.wf.stages[name], self.run.records[name]
+        if rec.status != PENDING or name in self._keyed:
+            return False
+        self._keyed.add(name)
+        # Stages of one function (a sweep, a fan-out) share its source: read it once per run, not per stage.
+        source = self._sources.get(id(stage.fn)) or self._sources.setdefault(id(stage.fn), stage.source())
+        rec.cache_key = cache_key(stage, rec.params, self._input_keys(name), source)
+        cacheable = self.use_cache and stage.cache and name not in self.rerun
+        if not (cacheable and (hit := self.store.lookup_cache(rec.cache_key))):
+            return False
+        rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in self._up[name]}  # type: ignore[misc]
+        rec.status, rec.artifact = CACHED, self.store.adopt(hit, run_id=self.run.run_id, stage=name)
+        self.outputs[name] = rec.artifact
+        self._consumed(name)
+        self._notify(rec)
+        return True
+
+    def _batchable(self, name: str) -> bool:
+        """May the stage wait in a busy actor or share a call? Not with a deadline (it starts at launch), a
+        stream, or a fused streaming input."""
+        stage = self.wf.stages[name]
+        return stage.retry.timeout_s is None and stage.stream is None and name not in self.fused.values()
+
+    def _companions(self, name: str, queue: deque[str]) -> list[str]:
+        """Short stages waiting behind `name` (queue[0]) that go in its call, taken out of the queue, while the
+        call's known time stays under PIPELINE_MAX_S. Cache hits met on the way complete (and leave) too."""
+        took = self._took.get(id(self.wf.stages[name].fn))
+        if took is None or took >= PIPELINE_MAX_S:
+            return []
+        out, budget = [], PIPELINE_MAX_S - took
+        while len(queue) > 1 and len(out) < MAX_BATCH - 1:
+            n = queue[1]
+            if self._from_cache(n):
+                del queue[1]
+                continue
+            t = self._took.get(id(self.wf.stages[n].fn))
+            if t is None or t >= budget or not self._batchable(n):
+                break
+            budget -= t
+            out.append(n)
+            del queue[1]
+        return out
+
+    def _call(self, name: str, actor: Any, live: set[str]) -> tuple[StageCall, list[Any]]:
+        """The call that runs `name` on `actor`, and its upstream values as the call's arguments."""
+        stage, rec = self.wf.stages[name], self.run.records[name]
+        edges = self._up[name]
         rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges if e.param not in live}  # type: ignore[misc]
         self.retry_at.pop(name, None)
         retrying = rec.attempts > 0
         call = StageCall(
             run_id=self.run.run_id,
             stage=name,
-            fn=stage.fn,
+            fn=None if id(stage.fn) in self._has_fn.get(actor, ()) else stage.fn,
             is_class=stage.is_class,
             wants_context=stage.wants_context,
             params=rec.params,
@@ -342,6 +411,7 @@ class Driver:
             stream_source=self._stream_source(name) if stage.stream is not None else None,
             attempt=rec.attempts + 1,
             defer_sync=self._group,
+            fn_key=str(id(stage.fn)),  # the workflow holds its functions: ids are unique within the run
         )
         # A retry reads inputs from the store: the objects of a dead worker may be gone. A streaming
         # input is a recipe the consumer's actor starts, or the committed stream.
@@ -353,15 +423,30 @@ class Driver:
             else self.outputs.get(e.upstream, self.run.records[e.upstream].artifact)
             for e in edges
         ]
-        result_ref, value_ref = actor.run.remote(call, *args)
+        return call, args
+
+    def _submitted(self, name: str, actor: Any, result_ref: Any, value_ref: Any) -> None:
+        rec, timeout = self.run.records[name], self.wf.stages[name].retry.timeout_s
         rec.attempts += 1
         rec.status = RUNNING
         self._started(rec)
         self.outputs[name] = value_ref
         self._consumed(name)
-        timeout = stage.retry.timeout_s
-        self.inflight[result_ref] = (name, actor, time.monotonic() + timeout if timeout else None)
-        return True
+        if result_ref not in self.inflight:  # a batch's stages share their result ref
+            self.inflight[result_ref] = (name, actor, time.monotonic() + timeout if timeout else None)
+        self._on_actor.setdefault(actor, []).append(name)
+
+    def _short_behind(self, actor: Any) -> bool:
+        """May a stage queue behind what `actor` runs now? Only behind stages known to be short."""
+        running = self._on_actor.get(actor, ())
+        return all(self._took.get(id(self.wf.stages[n].fn), PIPELINE_MAX_S) < PIPELINE_MAX_S for n in running)
+
+    def _off(self, actor: Any, name: str) -> None:
+        running = self._on_actor.get(actor)
+        if running is not None and name in running:
+            running.remove(name)
+            if not running:
+                del self._on_actor[actor]
 
     def _consumed(self, name: str) -> None:
         """`name` launched (or completed from the cache): its upstream objects may have no consumer left."""
@@ -441,33 +526,56 @@ class Driver:
 
     # -- results --------------------------------------------------------------------------------
     def _collect(self, ref: Any) -> None:
-        name, actor, _ = self.inflight.pop(ref)
-        rec = self.run.records[name]
+        first, actor, _ = self.inflight.pop(ref)
+        batch = self._batches.pop(ref, None)
+        names = batch or (first,)
+        for name in names:
+            self._off(actor, name)
+        orphans = self._orphaned.intersection(names)
+        self._orphaned.difference_update(names)
         try:
-            result = ray.get(ref)
+            got = ray.get(ref)
         except RayTaskError as exc:
-            if isinstance(exc.cause, StageExecutionError):
+            if isinstance(exc.cause, StageExecutionError):  # a lone call's stage raised
                 c = exc.cause
-                self._failed(rec, actor, USER, c.cause, c.traceback, c.cause_types)
+                self._failed(self.run.records[first], actor, USER, c.cause, c.traceback, c.cause_types)
             elif isinstance(exc.cause, _INFRA_ERRORS):
-                self._failed(rec, actor, INFRA, f"{type(exc.cause).__name__}: {exc.cause}", "", ())
+                self._lost(names, orphans, actor, f"{type(exc.cause).__name__}: {exc.cause}")
             else:
-                self._failed(rec, actor, USER, str(exc), str(exc), ())
+                for name in names:
+                    self._failed(self.run.records[name], actor, USER, str(exc), str(exc), ())
             return
         except _INFRA_ERRORS as exc:
-            self._failed(rec, actor, INFRA, f"its worker died ({type(exc).__name__}): {exc}", "", ())
+            self._lost(names, orphans, actor, f"its worker died ({type(exc).__name__}): {exc}")
             return
-        if self._group:
-            if result.node_id != self._node_id:  # the barrier here cannot reach another node's page cache
-                ray.get(actor.barrier.remote())
-            self.pool.release(actor)
-            cacheable = self.wf.stages[name].cache
-            self.commits.add((rec, result), (rec.cache_key, result.artifact) if cacheable else None)
-            return
+        results = got if batch else [got]  # a batch: each stage's result, or the error it raised
+        ok = [(self.run.records[n], r) for n, r in zip(names, results, strict=True) if isinstance(r, StageResult)]
+        for rec, result in ok:
+            self._took[id(self.wf.stages[rec.name].fn)] = result.duration_s
+            self._has_fn.setdefault(actor, set()).add(id(self.wf.stages[rec.name].fn))
+        if self._group and any(result.node_id != self._node_id for _, result in ok):
+            ray.get(actor.barrier.remote())  # the barrier here cannot reach another node's page cache
         self.pool.release(actor)
-        if self.wf.stages[name].cache:
-            self.store.record_cache(rec.cache_key, result.artifact)
-        self._committed(rec, result)
+        for rec, result in ok:
+            cacheable = self.wf.stages[rec.name].cache
+            if self._group:
+                self.commits.add((rec, result), (rec.cache_key, result.artifact) if cacheable else None)
+                continue
+            if cacheable:
+                self.store.record_cache(rec.cache_key, result.artifact)
+            self._committed(rec, result)
+        for name, r in zip(names, results, strict=True):  # a stage of a batch that raised
+            if isinstance(r, StageExecutionError):
+                self._failed(self.run.records[name], actor, USER, r.cause, r.traceback, r.cause_types)
+
+    def _lost(self, names: tuple[str, ...], orphans: set[str], actor: Any, cause: str) -> None:
+        """The call's worker died: its stages are infrastructure failures, except those that only waited in
+        an actor ended for another stage's failure (they never ran)."""
+        for name in names:
+            if name in orphans:
+                self._requeue(self.run.records[name])
+            else:
+                self._failed(self.run.records[name], actor, INFRA, cause, "", ())
 
     def _committed(self, rec: StageRecord, result: StageResult) -> None:
         """The stage's output is durable (and its cache entry written): it counts as done."""
@@ -536,7 +644,18 @@ class Driver:
                 cause = f"TimeoutError: stage {name!r} ran longer than timeout_s={timeout:g}"
                 self._failed(self.run.records[name], actor, TIMEOUT, cause, "", ("builtins.TimeoutError",))
 
+    def _requeue(self, rec: StageRecord) -> None:
+        """A stage that waited in an actor ended for another stage's failure: it never ran, so it goes back
+        to wait for an actor without counting an attempt (its inputs come from the store)."""
+        rec.attempts -= 1
+        rec.status = RETRYING if rec.attempts else PENDING
+        self.retry_at[rec.name] = time.monotonic()
+        self._candidates.add(rec.name)
+        self._changed[rec.name] = None
+
     def _failed(self, rec: StageRecord, actor: Any, kind: str, cause: str, tb: str, types: tuple[str, ...]) -> None:
+        self._off(actor, rec.name)
+        self._orphaned.update(self._on_actor.pop(actor, ()))  # queued behind it: they die with the actor
         self.pool.discard(actor)  # a broken or busy process is never reused
         for up in [n for n, c in self.fused.items() if c == rec.name and self.run.records[n].status == RUNNING]:
             self.run.records[up].status = PENDING  # a fused stream restarts with its consumer, or never
