@@ -50,6 +50,7 @@ class Member:
     since: float  # monotonic time of the last state change
     ready_ref: Any = None  # `__ray_ready__` while starting
     calls: int = 0  # calls lent out and not yet released (more than one: queued behind each other in the actor)
+    retired: bool = False  # lent no more: ended once its calls return (a stage failed in it)
 
     @property
     def shape(self) -> tuple:
@@ -101,7 +102,8 @@ class ActorPool:
                     return m.actor
             if queue_behind is not None:
                 for m in self._members.values():
-                    if m.state == BUSY and m.shape == shape and m.calls < PIPELINE_DEPTH and queue_behind(m.actor):
+                    lendable = m.state == BUSY and not m.retired and m.calls < PIPELINE_DEPTH
+                    if lendable and m.shape == shape and queue_behind(m.actor):
                         m.calls += 1
                         return m.actor
         return None
@@ -121,12 +123,30 @@ class ActorPool:
             return max(0, n)
 
     def release(self, actor: Any) -> None:
-        """One call lent out has returned; the actor is idle once none is left."""
+        """One call lent out has returned; the actor is idle once none is left (or ended, if retired)."""
         with self._lock:
-            if (m := self._members.get(actor)) is not None:
-                m.calls = max(0, m.calls - 1)
-                if m.calls == 0:
-                    self._set(m, IDLE)
+            if (m := self._members.get(actor)) is None:
+                return
+            m.calls = max(0, m.calls - 1)
+            if m.calls:
+                return
+            if not m.retired:
+                self._set(m, IDLE)
+                return
+            del self._members[actor]
+        _kill(actor)
+
+    def retire(self, actor: Any) -> None:
+        """A stage failed in this actor: lend it no more, and end it once the calls queued in it return
+        (they finish and commit, as stages in flight elsewhere do)."""
+        with self._lock:
+            if (m := self._members.get(actor)) is None:
+                return
+            if m.calls:
+                m.retired = True
+                return
+            del self._members[actor]
+        _kill(actor)
 
     def discard(self, actor: Any) -> None:
         """End an actor that failed or timed out: a broken or busy process is never reused."""

@@ -34,6 +34,7 @@ from actors.streaming import StreamSource
 from storage import ArtifactStore
 from workflows.cache import cache_key
 from workflows.commits import GroupCommit
+from workflows.dispatch import MAX_BATCH, PIPELINE_MAX_S, ActorCalls
 from workflows.errors import StageFailedError
 from workflows.hooks import (
     CACHED,
@@ -67,12 +68,6 @@ _STREAM_COORDINATOR = Resources(cpus=0.01)
 _START_ATTEMPTS = 3  # actors of one shape that may fail to start (a node lost while it started) before the run fails
 _INFRA_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError)
 _COMMIT_POLL_S = 0.002  # how often a turn looks for a finished barrier while one runs
-# A stage may queue in a busy actor (actors.pool.PIPELINE_DEPTH), or share one actor call with others, only
-# behind stages whose function last took less than this here (a call's stages: all together): it then waits
-# at most about that long, while a fan-out of short stages saves the driver's round trip and Ray's per-call
-# cost between every two of them.
-PIPELINE_MAX_S = 0.05
-MAX_BATCH = 16  # stages in one actor call at most (short ones of a fan-out: Ray's per-call cost is shared)
 
 
 class Driver:
@@ -104,11 +99,8 @@ class Driver:
         # stage -> ObjectRef (ran in this driver) or ArtifactRef (cache hit / restored / retry input)
         self.outputs: dict[str, Any] = {n: r.artifact for n, r in run.records.items() if r.status in DONE}
         self.inflight: dict[Any, tuple[str, Any, float | None]] = {}  # result ref -> (stage, actor, deadline)
-        self._on_actor: dict[Any, list[str]] = {}  # actor -> its stages in flight, oldest first
-        self._took: dict[int, float] = {}  # id(stage function) -> how long its last stage here took (s)
-        self._orphaned: set[str] = set()  # queued in an actor ended for another stage's failure: not their fault
-        self._has_fn: dict[Any, set[int]] = {}  # actor -> id(stage function) of calls it returned from
-        self._batches: dict[Any, tuple[str, ...]] = {}  # result ref of a call of several stages -> them
+        self.calls = ActorCalls()  # short stages queue in busy actors and share calls (workflows.dispatch)
+        self._requeued: set[str] = set()  # stages put back uncounted once (see _lost)
         self.retry_at: dict[str, float] = {}
         self.failure: StageFailedError | None = None
         self._pos = {n: i for i, n in enumerate(workflow.order)}
@@ -221,9 +213,9 @@ class Driver:
             done, rest = ray.wait(refs, num_returns=1, timeout=self._wait_s())
             if done and rest:  # collect everything already finished in the same turn
                 done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-            for ref in done:
-                if ref in self.inflight:
-                    self._collect(ref)
+            finished = set(done)
+            for ref in [r for r in self.inflight if r in finished]:  # in launch order: see _lost
+                self._collect(ref)
             if starting:
                 for failure in self.pool.poll(done):
                     self._start_failed(failure)
@@ -323,7 +315,8 @@ class Driver:
             return self._start_fused(rec)
         live = {e.param for e in edges if self._is_live(e.upstream)}
         queue_ok = self._batchable(name) and not live  # a deadline starts at launch: never queued
-        actor = self.pool.acquire(self._actor_resources(name), self._short_behind if queue_ok else None)
+        behind = (lambda a: self.calls.may_queue_behind(a, self._fn)) if queue_ok else None
+        actor = self.pool.acquire(self._actor_resources(name), behind)
         if actor is None:
             return False
         batch = [name, *self._companions(name, queue)] if queue_ok and queue else [name]
@@ -339,7 +332,7 @@ class Driver:
             counts.append(len(args))
             flat += args
         refs = actor.run_batch.options(num_returns=1 + len(batch)).remote(calls, counts, *flat)
-        self._batches[refs[0]] = tuple(batch)
+        self.calls.batches[refs[0]] = tuple(batch)
         for n, value_ref in zip(batch, refs[1:], strict=True):
             self._submitted(n, actor, refs[0], value_ref)
         return True
@@ -372,8 +365,8 @@ class Driver:
     def _companions(self, name: str, queue: deque[str]) -> list[str]:
         """Short stages waiting behind `name` (queue[0]) that go in its call, taken out of the queue, while the
         call's known time stays under PIPELINE_MAX_S. Cache hits met on the way complete (and leave) too."""
-        took = self._took.get(id(self.wf.stages[name].fn))
-        if took is None or took >= PIPELINE_MAX_S:
+        took = self.calls.short(self._fn(name))
+        if took is None:
             return []
         out, budget = [], PIPELINE_MAX_S - took
         while len(queue) > 1 and len(out) < MAX_BATCH - 1:
@@ -381,7 +374,7 @@ class Driver:
             if self._from_cache(n):
                 del queue[1]
                 continue
-            t = self._took.get(id(self.wf.stages[n].fn))
+            t = self.calls.short(self._fn(n))
             if t is None or t >= budget or not self._batchable(n):
                 break
             budget -= t
@@ -399,7 +392,7 @@ class Driver:
         call = StageCall(
             run_id=self.run.run_id,
             stage=name,
-            fn=None if id(stage.fn) in self._has_fn.get(actor, ()) else stage.fn,
+            fn=None if self.calls.has_fn(actor, stage.fn) else stage.fn,
             is_class=stage.is_class,
             wants_context=stage.wants_context,
             params=rec.params,
@@ -434,19 +427,10 @@ class Driver:
         self._consumed(name)
         if result_ref not in self.inflight:  # a batch's stages share their result ref
             self.inflight[result_ref] = (name, actor, time.monotonic() + timeout if timeout else None)
-        self._on_actor.setdefault(actor, []).append(name)
+        self.calls.submitted(actor, name)
 
-    def _short_behind(self, actor: Any) -> bool:
-        """May a stage queue behind what `actor` runs now? Only behind stages known to be short."""
-        running = self._on_actor.get(actor, ())
-        return all(self._took.get(id(self.wf.stages[n].fn), PIPELINE_MAX_S) < PIPELINE_MAX_S for n in running)
-
-    def _off(self, actor: Any, name: str) -> None:
-        running = self._on_actor.get(actor)
-        if running is not None and name in running:
-            running.remove(name)
-            if not running:
-                del self._on_actor[actor]
+    def _fn(self, name: str) -> Any:
+        return self.wf.stages[name].fn
 
     def _consumed(self, name: str) -> None:
         """`name` launched (or completed from the cache): its upstream objects may have no consumer left."""
@@ -527,20 +511,21 @@ class Driver:
     # -- results --------------------------------------------------------------------------------
     def _collect(self, ref: Any) -> None:
         first, actor, _ = self.inflight.pop(ref)
-        batch = self._batches.pop(ref, None)
+        batch = self.calls.batches.pop(ref, None)
         names = batch or (first,)
-        for name in names:
-            self._off(actor, name)
-        orphans = self._orphaned.intersection(names)
-        self._orphaned.difference_update(names)
+        # A call that died while an earlier call on its actor is unaccounted for waited behind it: never ran.
+        behind = self.calls.running.get(actor, [first])[0] not in names
+        orphans = self.calls.returned(actor, names) | (set(names) if behind else set())
         try:
             got = ray.get(ref)
         except RayTaskError as exc:
+            if isinstance(exc.cause, _INFRA_ERRORS):
+                self._lost(names, orphans, actor, f"{type(exc.cause).__name__}: {exc.cause}")
+                return
+            self.pool.release(actor)
             if isinstance(exc.cause, StageExecutionError):  # a lone call's stage raised
                 c = exc.cause
                 self._failed(self.run.records[first], actor, USER, c.cause, c.traceback, c.cause_types)
-            elif isinstance(exc.cause, _INFRA_ERRORS):
-                self._lost(names, orphans, actor, f"{type(exc.cause).__name__}: {exc.cause}")
             else:
                 for name in names:
                     self._failed(self.run.records[name], actor, USER, str(exc), str(exc), ())
@@ -551,8 +536,7 @@ class Driver:
         results = got if batch else [got]  # a batch: each stage's result, or the error it raised
         ok = [(self.run.records[n], r) for n, r in zip(names, results, strict=True) if isinstance(r, StageResult)]
         for rec, result in ok:
-            self._took[id(self.wf.stages[rec.name].fn)] = result.duration_s
-            self._has_fn.setdefault(actor, set()).add(id(self.wf.stages[rec.name].fn))
+            self.calls.finished(actor, self._fn(rec.name), result.duration_s)
         if self._group and any(result.node_id != self._node_id for _, result in ok):
             ray.get(actor.barrier.remote())  # the barrier here cannot reach another node's page cache
         self.pool.release(actor)
@@ -569,10 +553,12 @@ class Driver:
                 self._failed(self.run.records[name], actor, USER, r.cause, r.traceback, r.cause_types)
 
     def _lost(self, names: tuple[str, ...], orphans: set[str], actor: Any, cause: str) -> None:
-        """The call's worker died: its stages are infrastructure failures, except those that only waited in
-        an actor ended for another stage's failure (they never ran)."""
+        """The call's worker died: its stages are infrastructure failures, except those that only waited in the
+        actor behind the call it died in (they never ran). Calls are collected in launch order, so the call it
+        died in is seen first; a stage goes back uncounted once at most, so no guess can retry it forever."""
         for name in names:
-            if name in orphans:
+            if name in orphans and name not in self._requeued:
+                self._requeued.add(name)
                 self._requeue(self.run.records[name])
             else:
                 self._failed(self.run.records[name], actor, INFRA, cause, "", ())
@@ -654,9 +640,11 @@ class Driver:
         self._changed[rec.name] = None
 
     def _failed(self, rec: StageRecord, actor: Any, kind: str, cause: str, tb: str, types: tuple[str, ...]) -> None:
-        self._off(actor, rec.name)
-        self._orphaned.update(self._on_actor.pop(actor, ()))  # queued behind it: they die with the actor
-        self.pool.discard(actor)  # a broken or busy process is never reused
+        if kind == USER:  # never lent again; the calls queued in it finish first (like stages in flight elsewhere)
+            self.pool.retire(actor)
+        else:  # dead or stuck: the stages queued in it never ran (or died with it)
+            self.calls.ended(actor, rec.name)
+            self.pool.discard(actor)
         for up in [n for n, c in self.fused.items() if c == rec.name and self.run.records[n].status == RUNNING]:
             self.run.records[up].status = PENDING  # a fused stream restarts with its consumer, or never
             self._changed[up] = None

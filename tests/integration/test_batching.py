@@ -1,6 +1,7 @@
 """Short stages of a fan-out share actor calls and queue in busy actors; a failure stays its own stage's."""
 
 import inspect
+import os
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def calls(monkeypatch):
     submitted = driver_mod.Driver._submitted
 
     def spy(self, name, actor, result_ref, value_ref):
-        batch = self._batches.get(result_ref)
+        batch = self.calls.batches.get(result_ref)
         if batch is None or batch[0] == name:
             sizes.append(len(batch) if batch else 1)
         return submitted(self, name, actor, result_ref, value_ref)
@@ -45,13 +46,16 @@ def seed() -> dict:
     return {"base": 100}
 
 
-def square(seed: dict, i: int = 0, fail_at: int = -1, flaky: str = "") -> dict:
-    """A user's per-partition step: fails at `fail_at`, or once (marker file `flaky`) at that index."""
+def square(seed: dict, i: int = 0, fail_at: int = -1, flaky: str = "", crash: bool = False) -> dict:
+    """A user's per-partition step: fails at `fail_at`, or once (marker file `flaky`) at that index, by raising
+    or (`crash`) by ending its worker process."""
     if i == fail_at:
         if not flaky:
             raise ValueError(f"partition {i} is malformed")
         if not Path(flaky).exists():
             Path(flaky).touch()
+            if crash:
+                os._exit(1)
             raise ConnectionError("connection reset")
     return {"v": seed["base"] + i * i}
 
@@ -119,7 +123,22 @@ def test_a_retried_stage_costs_its_queued_neighbours_no_attempt(tmp_path, calls)
     )
     assert run.status == SUCCEEDED and marker.exists()
     assert run.records[f"p{flaky:03d}"].attempts == 2
-    # Its actor was ended (a failed process is not reused); calls queued in it went back to wait, uncounted.
+    # Its actor is lent no more (a failed process is not reused) and ends once the calls queued in it returned:
+    # those ran there, once.
     assert all(run.records[f"p{i:03d}"].attempts == 1 for i in range(n) if i != flaky)
+    got = ArtifactStore(store)
+    assert got.get(run.records["total"].artifact) == {"v": n * 100 + sum(i * i for i in range(n))}
+
+
+def test_a_worker_that_dies_in_a_shared_call_loses_no_stage(tmp_path, calls):
+    n, crash = 150, 70
+    store = StoreConfig.from_urls([str(tmp_path / "store")])
+    marker = tmp_path / "crashed-once"
+    run = run_workflow(fan(n), params=params(n, fail_at=crash, flaky=str(marker), crash=True), store_config=store)
+    assert run.status == SUCCEEDED and marker.exists()
+    # The call's stages are infrastructure failures, retried on a fresh actor; the calls queued behind it in
+    # the dead actor never ran and wait again without counting an attempt.
+    assert run.records[f"p{crash:03d}"].attempts == 2
+    assert sum(run.records[f"p{i:03d}"].attempts for i in range(n)) <= n + max(calls)
     got = ArtifactStore(store)
     assert got.get(run.records["total"].artifact) == {"v": n * 100 + sum(i * i for i in range(n))}
