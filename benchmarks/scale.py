@@ -131,9 +131,11 @@ class CpuShare:
             self._role[pid] = "driver" if pid == os.getpid() else _role(pid)
 
     def _read(self) -> None:
-        for pid in list(self._role):
+        for pid, role in list(self._role.items()):
             if (st := _stat(pid)) is not None:
                 self._cpu[pid] = st[1]
+                if role == "ray":  # an idle worker Ray prestarted becomes an actor: its title says so
+                    self._role[pid] = _role(pid)
 
     def __enter__(self) -> CpuShare:
         self._find()
