@@ -1,6 +1,6 @@
 """Which stages each actor holds, and when short stages may queue in a busy actor or share one call.
 
-One actor call costs Ray ~0.3 ms of driver and actor time (submit, schedule, return, wait), and a stage
+One actor call costs Ray ~0.5 ms of CPU here, driver and worker together (submit, run, return, wait), and a stage
 that waits for the driver between two calls leaves its actor idle for a round trip. For a fan-out of
 short stages both outweigh the stage itself (BENCHMARKS.md, scale), so a stage whose function is known to
 be short here (its last stage took under PIPELINE_MAX_S) may
