@@ -3,7 +3,7 @@
 One actor call costs Ray ~0.5 ms of CPU here, driver and worker together (submit, run, return, wait), and a stage
 that waits for the driver between two calls leaves its actor idle for a round trip. For a fan-out of
 short stages both outweigh the stage itself (BENCHMARKS.md, scale), so a stage whose function is known to
-be short here (its last stage took under PIPELINE_MAX_S) may
+be short here (its last stage took under PIPELINE_MAX_S and wrote at most SHORT_MAX_BYTES) may
 - wait in a busy actor behind short stages (`actors.pool.PIPELINE_DEPTH` calls lent at once), and
 - go in one call with short siblings queued behind it (`StageActor.run_batch`, MAX_BATCH at most),
 so it waits at most about PIPELINE_MAX_S longer than with a call of its own. The driver gives stages with a
@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 PIPELINE_MAX_S = 0.05
+SHORT_MAX_BYTES = 1 << 20  # a stage's time excludes writing its output: a big one is never called short
 MAX_BATCH = 16
 
 
@@ -56,9 +57,9 @@ class ActorCalls:
         self._orphaned -= names
         return orphans
 
-    def finished(self, actor: Any, fn: Any, duration_s: float) -> None:
+    def finished(self, actor: Any, fn: Any, duration_s: float, size_bytes: int) -> None:
         """A stage of `fn` succeeded on `actor`: its time is known, and the actor has the function."""
-        self._took[id(fn)] = duration_s
+        self._took[id(fn)] = duration_s if size_bytes <= SHORT_MAX_BYTES else PIPELINE_MAX_S
         self._has_fn.setdefault(actor, set()).add(id(fn))
 
     def ended(self, actor: Any, name: str) -> None:

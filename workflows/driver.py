@@ -535,7 +535,7 @@ class Driver(Failures):
         results = got if batch else [got]  # a batch: each stage's result, or the error it raised
         ok = [(self.run.records[n], r) for n, r in zip(names, results, strict=True) if isinstance(r, StageResult)]
         for rec, result in ok:
-            self.calls.finished(actor, self._fn(rec.name), result.duration_s)
+            self.calls.finished(actor, self._fn(rec.name), result.duration_s, result.artifact.size_bytes)
         if self._group and any(result.node_id != self._node_id for _, result in ok):
             ray.get(actor.barrier.remote())  # the barrier here cannot reach another node's page cache
         self.pool.release(actor)
