@@ -18,7 +18,8 @@ import glob
 import math
 import os
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,10 +54,10 @@ class EnergyConfig:
                 raise ValueError(f"EnergyConfig.{name}={value!r} must be a finite number of watts >= 0")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> EnergyConfig:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> EnergyConfig:
         """`TIERFLOW_CPU_WATTS_PER_CORE`, `TIERFLOW_GPU_WATTS`, `TIERFLOW_POWERCAP_ROOT` (on a cluster, set them
         in the job's runtime_env so the stage actors see them)."""
-        env = dict(os.environ if env is None else env)
+        env = os.environ if env is None else env  # read three keys: no copy of the environment per stage
         kwargs: dict[str, Any] = {}
         for key, name in ((ENV_CPU_WATTS, "cpu_watts_per_core"), (ENV_GPU_WATTS, "gpu_watts")):
             if key in env:
@@ -97,8 +98,17 @@ class RaplSample:
     busy_jiffies: int  # node-wide busy CPU time from /proc/stat
 
 
+_PACKAGES_TTL_S = 60.0  # packages do not come and go; listing them is a directory scan per stage start
+_packages: dict[str, tuple[float, list[str]]] = {}  # root -> (when listed, packages)
+
+
 def rapl_packages(root: str) -> list[str]:
-    return sorted(p for p in glob.glob(os.path.join(root, "intel-rapl:*")) if _PKG.search(p))
+    now = time.monotonic()
+    listed = _packages.get(root)
+    if listed is None or now - listed[0] > _PACKAGES_TTL_S:
+        found = sorted(p for p in glob.glob(os.path.join(root, "intel-rapl:*")) if _PKG.search(p))
+        _packages[root] = listed = (now, found)
+    return list(listed[1])
 
 
 def read_rapl(root: str, proc_stat: str) -> RaplSample:

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 _RemoteStageActor = ray.remote(StageActor)
 STARTING, IDLE, BUSY = "starting", "idle", "busy"
+# Calls one actor may hold at once. Two hide the driver's round trip between short stages (the next one is
+# already queued in the actor when the last returns); more only lengthen what a failure sends back.
+PIPELINE_DEPTH = 2
 
 
 @dataclass(eq=False)
@@ -46,6 +49,8 @@ class Member:
     state: str
     since: float  # monotonic time of the last state change
     ready_ref: Any = None  # `__ray_ready__` while starting
+    calls: int = 0  # calls lent out and not yet released (more than one: queued behind each other in the actor)
+    retired: bool = False  # lent no more: ended once its calls return (a stage failed in it)
 
     @property
     def shape(self) -> tuple:
@@ -71,9 +76,9 @@ class StartFailure:
 class ActorPool:
     """Stage actors of one driver, reused across stages (and, parked, across runs).
 
-    `acquire` lends a placed idle actor of the shape or returns None; `want` starts actors for stages
-    that wait, up to as many as the cluster holds at once, each counted on one node; `poll` moves
-    placed actors to idle and reports those that could not start. Thread-safe: the reaper of
+    `acquire` lends a placed idle actor of the shape (or queues behind a busy one) or returns None; `want`
+    starts actors for stages that wait, up to as many as the cluster holds at once, each counted on one
+    node; `poll` moves placed actors to idle and reports those that could not start. Thread-safe: the reaper of
     `SharedPools` ends parked actors from its own thread.
     """
 
@@ -97,13 +102,23 @@ class ActorPool:
         return any(t.max_count != 0 for t in self.node_types)
 
     # -- lending --------------------------------------------------------------------------------
-    def acquire(self, resources: Resources) -> Any | None:
+    def acquire(self, resources: Resources, queue_behind: Callable[[Any], bool] | None = None) -> Any | None:
+        """An idle placed actor of the shape; else, with `queue_behind`, a busy one it accepts that has fewer
+        than PIPELINE_DEPTH calls lent (the call waits in the actor's own queue: no round trip through the
+        driver between two stages); else None."""
         shape = resources.shape()
         with self._lock:
             for m in self._members.values():
                 if m.state == IDLE and m.shape == shape:
                     self._set(m, BUSY)
+                    m.calls = 1
                     return m.actor
+            if queue_behind is not None:
+                for m in self._members.values():
+                    lendable = m.state == BUSY and not m.retired and m.calls < PIPELINE_DEPTH
+                    if lendable and m.shape == shape and queue_behind(m.actor):
+                        m.calls += 1
+                        return m.actor
         return None
 
     def want(self, resources: Resources, options: dict[str, Any], waiting: int) -> int:
@@ -121,9 +136,30 @@ class ActorPool:
             return max(0, n)
 
     def release(self, actor: Any) -> None:
+        """One call lent out has returned; the actor is idle once none is left (or ended, if retired)."""
         with self._lock:
-            if (m := self._members.get(actor)) is not None:
+            if (m := self._members.get(actor)) is None:
+                return
+            m.calls = max(0, m.calls - 1)
+            if m.calls:
+                return
+            if not m.retired:
                 self._set(m, IDLE)
+                return
+            del self._members[actor]
+        _kill(actor)
+
+    def retire(self, actor: Any) -> None:
+        """A stage failed in this actor: lend it no more, and end it once the calls queued in it return
+        (they finish and commit, as stages in flight elsewhere do)."""
+        with self._lock:
+            if (m := self._members.get(actor)) is None:
+                return
+            if m.calls:
+                m.retired = True
+                return
+            del self._members[actor]
+        _kill(actor)
 
     def discard(self, actor: Any) -> None:
         """End an actor that failed or timed out: a broken or busy process is never reused."""

@@ -59,10 +59,13 @@ def to_record(
         "cuda_visible_devices": result.cuda_visible_devices,
         "started_at": result.started_at,
         "duration_s": result.duration_s,
-        "metrics": [asdict(m) for m in result.metrics],
+        # Field by field, not `asdict`: it deep-copies, and a record is built for every stage.
+        "metrics": [
+            {"key": m.key, "value": m.value, "step": m.step, "timestamp_ms": m.timestamp_ms} for m in result.metrics
+        ],
         "tags": {str(k): str(v) for k, v in result.tags.items()},
         "sources": [asdict(s) for s in result.sources],
-        "inputs": {p: asdict(ref) for p, ref in inputs.items()},
+        "inputs": {p: ref.to_dict() for p, ref in inputs.items()},
         # Facts only: a stream's own stage has its own record; its artifact is among `inputs`.
         "streams": {s: {**asdict(c), "artifact": c.artifact.digest} for s, c in result.streams.items()},
         "profile": result.profile,  # actors.stage_profile: JSON-safe numbers and strings

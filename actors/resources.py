@@ -102,5 +102,11 @@ class Resources:
         return " ".join(parts)
 
     def shape(self) -> tuple:
-        """Hashable key: stages with the same shape may share a warm actor."""
-        return (self.cpus, self.gpus, self.memory_bytes, self.accelerator_type, tuple(sorted(self.custom.items())))
+        """Hashable key: stages with the same shape may share a warm actor. Computed once: the driver asks it
+        several times per stage and turn (frozen, so the key cannot go stale; kept outside the fields)."""
+        try:
+            return self.__dict__["_shape"]
+        except KeyError:
+            key = (self.cpus, self.gpus, self.memory_bytes, self.accelerator_type, tuple(sorted(self.custom.items())))
+            self.__dict__["_shape"] = key
+            return key

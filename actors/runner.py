@@ -35,7 +35,7 @@ class StageCall:
 
     run_id: str
     stage: str
-    fn: Callable[..., Any]
+    fn: Callable[..., Any] | None  # None: the actor has it under `fn_key` from an earlier call of this run
     is_class: bool
     wants_context: bool
     params: dict[str, Any]
@@ -48,6 +48,7 @@ class StageCall:
     stream_source: StreamSource | None = None  # barrier mode: this call runs a streaming stage alone
     attempt: int = 0  # 1 for the first, for the stage's record
     defer_sync: bool = False  # group commit: the driver makes this commit durable with one barrier for many
+    fn_key: str = ""  # names `fn` for later calls of the same run on this actor (pickling it is per call)
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,7 @@ def stream_stage_result(consumer: StageResult, commit: StreamCommit) -> StageRes
     )
 
 
-def _meter(info: dict[str, Any]) -> tuple[StageSampler, dict[str, float]]:
-    resources = assigned_resources()
+def _meter(info: dict[str, Any], resources: dict[str, float]) -> tuple[StageSampler, dict[str, float]]:
     meter = EnergyMeter(
         EnergyConfig.from_env(),
         gpu_ids=list(info["gpu_ids"]),
@@ -125,24 +125,57 @@ def detect_device(gpu_ids: list[Any]) -> str:
     return "cpu"
 
 
+PROFILE_ENV = "TIERFLOW_ACTOR_PROFILE"  # a directory: each stage actor writes its cProfile there (benchmarks)
+
+
+class _ActorProfile:
+    """cProfile of a stage actor's calls, dumped to `<dir>/actor-<pid>.prof` at most every 2 s (actors are
+    killed, not exited, so there is no last chance to write it)."""
+
+    def __init__(self, directory: str) -> None:
+        import cProfile  # noqa: PLC0415
+
+        self.path = os.path.join(directory, f"actor-{os.getpid()}.prof")
+        self.prof, self.dumped = cProfile.Profile(), time.monotonic()
+
+    @contextlib.contextmanager
+    def __call__(self) -> Any:
+        self.prof.enable()
+        try:
+            yield
+        finally:
+            self.prof.disable()
+            if time.monotonic() - self.dumped >= 2.0:
+                self.prof.dump_stats(self.path)
+                self.dumped = time.monotonic()
+
+
 class StageActor:
     """A warm process that runs stages of one resource shape. Wrapped with `ray.remote` by the pool."""
 
     def __init__(self, store_config: StoreConfig) -> None:
         self.store = ArtifactStore(store_config)
         self._instances: dict[Any, Any] = {}
+        self._info: dict[str, Any] | None = None  # where this actor runs: fixed for its life, asked once
+        self._fns: tuple[str, dict[str, Callable[..., Any]]] = ("", {})  # (run id, fn_key -> stage function)
+        self._resources: dict[str, float] | None = None
+        where = os.environ.get(PROFILE_ENV)
+        self._profile = _ActorProfile(where) if where else None
 
     def info(self) -> dict[str, Any]:
-        rc = ray.get_runtime_context()
-        gpu_ids = ray.get_gpu_ids()
-        return {
-            "node_id": rc.get_node_id(),
-            "node_ip": ray.util.get_node_ip_address(),
-            "pid": os.getpid(),
-            "gpu_ids": gpu_ids,
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-            "device": detect_device(gpu_ids),
-        }
+        if self._info is None:
+            rc = ray.get_runtime_context()
+            gpu_ids = ray.get_gpu_ids()
+            self._info = {
+                "node_id": rc.get_node_id(),
+                "node_ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid(),
+                "gpu_ids": gpu_ids,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                "device": detect_device(gpu_ids),
+            }
+            self._resources = assigned_resources()
+        return dict(self._info, gpu_ids=list(self._info["gpu_ids"]))
 
     def barrier(self) -> None:
         """Make this node's deferred commits durable (group commit across nodes)."""
@@ -150,8 +183,35 @@ class StageActor:
 
     @ray.method(num_returns=2)
     def run(self, call: StageCall, *inputs: Any) -> tuple[StageResult, Any]:
+        return self._run_one(call, inputs)
+
+    def run_batch(self, calls: list[StageCall], counts: list[int], *inputs: Any) -> list[Any]:
+        """Several short stages in one actor call (called with `num_returns=1 + len(calls)`): Ray's cost of a
+        call is paid once for them all. `inputs` holds each call's upstream values in turn (`counts` of them
+        each, top-level so Ray resolves them). Returns [their results, then each one's value]; a stage that
+        failed has its StageExecutionError in its result's place, and the others still ran."""
+        results: list[StageResult | StageExecutionError] = []
+        values: list[Any] = []
+        at = 0
+        for call, n in zip(calls, counts, strict=True):
+            try:
+                result, value = self._run_one(call, inputs[at : at + n])
+            except StageExecutionError as exc:
+                result, value = exc, None
+            except Exception as exc:  # a store failure while committing: what a lone call would raise
+                types = tuple(f"{t.__module__}.{t.__qualname__}" for t in type(exc).__mro__)
+                result = StageExecutionError(call.stage, f"{type(exc).__name__}: {exc}", traceback.format_exc(), types)
+                value = None
+            results.append(result)
+            values.append(value)
+            at += n
+        return [results, *values]
+
+    def _run_one(self, call: StageCall, inputs: tuple[Any, ...]) -> tuple[StageResult, Any]:
+        call = self._with_fn(call)
         # The inputs' blobs stay in the cache tiers while the stage uses them.
-        with self.store.pinned(ref.digest for ref in call.input_refs.values()):
+        pins = self.store.pinned(ref.digest for ref in call.input_refs.values())
+        with self._profile() if self._profile else contextlib.nullcontext(), pins:
             return self._run(call, inputs)
 
     def _run(self, call: StageCall, inputs: tuple[Any, ...]) -> tuple[StageResult, Any]:
@@ -173,7 +233,7 @@ class StageActor:
             )
             if call.wants_context:
                 kwargs["ctx"] = ctx
-            meter, resources = _meter(info)  # started: counters read just before the stage runs
+            meter, resources = _meter(info, dict(self._resources or {}))  # started: read just before the stage runs
             prof: dict[str, Any] = {}  # filled once the stage has run; every result made after carries it
             started = time.time()
             t0, cpu0 = time.perf_counter(), time.process_time()
@@ -199,7 +259,7 @@ class StageActor:
                     live.append(LiveStream(call.stream_source, self.store))
                     value = None
                 else:
-                    target = self._instance(call.fn) if call.is_class else call.fn
+                    target = self._instance(call.fn) if call.is_class else call.fn  # fn: put back by _with_fn
                     value = target(**kwargs)
                 # Unread batches are drained here: a stream is committed whole or not at all.
                 streams = {ls.stage: ls.finish(stream_record) for ls in live}
@@ -276,6 +336,20 @@ class StageActor:
         if pname in call.stream_params and not isinstance(loaded, BatchStream):
             return stored_stream(call.upstream.get(pname, {}).get("stage", pname), loaded)
         return loaded
+
+    def _with_fn(self, call: StageCall) -> StageCall:
+        """Keep the stage function a call brought, or put back the one an earlier call of the run brought."""
+        if not call.fn_key:
+            return call
+        run, fns = self._fns
+        if run != call.run_id:  # functions of earlier runs are not kept
+            self._fns = run, fns = call.run_id, {}
+        if call.fn is not None:
+            fns[call.fn_key] = call.fn
+            return call
+        if call.fn_key not in fns:  # the driver sends it again after a failure, never relying on a guess
+            raise StageExecutionError(call.stage, f"tierflow bug: stage function {call.fn_key} was never sent", "")
+        return dataclasses.replace(call, fn=fns[call.fn_key])
 
     def _instance(self, cls: type) -> Any:
         if cls not in self._instances:

@@ -9,9 +9,13 @@ Peers, each timed as a whole run (call until the sink's output is committed / on
   raw Ray    the same DAG by hand: create one `@ray.remote(num_cpus=1)` actor per CPU, source call, N calls
              round-robin passing the source's ObjectRef, one sink call taking all N refs, `ray.get`, kill
 Repetitions are interleaved; with `--profile` one N (default: the largest up to 10,000) is run once more under
-cProfile (driver side). N >= 100,000 is the slow case: one repetition, no warm-up, no MLflow peer.
+cProfile, in a fresh Ray whose stage actors profile themselves too (`TIERFLOW_ACTOR_PROFILE`).
+N >= 100,000 is the slow case: one repetition, no warm-up, no MLflow peer.
 The driver's peak RSS during each tierflow run is sampled (every 20 ms, /proc/self/status) above its RSS
-just before the run.
+just before the run. The CPU time of every process of the run is sampled too (/proc/<pid>/stat of this process
+and its descendants, every 0.1 s; the local Ray's processes are all descendants): this process (the driver),
+the stage actors (raw Ray: its workers), and Ray's own processes (raylet, GCS, idle workers). On a shared
+machine wall times move with the load; CPU time per stage moves much less, and says who does the work.
 """
 
 from __future__ import annotations
@@ -78,6 +82,83 @@ class PeakRSS:
             self.peak = max(self.peak, rss_bytes())
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds) of a process, None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _role(pid: int) -> str:
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "ray"
+    return "actors" if title.startswith(("ray::StageActor", "ray::Worker")) else "ray"
+
+
+class CpuShare:
+    """CPU seconds the run cost, per role: `driver` (this process), `actors` (stage actors; raw Ray's workers)
+    and `ray` (every other descendant: raylet, GCS, idle workers). Descendants (and their roles: a worker's
+    title changes when it becomes an actor) are found once a second and read every 0.1 s, so an actor killed
+    at the end loses at most its last 0.1 s."""
+
+    def __init__(self) -> None:
+        self.seconds = {"driver": 0.0, "actors": 0.0, "ray": 0.0}
+        self._role: dict[int, str] = {}
+        self._base: dict[int, float] = {}
+        self._cpu: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _find(self) -> None:
+        parent: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (st := _stat(int(entry))) is not None:
+                parent[int(entry)] = st[0]
+        mine, new = {os.getpid()}, {os.getpid()}
+        while new:
+            new = {p for p, pp in parent.items() if pp in new and p not in mine}
+            mine |= new
+        for pid in mine:
+            self._role[pid] = "driver" if pid == os.getpid() else _role(pid)
+
+    def _read(self) -> None:
+        for pid, role in list(self._role.items()):
+            if (st := _stat(pid)) is not None:
+                self._cpu[pid] = st[1]
+                if role == "ray":  # an idle worker Ray prestarted becomes an actor: its title says so
+                    self._role[pid] = _role(pid)
+
+    def __enter__(self) -> CpuShare:
+        self._find()
+        self._read()
+        self._base = dict(self._cpu)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        found_at = time.monotonic()
+        while not self._stop.wait(0.1):
+            if time.monotonic() - found_at >= 1.0:
+                self._find()
+                found_at = time.monotonic()
+            self._read()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._read()
+        for pid, cpu in self._cpu.items():
+            self.seconds[self._role[pid]] += cpu - self._base.get(pid, 0.0)
+
+
 def source() -> dict:
     return {"v": 0}
 
@@ -133,6 +214,7 @@ def run_raw(n: int, width: int) -> dict:
 
 
 SPLIT: dict[tuple[int, str], dict[str, list[float]]] = {}
+CPU: dict[tuple[int, str], list[dict[str, float]]] = {}  # (N, peer) -> CPU seconds per role, per repetition
 
 
 def run_tierflow(wf: Workflow, params: dict[str, int], store: StoreConfig, n: int, mlflow_uri: str = "") -> dict:
@@ -175,13 +257,15 @@ def measure(sizes: list[int], repeats: int, warmup: int, root: Path, mlflow: boo
                 )
                 uri = f"sqlite:///{root / f'mlflow-{n}-{rep}.db'}" if peer == "tierflow+mlflow" else ""
                 settle(120)
-                t0 = time.perf_counter()
-                out = run_raw(n, width) if peer == "raw" else run_tierflow(wf, params, store, n, uri)
-                elapsed = time.perf_counter() - t0
+                with CpuShare() as cpu:
+                    t0 = time.perf_counter()
+                    out = run_raw(n, width) if peer == "raw" else run_tierflow(wf, params, store, n, uri)
+                    elapsed = time.perf_counter() - t0
                 assert out == expect, f"{peer} N={n}: {out} != {expect}"
                 line.append(f"{peer}={elapsed:.2f}s")
                 if rep >= n_warm:
                     times[n][peer].append(elapsed)
+                    CPU.setdefault((n, peer), []).append(cpu.seconds)
             tag = "warm-up" if rep < n_warm else f"rep {rep - n_warm + 1}/{n_rep}"
             print(f"N={n} {tag}: {', '.join(line)} (load {loadavg()})", file=sys.stderr, flush=True)
     return times
@@ -205,19 +289,40 @@ HOT = (  # (file, function) pairs worth naming in the report: the driver's per-e
 )
 
 
-def profile(n: int, root: Path, top: int) -> tuple[str, str]:
-    """One more tierflow run of N stages under cProfile (the driver process only).
+ACTOR_HOT = (  # what a stage actor does per stage
+    ("runner.py", "_commit"),
+    ("store.py", "put_encoded"),
+    ("tiers.py", "write"),
+    ("runner.py", "_meter"),
+    ("stage_profile.py", "build_profile"),
+    ("runner.py", "to_record"),
+    ("formats.py", "encode"),
+)
 
-    Returns the full listing (printed to stderr) and a summary of the top entries for the report.
+
+def profile(n: int, root: Path, top: int) -> tuple[str, str]:
+    """One more tierflow run of N stages under cProfile, in a fresh Ray whose stage actors profile themselves.
+
+    Returns the full listings (printed to stderr) and a summary of the top entries for the report.
     """
+    from actors.runner import PROFILE_ENV  # noqa: PLC0415  # here: the rest of the script also measures older code
+
     wf, params = fan(n)
     store = StoreConfig.from_urls([f"memory://scale-prof-{n}", str(root / f"store-prof-{n}")])
-    settle(120)
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.runcall(run_workflow, wf, params=params, store_config=store, use_cache=False)
-    elapsed = time.perf_counter() - t0
-    shared_pools.release_all()
+    actor_dir = root / "actor-profiles"
+    actor_dir.mkdir()
+    os.environ[PROFILE_ENV] = str(actor_dir)  # inherited by the fresh Ray's raylet, so by its stage actors
+    ray.init("local", num_cpus=2, include_dashboard=False)
+    try:
+        settle(120)
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.runcall(run_workflow, wf, params=params, store_config=store, use_cache=False)
+        elapsed = time.perf_counter() - t0
+        shared_pools.release_all()
+    finally:
+        ray.shutdown()
+        del os.environ[PROFILE_ENV]
     out = io.StringIO()
     stats = pstats.Stats(prof, stream=out).strip_dirs()
     stats.sort_stats("tottime").print_stats(top)
@@ -235,7 +340,42 @@ def profile(n: int, root: Path, top: int) -> tuple[str, str]:
         f"- Driver profile (cProfile, one more tierflow run at N={n:,}: {elapsed:.1f} s wall under the profiler). "
         f"Cumulative: {'; '.join(parts)}. Top own time: {'; '.join(tops)}"
     )
-    return f"cProfile of one tierflow run, N={n}: {elapsed:.2f}s wall (profiled)\n{out.getvalue()}", summary
+    actor_text, actor_summary = _actor_profile(actor_dir, top)
+    return (
+        f"cProfile of one tierflow run, N={n}: {elapsed:.2f}s wall (profiled)\n{out.getvalue()}\n{actor_text}",
+        f"{summary}\n{actor_summary}",
+    )
+
+
+def _actor_profile(directory: Path, top: int) -> tuple[str, str]:
+    """The stage actors' own profiles (each dumped at most every 2 s: the last seconds of a run are missing)."""
+    files = sorted(str(p) for p in directory.glob("actor-*.prof"))
+    if not files:
+        return "", "- Stage actor profile: none written"
+    out = io.StringIO()
+    stats = pstats.Stats(files[0], stream=out)
+    for f in files[1:]:
+        stats.add(f)
+    stats.strip_dirs()
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+    raw = stats.stats  # type: ignore[attr-defined]
+    cum = {(f, fn): (nc, ct) for (f, _, fn), (_, nc, _, ct, _) in raw.items()}
+    # The profiler runs inside each stage's call (StageActor._run_one): `_run` is one stage's whole work.
+    stages, total = cum.get(("runner.py", "_run"), (1, 1.0))
+    parts = [
+        f"`{fn}` ({f}) {cum[f, fn][1] / stages * 1e3:.3f} ms/stage = {cum[f, fn][1] / total:.0%}"
+        for f, fn in ACTOR_HOT
+        if (f, fn) in cum
+    ]
+    own = sorted(raw.items(), key=lambda kv: -kv[1][2])[:8]
+    tops = [f"`{fn}` ({f}:{line}) {tt / stages * 1e3:.3f} ms/stage" for (f, line, fn), (_, _, tt, _, _) in own]
+    summary = (
+        f"- Stage actor profile (cProfile inside {len(files)} actors, {stages:,} stages profiled, "
+        f"{total / stages * 1e3:.3f} ms/stage in a stage's own call under the profiler). Cumulative, share of "
+        f"that: {'; '.join(parts)}. Top own time: {'; '.join(tops)}"
+    )
+    return f"cProfile of the stage actors ({len(files)} files)\n{out.getvalue()}", summary
 
 
 def _med(xs: list[float]) -> float:
@@ -261,6 +401,13 @@ def report(
                 f"{sp['rss'] / 2**20:.0f} ({sp['rss_peak'] / 2**20:.0f}) | {sp['rss'] / stages / 1024:.2f} | "
                 f"{sp['actors']:.0f} |"
             )
+    cpu_rows = []
+    for (n, peer), reps in CPU.items():
+        med = {role: _med([r[role] for r in reps]) * 1e3 / (n + 2) for role in ("driver", "actors", "ray")}
+        cpu_rows.append(
+            f"| {n:,} | {peer} | {med['driver']:.3f} | {med['actors']:.3f} | {med['ray']:.3f} | "
+            f"{sum(med.values()):.3f} | {_med(times[n][peer]) * 1e3 / (n + 2):.3f} |"
+        )
     sizes = list(times)
     flat = []
     small = next((x for x in sizes if x >= 1000), None)
@@ -297,7 +444,13 @@ def report(
             "- driver RSS growth: the driver process's peak RSS during the run minus its RSS when the run started "
             "(the absolute peak in brackets, which includes Ray's core worker and earlier runs' leftovers).",
             *flat,
-            *([hot] if hot else []),
+            "",
+            "CPU time of the run per stage, by process (medians; see the script's docstring for how it is read):",
+            "",
+            "| N | peer | driver ms | stage actors ms (raw: workers) | Ray's processes ms | all ms | wall ms |",
+            "|---:|---|---:|---:|---:|---:|---:|",
+            *cpu_rows,
+            *(["", hot] if hot else []),
         ]
     )
 
@@ -318,14 +471,14 @@ def main() -> None:
     sizes = sorted(set(args.sizes))
     command = shlex.join([".venv/bin/python", *sys.argv])
     load_before = loadavg()
-    ray.init("local", num_cpus=2, include_dashboard=False)
-    try:
-        with tempfile.TemporaryDirectory(prefix="tierflow-scale-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tierflow-scale-") as tmp:
+        ray.init("local", num_cpus=2, include_dashboard=False)
+        try:
             times = measure(sizes, args.repeats, args.warmup, Path(tmp), args.mlflow)
-            target = args.profile_size or max([x for x in sizes if x <= 10_000] or sizes)
-            prof, hot = profile(target, Path(tmp), args.top) if args.profile else ("", "")
-    finally:
-        ray.shutdown()
+        finally:
+            ray.shutdown()
+        target = args.profile_size or max([x for x in sizes if x <= 10_000] or sizes)
+        prof, hot = profile(target, Path(tmp), args.top) if args.profile else ("", "")
     if prof:
         print(prof, file=sys.stderr)
     body = report(times, args.repeats, args.warmup, command, f"{load_before} before, {loadavg()} after", hot)

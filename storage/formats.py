@@ -64,6 +64,13 @@ def _is_tensor(value: Any) -> bool:
 
 def format_of(value: Any) -> str:
     """The storage format a stage output will be written in; raise `FormatError` if none fits."""
+    fmt = _binary_format(value)
+    if fmt is None:
+        _json_or_error(value)
+    return fmt or JSON
+
+
+def _binary_format(value: Any) -> str | None:
     if isinstance(value, Pickled):
         return PICKLE
     if isinstance(value, pa.Table):
@@ -72,14 +79,17 @@ def format_of(value: Any) -> str:
         return SAFETENSORS
     if isinstance(value, dict) and value and all(_is_tensor(v) for v in value.values()):
         return SAFETENSORS
+    return None
+
+
+def _json_or_error(value: Any) -> bytes:
     try:
-        _json_bytes(value)
+        return _json_bytes(value)
     except (TypeError, ValueError) as exc:
         raise FormatError(
             f"cannot store a {type(value).__name__}: return a pyarrow.Table, a dict of tensors / "
             f"storage.Tensors, JSON-serialisable data, or (opt-in) storage.Pickled ({exc})"
         ) from None
-    return JSON
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -97,7 +107,9 @@ def _json_default(value: Any) -> Any:
 
 def encode(value: Any, *, allow_pickle: bool = False) -> tuple[str, bytes | memoryview, dict[str, Any]]:
     """Encode `value` to (format, bytes, schema summary)."""
-    fmt = format_of(value)
+    fmt = _binary_format(value)
+    if fmt is None:  # JSON: encoded once (format_of would encode it to check, then again here)
+        return JSON, _json_or_error(value), {"type": type(value).__name__}
     if fmt == PICKLE:
         if not allow_pickle:
             raise FormatError(f"refusing to store a storage.Pickled value: {_PICKLE_HINT}")
@@ -106,16 +118,14 @@ def encode(value: Any, *, allow_pickle: bool = False) -> tuple[str, bytes | memo
         return fmt, pickle.dumps(value.value, protocol=5), {"type": type(value.value).__name__}
     if fmt == ARROW:
         return fmt, _arrow_stream(value), arrow_schema(value)
-    if fmt == SAFETENSORS:
-        bundle = value if isinstance(value, Tensors) else Tensors(value)
-        arrays = bundle.numpy()
-        bad = {k: type(v).__name__ for k, v in bundle.metadata.items() if not isinstance(v, str)}
-        if bad:
-            raise FormatError(f"Tensors.metadata values must be str (JSON-encode them): {bad}")
-        data = st_save(arrays, metadata=dict(bundle.metadata) or None)
-        schema = {"tensors": {k: {"dtype": str(a.dtype), "shape": list(a.shape)} for k, a in arrays.items()}}
-        return fmt, data, schema
-    return fmt, _json_bytes(value), {"type": type(value).__name__}
+    bundle = value if isinstance(value, Tensors) else Tensors(value)  # SAFETENSORS
+    arrays = bundle.numpy()
+    bad = {k: type(v).__name__ for k, v in bundle.metadata.items() if not isinstance(v, str)}
+    if bad:
+        raise FormatError(f"Tensors.metadata values must be str (JSON-encode them): {bad}")
+    data = st_save(arrays, metadata=dict(bundle.metadata) or None)
+    schema = {"tensors": {k: {"dtype": str(a.dtype), "shape": list(a.shape)} for k, a in arrays.items()}}
+    return fmt, data, schema
 
 
 def arrow_schema(table: pa.Table) -> dict[str, Any]:

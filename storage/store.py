@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
 
@@ -48,8 +48,12 @@ class ArtifactRef:
     created_at: float = 0.0
     key_ids: dict[str, str] = field(default_factory=dict)  # tier role -> encryption key id
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (shallow: `asdict` would deep-copy the schema for every stage)."""
+        return {f: getattr(self, f) for f in _REF_FIELDS}
+
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, indent=1).encode()
+        return json.dumps(self.to_dict(), sort_keys=True).encode()  # compact: the C encoder (indent is Python's)
 
     @classmethod
     def from_json(cls, data: bytes) -> ArtifactRef:
@@ -59,6 +63,9 @@ class ArtifactRef:
             raise IntegrityError(f"a manifest does not parse: {exc}") from exc
         validate_digest(ref.digest)
         return ref
+
+
+_REF_FIELDS = tuple(f.name for f in fields(ArtifactRef))
 
 
 @dataclass

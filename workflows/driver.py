@@ -24,18 +24,18 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-from actors.autoscaler import report_text
 from actors.errors import StageExecutionError
-from actors.placement import NodeType, PlacementDecision, decide, ray_options
-from actors.pool import StartFailure, explain_start_failure, shared_pools
-from actors.ray_api import autoscaler_status, cluster_nodes, node_types
+from actors.placement import NodeType, ray_options
+from actors.pool import shared_pools
 from actors.resources import Resources
 from actors.runner import StageCall, StageResult, stream_stage_result
 from actors.streaming import StreamSource
 from storage import ArtifactStore
 from workflows.cache import cache_key
 from workflows.commits import GroupCommit
+from workflows.dispatch import MAX_BATCH, PIPELINE_MAX_S, ActorCalls
 from workflows.errors import StageFailedError
+from workflows.failures import Failures
 from workflows.hooks import (
     CACHED,
     CANCELLED,
@@ -53,7 +53,7 @@ from workflows.hooks import (
 from workflows.journal import Journals
 from workflows.model import Workflow
 from workflows.node_wait import DEFAULT_NODE_WAIT_S, NodeWaits
-from workflows.retry import INFRA, TIMEOUT, USER
+from workflows.retry import INFRA, USER
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,11 @@ _JOURNAL_BUDGET = 20
 _TURN_S = 0.5  # the longest the driver blocks in one turn
 # Reserves almost nothing, so a barrier-mode stream leaves the CPUs to its own pool.
 _STREAM_COORDINATOR = Resources(cpus=0.01)
-_START_ATTEMPTS = 3  # actors of one shape that may fail to start (a node lost while it started) before the run fails
 _INFRA_ERRORS = (RayActorError, WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError)
 _COMMIT_POLL_S = 0.002  # how often a turn looks for a finished barrier while one runs
 
 
-class Driver:
+class Driver(Failures):
     def __init__(
         self,
         workflow: Workflow,
@@ -108,6 +107,8 @@ class Driver:
         # stage -> ObjectRef (ran in this driver) or ArtifactRef (cache hit / restored / retry input)
         self.outputs: dict[str, Any] = {n: r.artifact for n, r in run.records.items() if r.status in DONE}
         self.inflight: dict[Any, tuple[str, Any, float | None]] = {}  # result ref -> (stage, actor, deadline)
+        self.calls = ActorCalls()  # short stages queue in busy actors and share calls (workflows.dispatch)
+        self._requeued: set[str] = set()  # stages put back uncounted once (see _lost)
         self.retry_at: dict[str, float] = {}
         self.failure: StageFailedError | None = None
         self._pos = {n: i for i, n in enumerate(workflow.order)}
@@ -225,9 +226,9 @@ class Driver:
             done, rest = ray.wait(refs, num_returns=1, timeout=self._wait_s())
             if done and rest:  # collect everything already finished in the same turn
                 done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-            for ref in done:
-                if ref in self.inflight:
-                    self._collect(ref)
+            finished = set(done)
+            for ref in [r for r in self.inflight if r in finished]:  # in launch order: see _lost
+                self._collect(ref)
             if starting:
                 for failure in self.pool.poll(done):
                     self._start_failed(failure)
@@ -285,7 +286,7 @@ class Driver:
         while progress:
             progress = False
             for queue in self._waiting.values():
-                while queue and self._launch(queue[0]):
+                while queue and self._launch(queue[0], queue):
                     queue.popleft()
                     progress = True
             for name in self._ready():
@@ -313,42 +314,101 @@ class Driver:
         assert effective is not None  # plan() refused infeasible stages
         return effective
 
-    def _launch(self, name: str) -> bool:
+    def _launch(self, name: str, queue: deque[str] | None = None) -> bool:
         """Start `name` (or complete it from the cache); False when no actor of its shape is free.
 
         A stage queued for an actor is tried again every turn: the cache key and lookup are done once.
+        `queue`: the stages waiting behind `name` for the same shape; short ones may go in the same call.
         """
-        stage, rec = self.wf.stages[name], self.run.records[name]
+        rec = self.run.records[name]
         edges = self._up[name]
-        if rec.status == PENDING and name not in self._keyed:
-            self._keyed.add(name)
-            # Stages of one function (a sweep, a fan-out) share its source: read it once per run, not per stage.
-            source = self._sources.get(id(stage.fn)) or self._sources.setdefault(id(stage.fn), stage.source())
-            rec.cache_key = cache_key(stage, rec.params, self._input_keys(name), source)
-            cacheable = self.use_cache and stage.cache and name not in self.rerun
-            if cacheable and (hit := self.store.lookup_cache(rec.cache_key)):
-                rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges}  # type: ignore[misc]
-                rec.status, rec.artifact = CACHED, self.store.adopt(hit, run_id=self.run.run_id, stage=name)
-                self.outputs[name] = rec.artifact
-                self._consumed(name)
-                self._notify(rec)
-                return True
+        if self._from_cache(name):
+            return True
         if name in self.fused:
             live = {e.param for e in edges if self._is_live(e.upstream)}
             rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges if e.param not in live}  # type: ignore[misc]
             self._consumed(name)
             return self._start_fused(rec)
-        actor = self.pool.acquire(self._actor_resources(name))
+        live = {e.param for e in edges if self._is_live(e.upstream)}
+        queue_ok = self._batchable(name) and not live  # a deadline starts at launch: never queued
+        behind = (lambda a: self.calls.may_queue_behind(a, self._fn)) if queue_ok else None
+        actor = self.pool.acquire(self._actor_resources(name), behind)
         if actor is None:
             return False
-        live = {e.param for e in edges if self._is_live(e.upstream)}
+        batch = [name, *self._companions(name, queue)] if queue_ok and queue else [name]
+        if len(batch) == 1:
+            call, args = self._call(name, actor, live)
+            result_ref, value_ref = actor.run.remote(call, *args)
+            self._submitted(name, actor, result_ref, value_ref)
+            return True
+        calls, counts, flat = [], [], []
+        for n in batch:
+            call, args = self._call(n, actor, set())
+            calls.append(call)
+            counts.append(len(args))
+            flat += args
+        refs = actor.run_batch.options(num_returns=1 + len(batch)).remote(calls, counts, *flat)
+        self.calls.batches[refs[0]] = tuple(batch)
+        for n, value_ref in zip(batch, refs[1:], strict=True):
+            self._submitted(n, actor, refs[0], value_ref)
+        return True
+
+    def _from_cache(self, name: str) -> bool:
+        """Compute the stage's cache key (once) and complete it from the cache if it may and can."""
+        stage, rec = self.wf.stages[name], self.run.records[name]
+        if rec.status != PENDING or name in self._keyed:
+            return False
+        self._keyed.add(name)
+        # Stages of one function (a sweep, a fan-out) share its source: read it once per run, not per stage.
+        source = self._sources.get(id(stage.fn)) or self._sources.setdefault(id(stage.fn), stage.source())
+        rec.cache_key = cache_key(stage, rec.params, self._input_keys(name), source)
+        cacheable = self.use_cache and stage.cache and name not in self.rerun
+        if not (cacheable and (hit := self.store.lookup_cache(rec.cache_key))):
+            return False
+        rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in self._up[name]}  # type: ignore[misc]
+        rec.status, rec.artifact = CACHED, self.store.adopt(hit, run_id=self.run.run_id, stage=name)
+        self.outputs[name] = rec.artifact
+        self._consumed(name)
+        self._notify(rec)
+        return True
+
+    def _batchable(self, name: str) -> bool:
+        """May the stage wait in a busy actor or share a call? Not with a deadline (it starts at launch), a
+        stream, or a fused streaming input."""
+        stage = self.wf.stages[name]
+        return stage.retry.timeout_s is None and stage.stream is None and name not in self.fused.values()
+
+    def _companions(self, name: str, queue: deque[str]) -> list[str]:
+        """Short stages waiting behind `name` (queue[0]) that go in its call, taken out of the queue, while the
+        call's known time stays under PIPELINE_MAX_S. Cache hits met on the way complete (and leave) too."""
+        took = self.calls.short(self._fn(name))
+        if took is None:
+            return []
+        out, budget = [], PIPELINE_MAX_S - took
+        while len(queue) > 1 and len(out) < MAX_BATCH - 1:
+            n = queue[1]
+            if self._from_cache(n):
+                del queue[1]
+                continue
+            t = self.calls.short(self._fn(n))
+            if t is None or t >= budget or not self._batchable(n):
+                break
+            budget -= t
+            out.append(n)
+            del queue[1]
+        return out
+
+    def _call(self, name: str, actor: Any, live: set[str]) -> tuple[StageCall, list[Any]]:
+        """The call that runs `name` on `actor`, and its upstream values as the call's arguments."""
+        stage, rec = self.wf.stages[name], self.run.records[name]
+        edges = self._up[name]
         rec.inputs = {e.param: self.run.records[e.upstream].artifact for e in edges if e.param not in live}  # type: ignore[misc]
         self.retry_at.pop(name, None)
         retrying = rec.attempts > 0
         call = StageCall(
             run_id=self.run.run_id,
             stage=name,
-            fn=stage.fn,
+            fn=None if self.calls.has_fn(actor, stage.fn) else stage.fn,
             is_class=stage.is_class,
             wants_context=stage.wants_context,
             params=rec.params,
@@ -360,6 +420,7 @@ class Driver:
             stream_source=self._stream_source(name) if stage.stream is not None else None,
             attempt=rec.attempts + 1,
             defer_sync=self._group,
+            fn_key=str(id(stage.fn)),  # the workflow holds its functions: ids are unique within the run
         )
         # A retry reads inputs from the store: the objects of a dead worker may be gone. A streaming
         # input is a recipe the consumer's actor starts, or the committed stream.
@@ -371,15 +432,21 @@ class Driver:
             else self.outputs.get(e.upstream, self.run.records[e.upstream].artifact)
             for e in edges
         ]
-        result_ref, value_ref = actor.run.remote(call, *args)
+        return call, args
+
+    def _submitted(self, name: str, actor: Any, result_ref: Any, value_ref: Any) -> None:
+        rec, timeout = self.run.records[name], self.wf.stages[name].retry.timeout_s
         rec.attempts += 1
         rec.status = RUNNING
         self._started(rec)
         self.outputs[name] = value_ref
         self._consumed(name)
-        timeout = stage.retry.timeout_s
-        self.inflight[result_ref] = (name, actor, time.monotonic() + timeout if timeout else None)
-        return True
+        if result_ref not in self.inflight:  # a batch's stages share their result ref
+            self.inflight[result_ref] = (name, actor, time.monotonic() + timeout if timeout else None)
+        self.calls.submitted(actor, name)
+
+    def _fn(self, name: str) -> Any:
+        return self.wf.stages[name].fn
 
     def _consumed(self, name: str) -> None:
         """`name` launched (or completed from the cache): its upstream objects may have no consumer left."""
@@ -462,158 +529,64 @@ class Driver:
 
     # -- results --------------------------------------------------------------------------------
     def _collect(self, ref: Any) -> None:
-        name, actor, _ = self.inflight.pop(ref)
-        rec = self.run.records[name]
+        first, actor, _ = self.inflight.pop(ref)
+        batch = self.calls.batches.pop(ref, None)
+        names = batch or (first,)
+        # A call that died while an earlier call on its actor is unaccounted for waited behind it: never ran.
+        behind = self.calls.running.get(actor, [first])[0] not in names
+        orphans = self.calls.returned(actor, names) | (set(names) if behind else set())
         try:
-            result = ray.get(ref)
+            got = ray.get(ref)
         except RayTaskError as exc:
-            if isinstance(exc.cause, StageExecutionError):
+            if isinstance(exc.cause, _INFRA_ERRORS):
+                self._lost(names, orphans, actor, f"{type(exc.cause).__name__}: {exc.cause}")
+                return
+            self.pool.release(actor)
+            if isinstance(exc.cause, StageExecutionError):  # a lone call's stage raised
                 c = exc.cause
-                self._failed(rec, actor, USER, c.cause, c.traceback, c.cause_types)
-            elif isinstance(exc.cause, _INFRA_ERRORS):
-                self._failed(rec, actor, INFRA, f"{type(exc.cause).__name__}: {exc.cause}", "", ())
+                self._failed(self.run.records[first], actor, USER, c.cause, c.traceback, c.cause_types)
             else:
-                self._failed(rec, actor, USER, str(exc), str(exc), ())
+                for name in names:
+                    self._failed(self.run.records[name], actor, USER, str(exc), str(exc), ())
             return
         except _INFRA_ERRORS as exc:
-            self._failed(rec, actor, INFRA, f"its worker died ({type(exc).__name__}): {exc}", "", ())
+            self._lost(names, orphans, actor, f"its worker died ({type(exc).__name__}): {exc}")
             return
-        if self._group:
-            if result.node_id != self._node_id:  # the barrier here cannot reach another node's page cache
-                ray.get(actor.barrier.remote())
-            self.pool.release(actor)
-            cacheable = self.wf.stages[name].cache
-            self.commits.add((rec, result), (rec.cache_key, result.artifact) if cacheable else None)
-            return
+        results = got if batch else [got]  # a batch: each stage's result, or the error it raised
+        ok = [(self.run.records[n], r) for n, r in zip(names, results, strict=True) if isinstance(r, StageResult)]
+        for rec, result in ok:
+            self.calls.finished(actor, self._fn(rec.name), result.duration_s, result.artifact.size_bytes)
+        if self._group and any(result.node_id != self._node_id for _, result in ok):
+            ray.get(actor.barrier.remote())  # the barrier here cannot reach another node's page cache
         self.pool.release(actor)
-        if self.wf.stages[name].cache:
-            self.store.record_cache(rec.cache_key, result.artifact)
-        self._committed(rec, result)
+        for rec, result in ok:
+            cacheable = self.wf.stages[rec.name].cache
+            if self._group:
+                self.commits.add((rec, result), (rec.cache_key, result.artifact) if cacheable else None)
+                continue
+            if cacheable:
+                self.store.record_cache(rec.cache_key, result.artifact)
+            self._committed(rec, result)
+        for name, r in zip(names, results, strict=True):  # a stage of a batch that raised
+            if isinstance(r, StageExecutionError):
+                self._failed(self.run.records[name], actor, USER, r.cause, r.traceback, r.cause_types)
+
+    def _lost(self, names: tuple[str, ...], orphans: set[str], actor: Any, cause: str) -> None:
+        """The call's worker died: its stages are infrastructure failures, except those that only waited in the
+        actor behind the call it died in (they never ran). Calls are collected in launch order, so the call it
+        died in is seen first; a stage goes back uncounted once at most, so no guess can retry it forever."""
+        for name in names:
+            if name in orphans and name not in self._requeued:
+                self._requeued.add(name)
+                self._requeue(self.run.records[name])
+            else:
+                self._failed(self.run.records[name], actor, INFRA, cause, "", ())
 
     def _committed(self, rec: StageRecord, result: StageResult) -> None:
         """The stage's output is durable (and its cache entry written): it counts as done."""
         self._commit_streams(rec, result)
         rec.status, rec.result, rec.artifact, rec.error = SUCCEEDED, result, result.artifact, ""
         self._notify(rec)
-
-    def _start_failed(self, failure: StartFailure) -> None:
-        """Ray could not start an actor: retry the start unless it can never work, then fail who waits for it."""
-        shape = failure.resources.shape()
-        n = self._start_failures[shape] = self._start_failures.get(shape, 0) + 1
-        if not failure.definitive and n < _START_ATTEMPTS:
-            log.warning(
-                "an actor (%s) could not start; starting another: %s", failure.resources.describe(), failure.error
-            )
-            return
-        cause = explain_start_failure(failure)
-        self._fail_waiting(shape, cause)
-
-    def _check_node_waits(self) -> None:
-        """Show stages that wait for a node the autoscaler launches; fail them after node_wait_s."""
-        if self.failure is not None:
-            return
-        for wait, names in self.node_waits.update(self._waiting, self.run.records, self.pool):
-            for h, name in ((h, n) for h in self.hooks if hasattr(h, "on_stage_waiting") for n in names):
-                h.on_stage_waiting(run=self.run, record=self.run.records[name], node_type=wait.node_type)
-        for wait in self.node_waits.expired():
-            self.node_waits.end(wait.shape)
-            self._fail_waiting(
-                wait.shape, self.node_waits.cause(wait, report_text(autoscaler_status(), wait.node_type))
-            )
-            self.pool.end_unidle()  # no actor request is left pending behind a failed run
-
-    def _check_placement(self) -> None:
-        """Fail stages whose actors stayed unplaced for placement_timeout_s while nothing of ours ran.
-
-        While a stage of this run runs, what it holds comes back when it ends; with nothing running and
-        no idle actor left to end, only someone else can free the resources, so waiting is bounded.
-        Actors waiting for a node to be launched are bounded by node_wait_s instead.
-        """
-        self._check_node_waits()
-        exempt = self.node_waits.shapes()
-        starting = [m for m in self.pool.starting() if m.shape not in exempt]
-        if self.inflight or not starting or self.failure is not None or not any(self._waiting.values()):
-            self._unplaced_since = None
-            return
-        now = time.monotonic()
-        if self._unplaced_since is None:
-            self._unplaced_since = now
-            return
-        if now - self._unplaced_since < self.placement_timeout_s:
-            return
-        for shape in {m.shape for m in starting}:
-            res = next(m.resources for m in starting if m.shape == shape)
-            cause = (
-                f"Ray has not placed an actor for {res.describe()} in {self.placement_timeout_s:g} s "
-                f"while no other stage of this run was running. {self.pool.occupancy()}. "
-                "Fix: free those resources (e.g. `serve shutdown` an application, end another job), lower the "
-                "stage's request, or raise --placement-timeout-s if they will free up (an autoscaler launching a node)"
-            )
-            self._fail_waiting(shape, cause)
-        self.pool.end_unidle()  # no actor request is left pending behind a failed run
-
-    def _fail_waiting(self, shape: tuple, cause: str) -> None:
-        queue = self._waiting.get(shape) or deque()
-        while queue:
-            rec = self.run.records[queue.popleft()]
-            rec.status, rec.error = FAILED, cause
-            log.error("stage %s failed: %s", rec.name, cause)
-            if self.failure is None:
-                self.failure = StageFailedError(rec.name, cause, "", self.run.run_id)
-            self._notify(rec)
-
-    def _queued(self) -> list[str]:
-        return [n for q in self._waiting.values() for n in q]
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for ref, (name, actor, deadline) in list(self.inflight.items()):
-            if deadline is not None and now >= deadline:
-                del self.inflight[ref]
-                timeout = self.wf.stages[name].retry.timeout_s
-                cause = f"TimeoutError: stage {name!r} ran longer than timeout_s={timeout:g}"
-                self._failed(self.run.records[name], actor, TIMEOUT, cause, "", ("builtins.TimeoutError",))
-
-    def _failed(self, rec: StageRecord, actor: Any, kind: str, cause: str, tb: str, types: tuple[str, ...]) -> None:
-        self.pool.discard(actor)  # a broken or busy process is never reused
-        for up in [n for n, c in self.fused.items() if c == rec.name and self.run.records[n].status == RUNNING]:
-            self.run.records[up].status = PENDING  # a fused stream restarts with its consumer, or never
-            self._changed[up] = None
-            self._candidates.add(up)
-            self._scan[rec.name] = 0
-        policy = self.wf.stages[rec.name].retry
-        decision = policy.decide(rec.attempts, kind, types)
-        fresh = self._replan(rec) if decision.retry else None
-        unplaceable = fresh is not None and not fresh.feasible
-        if unplaceable:
-            cause = f"{cause}; cannot retry: {fresh.reason}"  # type: ignore[union-attr]
-        elif fresh is not None:
-            rec.decision = fresh
-        if decision.retry and not unplaceable and self.failure is None:
-            log.warning(
-                "stage %s attempt %d failed (%s); retrying in %.1fs: %s",
-                rec.name,
-                rec.attempts,
-                kind,
-                decision.delay_s,
-                cause,
-            )
-            rec.status, rec.error = RETRYING, cause
-            self.retry_at[rec.name] = time.monotonic() + decision.delay_s
-            self._candidates.add(rec.name)
-            self._changed[rec.name] = None
-            return
-        rec.status = FAILED
-        rec.error = f"{cause} ({decision.reason})" if rec.attempts > 1 or not decision.retry else cause
-        log.error("stage %s failed: %s", rec.name, rec.error)
-        if self.failure is None:  # keep the first; in-flight stages finish and commit
-            self.failure = StageFailedError(rec.name, rec.error, tb, self.run.run_id)
-        self._notify(rec)
-
-    def _replan(self, rec: StageRecord) -> PlacementDecision:
-        """After a failure (perhaps a lost node), decide again against the nodes alive now."""
-        alive = cluster_nodes()
-        return decide(rec.name, self.wf.stages[rec.name].resources, alive, node_types(self.declared_types, alive))
 
     def _notify(self, rec: StageRecord) -> None:
         if rec.status in DONE:

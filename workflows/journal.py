@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from storage import ArtifactNotFoundError, ArtifactStore
@@ -118,6 +118,14 @@ def replay(data: bytes) -> dict[str, StageEntry]:
     return out
 
 
+_ENTRY_FIELDS = tuple(f.name for f in fields(StageEntry))
+
+
+def _fields(entry: StageEntry) -> dict[str, Any]:
+    """Shallow `asdict`: an entry holds no nested dataclasses, and asdict's deep copy is per stage and flush."""
+    return {f: getattr(entry, f) for f in _ENTRY_FIELDS}
+
+
 def entry_for(record: StageRecord) -> StageEntry:
     res = record.result
     return StageEntry(
@@ -152,7 +160,7 @@ class Journals:
         """Append the current entries of `names`: O(len(names)), whatever the size of the run."""
         if not names:
             return
-        lines = [json.dumps({"stage": n, **asdict(entry_for(run.records[n]))}) for n in names]
+        lines = [json.dumps({"stage": n, **_fields(entry_for(run.records[n]))}) for n in names]
         # A driver's first batch starts on a fresh line: an earlier driver may have left a torn one.
         first = run.run_id not in self._appending
         self._appending.add(run.run_id)
@@ -172,7 +180,7 @@ class Journals:
 
     def write_document(self, journal: Journal) -> None:
         doc = {k: v for k, v in vars(journal).items() if k != "stages"}
-        stages = ",\n".join(f"{json.dumps(n)}: {json.dumps(asdict(e))}" for n, e in journal.stages.items())
+        stages = ",\n".join(f"{json.dumps(n)}: {json.dumps(_fields(e))}" for n, e in journal.stages.items())
         self.store.put_document(
             (PREFIX, journal.run_id, NAME), f'{json.dumps(doc)[:-1]}, "stages": {{\n{stages}}}}}'.encode()
         )
