@@ -10,10 +10,9 @@ any driver.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
-import numpy as np
 import ray
 from ray import serve
 from ray.serve.schema import ApplicationStatus
@@ -62,6 +61,7 @@ class Rollout:
     def deploy(self, source: ModelSource, *, canary_share: float | None = None) -> str:
         """Put `source` in service (or behind a canary share). Raise RolloutRefused and keep the old on failure."""
         share = self.config.canary_share if canary_share is None else canary_share
+        source = with_task(source)
         serve.start(http_options={"host": self.config.host, "port": self.config.port})
         state = self.state()
         actor_opts = self.replica_options = replica_options(self.config)
@@ -187,10 +187,8 @@ class Rollout:
             cfg = _with(cfg, graceful_shutdown_wait_loop_s=loop)
         try:
             handle = _run(_bind(source, cfg, actor_opts), name=name, route_prefix=None)
-            rows = handle.smoke_rows.remote().result(timeout_s=60)  # a row the model's own spec accepts
-            proba = handle.infer.remote(rows).result(timeout_s=60)
-            if proba.shape[0] != 1 or not np.isfinite(proba).all():
-                raise ServingError(f"smoke prediction returned {proba!r}")
+            # the model's own example (a row, or a prompt for a generator), answered with finite outputs
+            handle.smoke_check.remote().result(timeout_s=60)
         except Exception as exc:
             _delete(name)
             raise RolloutRefused(
@@ -259,9 +257,22 @@ def _delete(name: str) -> None:
 
 
 def _bind(source: ModelSource, config: ServeConfig, actor_opts: dict[str, Any], canary: str | None = None) -> Any:
-    from serving.app import bind  # noqa: PLC0415  # FastAPI app import only where Serve is used
-
+    # FastAPI app imports only where Serve is used; a generator gets the streaming app (serving.generate_app)
+    if with_task(source).task == "generator":
+        from serving.generate_app import bind  # noqa: PLC0415
+    else:
+        from serving.app import bind  # noqa: PLC0415
     return bind(source, config, actor_opts, canary)
+
+
+def with_task(source: ModelSource) -> ModelSource:
+    """`source` with its bundle's task filled in (read from the bundle's metadata when not yet known)."""
+    if source.task:
+        return source
+    from serving.contract import spec_of  # noqa: PLC0415
+    from serving.loading import load_bundle  # noqa: PLC0415
+
+    return replace(source, task=spec_of(load_bundle(source)).task)
 
 
 def _with(config: ServeConfig, **changes: Any) -> ServeConfig:
@@ -279,6 +290,7 @@ def _entry(source: ModelSource, *, role: str, share: float) -> dict[str, Any]:
         "tracking_uri": source.tracking_uri,
         "artifact": asdict(source.artifact) if source.artifact else None,  # loaded via this store's tiers
         "lineage": source.lineage,
+        "task": source.task,
     }
 
 
@@ -294,4 +306,5 @@ def _source(entry: dict[str, Any] | None, store: StoreConfig) -> ModelSource:
         store_config=store,
         tracking_uri=entry["tracking_uri"],
         lineage=entry.get("lineage", {}),
+        task=entry.get("task", ""),
     )
