@@ -9,9 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from serving.config import ModelSource, RolloutRefused, ServeConfig, ServingError
-from serving.contract import InputSpec, ModelContractError, ModelSpec, torch_model
+from serving.contract import GenerationSpec, InputSpec, ModelContractError, ModelSpec, torch_model
+from serving.generation import Detokenizer, Generator, StopMatcher, generator_model, load_generator
 
 __all__ = [
+    "Detokenizer",
+    "GenerationSpec",
+    "Generator",
     "InputSpec",
     "ModelContractError",
     "ModelServer",
@@ -21,9 +25,12 @@ __all__ = [
     "RolloutRefused",
     "ServeConfig",
     "ServingError",
+    "StopMatcher",
     "build_app",
     "build_mlp",
     "from_tensors",
+    "generator_model",
+    "load_generator",
     "predict_proba",
     "to_tensors",
     "torch_model",

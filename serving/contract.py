@@ -5,8 +5,10 @@ a `storage.Tensors` bundle holding the module's `state_dict()` (parameters *and*
 running statistics) and, in its `config` metadata, a JSON `ModelSpec`:
 
 - `builder`: an importable `module:qualname` (function or class) that `builder(**args)` returns the module;
-- `task`: `classifier` (outputs logits; predictions are probabilities and a label) or `regressor`;
-- `input`: the request schema (`InputSpec`: width, dtype, optional range) that serving enforces;
+- `task`: `classifier` (outputs logits; predictions are probabilities and a label), `regressor`, or
+  `generator` (a language model: made by `serving.generation.generator_model`, whose request is text);
+- `input`: the request schema (`InputSpec`: width, dtype, optional range) that serving enforces (none for a
+  generator: its `generation` facts, `GenerationSpec`, say what it takes instead);
 - `example`: a few real input rows, the MLflow input example and the rollout's smoke request.
 
 When the builder's module is not part of an installed package (a workflow file, a module next to it) its
@@ -37,13 +39,14 @@ from serving.validation import InvalidInput, check_values
 from storage import Tensors
 
 FORMAT = "tierflow.torch/1"
-TASKS = ("classifier", "regressor")
+TASKS = ("classifier", "regressor", "generator")
 DTYPES = ("float32", "float64", "int64")
 CONFIG_KEY, CODE_KEY = "config", "code"
 MAX_EXAMPLE_ROWS = 5
 _FRAMEWORK = ("actors", "serving", "storage", "workflows")  # tierflow's own packages: installed where it runs
 _ROOT = Path(__file__).resolve().parent.parent
 _SPEC_KEYS = ("format", "builder", "args", "task", "input", "outputs", "classes", "example", "example_target")
+_SPEC_KEYS += ("generation",)  # a generator's tokenizer, context and example prompt
 
 
 class ModelContractError(ValueError):
@@ -91,12 +94,40 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
+class GenerationSpec:
+    """What a generator (task `generator`) takes and emits: text through `tokenizer`, ids in [0, vocab_size).
+
+    `bytes`: ids 0-255 are the UTF-8 bytes of the text, `eos_id` (256) ends a sequence. `max_context` is the
+    most tokens (prompt + generated) the model is meant to see; `state_batch_dim` is the batch dimension of
+    the tensors of its recurrent state (1 for a GRU's h of shape [layers, B, hidden]).
+    """
+
+    tokenizer: str
+    vocab_size: int
+    eos_id: int
+    max_context: int
+    example_prompt: str
+    state_batch_dim: int = 1
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GenerationSpec:
+        return cls(
+            tokenizer=str(data["tokenizer"]),
+            vocab_size=int(data["vocab_size"]),
+            eos_id=int(data["eos_id"]),
+            max_context=int(data["max_context"]),
+            example_prompt=str(data["example_prompt"]),
+            state_batch_dim=int(data.get("state_batch_dim", 1)),
+        )
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """How to rebuild and call a model; stored as JSON in the bundle's `config` metadata."""
 
     builder: str
     task: str
-    input: InputSpec
+    input: InputSpec | None  # None for a generator: its request is text (see `generation`)
     outputs: int
     args: dict[str, Any] = field(default_factory=dict)
     classes: list[Any] | None = None
@@ -104,15 +135,18 @@ class ModelSpec:
     example_target: list[Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # free-form JSON facts, kept at the top level
     compression: dict[str, Any] | None = None
+    generation: GenerationSpec | None = None
 
     def to_config(self) -> dict[str, Any]:
-        body = {k: v for k, v in asdict(self).items() if k not in ("info", "compression")}
+        body = {k: v for k, v in asdict(self).items() if k not in ("info", "compression", "generation")}
         clash = sorted(set(self.info) & {*_SPEC_KEYS, "compression"})
         if clash:
             raise ModelContractError(f"info keys {clash} are reserved by the model contract; rename them")
         out = {**self.info, **body, "format": FORMAT}
         if self.compression:
             out["compression"] = self.compression
+        if self.generation is not None:
+            out["generation"] = asdict(self.generation)
         return out
 
     @classmethod
@@ -123,7 +157,7 @@ class ModelSpec:
         return cls(
             builder=config["builder"],
             task=config["task"],
-            input=InputSpec.from_dict(config["input"]),
+            input=InputSpec.from_dict(config["input"]) if config.get("input") else None,
             outputs=int(config["outputs"]),
             args=dict(config.get("args") or {}),
             classes=config.get("classes"),
@@ -131,13 +165,24 @@ class ModelSpec:
             example_target=config.get("example_target"),
             info=info,
             compression=config.get("compression"),
+            generation=GenerationSpec.from_dict(config["generation"]) if config.get("generation") else None,
         )
 
+    def row_input(self) -> InputSpec:
+        """The row schema of a classifier or regressor; a generator has none (it takes text)."""
+        if self.input is None:
+            raise ModelContractError(
+                f"{self.builder} is a {self.task}: it takes text, not rows; "
+                "load it with serving.generation.load_generator"
+            )
+        return self.input
+
     def example_rows(self) -> np.ndarray:
+        spec_in = self.row_input()
         if self.example:
-            return np.asarray(self.example, dtype=self.input.dtype)
-        lo = 0.0 if self.input.min is None else self.input.min
-        return np.full((1, self.input.width), lo, dtype=self.input.dtype)
+            return np.asarray(self.example, dtype=spec_in.dtype)
+        lo = 0.0 if spec_in.min is None else spec_in.min
+        return np.full((1, spec_in.width), lo, dtype=spec_in.dtype)
 
     def labels(self, proba: np.ndarray) -> list[Any]:
         idx = proba.argmax(axis=1)
@@ -377,9 +422,10 @@ def forward(module: Any, spec: ModelSpec, rows: np.ndarray, device: str = "cpu")
     regression outputs [n] or [n, k], as float32 numpy."""
     import torch  # noqa: PLC0415
 
+    spec_in = spec.row_input()
     with torch.inference_mode():
         # Rows from Ray's object store are read-only; torch warns on (and cannot safely wrap) those.
-        x = torch.as_tensor(np.require(rows, requirements="W"), dtype=torch_dtype(spec.input.dtype), device=device)
+        x = torch.as_tensor(np.require(rows, requirements="W"), dtype=torch_dtype(spec_in.dtype), device=device)
         out = module(x)
         if not isinstance(out, torch.Tensor):
             raise ModelContractError(f"the module returned a {type(out).__name__}; forward must return one tensor")
@@ -420,8 +466,15 @@ def torch_model(
 
     if not isinstance(module, nn.Module):
         raise ModelContractError(f"torch_model needs a torch nn.Module, got {type(module).__name__}")
+    if task == "generator":
+        raise ModelContractError(
+            "task='generator': a generator takes text, not rows; return it with serving.generation.generator_model("
+            "module, builder=..., args=..., max_context=..., example_prompt=...)"
+        )
     if task not in TASKS:
-        raise ModelContractError(f"task={task!r}: use 'classifier' (logits -> probabilities) or 'regressor'")
+        raise ModelContractError(
+            f"task={task!r}: use 'classifier' (logits -> probabilities), 'regressor', or generator_model(...)"
+        )
     spec_in = InputSpec(input) if isinstance(input, int) and not isinstance(input, bool) else input
     if not isinstance(spec_in, InputSpec):
         raise ModelContractError(f"input={input!r}: pass the number of features or an InputSpec")

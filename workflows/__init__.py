@@ -4,6 +4,7 @@ from actors.context import StageContext
 from actors.resources import Resources
 from actors.streaming import BatchStream, Stream
 from serving.contract import InputSpec, ModelContractError, torch_model
+from serving.generation import generator_model
 from storage import Tensors
 from workflows.errors import (
     GateFailed,
@@ -35,6 +36,7 @@ __all__ = [
     "Workflow",
     "WorkflowDefinitionError",
     "WorkflowLoadError",
+    "generator_model",
     "release_warm_actors",
     "run_workflow",
     "serve_model",
