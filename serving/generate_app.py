@@ -13,8 +13,6 @@ tokens, end-to-end latency and the fluidity index are observed as Prometheus his
 (`tierflow_ttft_s`, `tierflow_tbt_s`, `tierflow_e2e_s`, `tierflow_fluidity`) next to Serve's own metrics.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import random
@@ -46,6 +44,16 @@ SMOKE_TOKENS = 4
 _SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 _GAPS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 _FLUIDITY = [0.5, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0]
+
+# Serve's ingress captures the routes when the class is decorated: what they call is defined before it.
+# Proxies (nginx) would otherwise hold the stream back until their buffer fills.
+_NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    async for event in events:
+        yield sse(event)
+    yield sse("[DONE]")
 
 
 class GenerationStats:
@@ -256,16 +264,6 @@ class GenerationServer:
     @api.get("/stats")
     def stats_summary(self) -> dict[str, Any]:
         return {**self.stats.summary(), "engine": self.engine.stats()}
-
-
-# proxies (nginx) would otherwise hold the stream back until their buffer fills
-_NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-async def _sse(events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    async for event in events:
-        yield sse(event)
-    yield sse("[DONE]")
 
 
 def bind(

@@ -27,6 +27,9 @@ from actors.placement import NodeInfo
 REQUESTS = "ray_serve_num_http_requests_total"
 LATENCY = "ray_serve_http_request_latency_ms"
 BATCH = "ray_tierflow_batch_size"
+# generators (serving.generate_app): per-request user-experience histograms and the tokens streamed
+TTFT, TBT, E2E, FLUIDITY = "ray_tierflow_ttft_s", "ray_tierflow_tbt_s", "ray_tierflow_e2e_s", "ray_tierflow_fluidity"
+TOKENS = "ray_tierflow_generated_tokens_total"
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,33 @@ def summarize(samples: Iterable[Sample], app: str) -> dict[str, Any]:
     }
     for q in (50, 95, 99):
         summary[f"latency_ms_p{q}"] = histogram_quantile(q / 100, latency)
+    if any(s.name == f"{TTFT}_count" for s in mine):
+        summary |= generation_summary(mine)
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}  # JSON has no NaN
+
+
+def generation_summary(samples: list[Sample]) -> dict[str, float]:
+    """TTFT and TBT percentiles, mean fluidity, the share of streams that met every deadline, and tokens,
+    over every replica's histograms of one application."""
+
+    def total(name: str) -> float:
+        return sum(s.value for s in samples if s.name == name)
+
+    out: dict[str, float] = {}
+    for name, key in ((TTFT, "ttft_s"), (TBT, "tbt_s"), (E2E, "e2e_s")):
+        buckets = _merged_buckets(samples, name)
+        out[f"{key}_p50"] = histogram_quantile(0.5, buckets)
+        out[f"{key}_p99"] = histogram_quantile(0.99, buckets)
+    streams = total(f"{FLUIDITY}_count")
+    fluidity = _merged_buckets(samples, FLUIDITY)
+    below_one = max((v for le, v in fluidity.items() if le < 1.0), default=0.0)  # the 0.999 bucket
+    out["streams"] = streams
+    out["fluidity_mean"] = total(f"{FLUIDITY}_sum") / streams if streams else math.nan
+    out["fluid_share"] = 1.0 - below_one / streams if streams else math.nan
+    tokens, stream_s = total(TOKENS), total(f"{E2E}_sum")
+    out["generated_tokens"] = tokens
+    out["tokens_per_s_per_stream"] = tokens / stream_s if stream_s else math.nan
+    return out
 
 
 def deployment_metrics(app: str, nodes: Iterable[NodeInfo]) -> dict[str, Any]:

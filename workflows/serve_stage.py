@@ -42,6 +42,10 @@ PARAMS: dict[str, Any] = {
     "max_ongoing_requests": _SERVE.max_ongoing_requests,
     "max_queued_requests": _SERVE.max_queued_requests,
     "canary_share": _SERVE.canary_share,
+    # generators only (serving.generate_app): the decoding engine's batching and the deadline schedule
+    "generation_batching": _SERVE.generation_batching,
+    "target_ttft_s": _SERVE.target_ttft_s,
+    "target_tbt_s": _SERVE.target_tbt_s,
 }
 
 
@@ -107,6 +111,7 @@ def deploy(ctx: StageContext, kw: dict[str, Any], waits: Sequence[str]) -> dict[
         artifact=ctx.input_refs["model"],
         store_config=ctx.store_config,
         lineage=lineage,
+        task=spec.task,
     )
     app_name = kw["app_name"] or app_name_for(_workflow_name(ctx))
     gpus = kw["replica_gpus"]
@@ -127,6 +132,9 @@ def deploy(ctx: StageContext, kw: dict[str, Any], waits: Sequence[str]) -> dict[
         batch_wait_timeout_s=kw["batch_wait_timeout_s"],
         max_ongoing_requests=kw["max_ongoing_requests"],
         max_queued_requests=kw["max_queued_requests"],
+        generation_batching=kw["generation_batching"],
+        target_ttft_s=kw["target_ttft_s"],
+        target_tbt_s=kw["target_tbt_s"],
     )
     rollout = Rollout(ctx.store_config, config)
     url = rollout.deploy(source, canary_share=kw["canary_share"])  # type: ignore[arg-type]
@@ -137,18 +145,34 @@ def deploy(ctx: StageContext, kw: dict[str, Any], waits: Sequence[str]) -> dict[
     for w in waits:  # e.g. the evaluation's accuracy; the serve stage's own keys win
         if isinstance(kw[w], dict):
             out |= {k: v for k, v in kw[w].items() if isinstance(v, int | float | str | bool)}
+    # `predict_url` is where the example request goes (`tierflow run` sends it); a generator's is /generate
+    route = "generate" if spec.task == "generator" else "predict"
     out |= {
         "url": url,
-        "predict_url": f"{url}/predict",
-        "direct_predict_urls": [f"{u}/predict" for u in direct],
+        "predict_url": f"{url}/{route}",
+        "direct_predict_urls": [f"{u}/{route}" for u in direct],
         "app_name": app_name,
         "replica_resources": rollout.replica_options,
         "model_digest": facts["digest"],
         "task": spec.task,
-        "input": {"width": spec.input.width, "dtype": spec.input.dtype, "min": spec.input.min, "max": spec.input.max},
-        "example": {"instances": spec.example_rows()[:1].tolist()},
+        **_request_schema(spec),
         **lineage,
     }
     if spec.example_target:
         out["example_label"] = spec.example_target[0]
     return out
+
+
+def _request_schema(spec: Any) -> dict[str, Any]:
+    """What a request looks like (`input`) and one that works (`example`), from the model's contract."""
+    if spec.task == "generator":
+        gen = spec.generation
+        return {
+            "input": {"prompt": "text", "tokenizer": gen.tokenizer, "max_context": gen.max_context},
+            "example": {"prompt": gen.example_prompt, "max_tokens": 32},
+        }
+    row = spec.input
+    return {
+        "input": {"width": row.width, "dtype": row.dtype, "min": row.min, "max": row.max},
+        "example": {"instances": spec.example_rows()[:1].tolist()},
+    }
