@@ -173,6 +173,21 @@ def generation_summary(samples: list[Sample]) -> dict[str, float]:
     return out
 
 
+GENERATION_KEYS = ("ttft_s_p50", "ttft_s_p99", "tbt_s_p50", "tbt_s_p99", "fluidity_mean", "fluid_share")
+
+
+def generation_status(replica: dict[str, Any], deployment: dict[str, Any]) -> dict[str, Any]:
+    """The generation figures `tierflow serve status` shows: the whole app's (every replica, from Ray's
+    Prometheus export) when it has seen a stream, else the answering replica's `/stats`; {} for other apps."""
+    if deployment.get("streams"):
+        picked = {k: deployment.get(k) for k in GENERATION_KEYS}
+        return {**picked, "tokens_per_s": deployment.get("tokens_per_s_per_stream"), "source": "prometheus"}
+    if "engine" in replica:
+        picked = {k: replica.get(k) for k in GENERATION_KEYS}
+        return {**picked, "tokens_per_s": replica.get("tokens_per_s_p50"), "source": "replica /stats"}
+    return {}
+
+
 def deployment_metrics(app: str, nodes: Iterable[NodeInfo]) -> dict[str, Any]:
     """`summarize` over every node's endpoint; `errors` lists endpoints that could not be read."""
     urls = endpoints(nodes)

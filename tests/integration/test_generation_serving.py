@@ -74,6 +74,7 @@ def env(tmp_path_factory):
                 "v1": v1,
                 "v2": v2,
                 "first": first,
+                "tmp": tmp,
             }
     finally:
         serve.shutdown()
@@ -215,6 +216,19 @@ def test_generation_metrics_in_stats_and_in_rays_prometheus_export(env):
     assert m["streams"] >= 1 and m["generated_tokens"] >= 10
     assert 0 < m["ttft_s_p50"] <= m["ttft_s_p99"] and 0 < m["tbt_s_p50"] <= m["tbt_s_p99"]
     assert 0 <= m["fluidity_mean"] <= 1 and 0 <= m["fluid_share"] <= 1
+
+    # `tierflow serve status` shows them and `--log-mlflow` records them
+    from mlflow import MlflowClient
+
+    from workflows.serve_cli import _status, metrics_to_log
+
+    status = _status(env["rollout"])
+    assert status["generation"]["source"] == "prometheus" and status["generation"]["ttft_s_p99"] > 0
+    uri = f"sqlite:///{env['tmp'] / 'mlflow.db'}"
+    run_id = env["rollout"].log_stats(uri, metrics_to_log(status))
+    logged = MlflowClient(uri).get_run(run_id).data.metrics
+    assert logged["generation_fluidity_mean"] == pytest.approx(status["generation"]["fluidity_mean"])
+    assert logged["engine_tokens"] >= 10 and logged["deployment_streams"] >= 1
 
 
 def test_blue_green_to_a_new_version_and_rollback(env):
