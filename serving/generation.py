@@ -43,6 +43,7 @@ EOS_ID = 256
 BYTES_VOCAB = 257
 MAX_EXAMPLE_PROMPT = 200  # characters: the example is a smoke request, not a document
 SMOKE_TOKENS = 4  # decoding steps checked when a bundle is made
+PYFUNC_PARAMS = {"max_tokens": 32, "temperature": 0.0, "seed": 0}  # a registered generator's predict() defaults
 
 State = Any  # a Tensor, or a tuple of Tensors, batched along `state_batch_dim`
 

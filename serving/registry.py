@@ -33,7 +33,21 @@ def expected_output(spec: ModelSpec, proba_or_out: np.ndarray) -> np.ndarray:
     return np.asarray(spec.labels(proba_or_out)) if spec.task == "classifier" else proba_or_out
 
 
-def save_pyfunc(data: bytes, directory: Path) -> tuple[Path, ModelSpec, np.ndarray, np.ndarray]:
+def smoke_example(module: Any, spec: ModelSpec) -> tuple[Any, np.ndarray, dict[str, Any] | None]:
+    """(input example, its expected output, the signature's params): rows for a classifier or regressor;
+    for a generator its example prompt and the greedy continuation it must give back."""
+    if spec.task == "generator":
+        from serving.generation import PYFUNC_PARAMS, Generator  # noqa: PLC0415
+
+        prompt = spec.generation.example_prompt  # type: ignore[union-attr]
+        text = Generator(module, spec).generate(prompt, **PYFUNC_PARAMS)
+        return [prompt], np.asarray([text]), dict(PYFUNC_PARAMS)
+    example = spec.example_rows()
+    params = {"output": "labels"} if spec.task == "classifier" else None
+    return example, expected_output(spec, forward(module, spec, example)), params
+
+
+def save_pyfunc(data: bytes, directory: Path) -> tuple[Path, ModelSpec, Any, np.ndarray]:
     """Write the MLflow model for safetensors `data` under `directory`: (model dir, spec, example, output)."""
     import mlflow  # noqa: PLC0415
     from mlflow.models import infer_signature  # noqa: PLC0415
@@ -41,8 +55,7 @@ def save_pyfunc(data: bytes, directory: Path) -> tuple[Path, ModelSpec, np.ndarr
     bundle = decode(SAFETENSORS, data)
     try:
         module, spec = load_any(bundle)
-        example = spec.example_rows()
-        output = expected_output(spec, forward(module, spec, example))
+        example, output, params = smoke_example(module, spec)
     except ModelContractError as exc:
         raise RegistrationError(f"the model cannot be rebuilt: {exc}") from None
     except Exception as exc:
@@ -50,7 +63,6 @@ def save_pyfunc(data: bytes, directory: Path) -> tuple[Path, ModelSpec, np.ndarr
     weights = directory / "model.safetensors"
     weights.write_bytes(data)
     code_paths = [str(p) for p in write_code(code_of(bundle), directory / "code")]
-    params = {"output": "labels"} if spec.task == "classifier" else None
     model_dir = directory / "model"
     mlflow.pyfunc.save_model(
         path=str(model_dir),
@@ -65,7 +77,7 @@ def save_pyfunc(data: bytes, directory: Path) -> tuple[Path, ModelSpec, np.ndarr
     return model_dir, spec, example, output
 
 
-def load_back(model_dir: Path, example: np.ndarray, expected: np.ndarray) -> None:
+def load_back(model_dir: Path, example: Any, expected: np.ndarray) -> None:
     """Load the saved model as a user would and check one prediction; leave sys.path/sys.modules as found."""
     import mlflow  # noqa: PLC0415
 

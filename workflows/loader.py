@@ -13,7 +13,11 @@ from ray import cloudpickle
 from workflows.errors import WorkflowLoadError
 from workflows.model import Workflow
 
-BUILTINS = {"digits": "workflows.builtin.digits:digits", "pipeline": "workflows.builtin.pipeline:pipeline"}
+BUILTINS = {
+    "digits": "workflows.builtin.digits:digits",
+    "pipeline": "workflows.builtin.pipeline:pipeline",
+    "textgen": "workflows.builtin.textgen:textgen",
+}
 
 
 def load_workflow(ref: str) -> Workflow:

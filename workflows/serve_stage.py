@@ -14,6 +14,7 @@ import inspect
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 from actors.context import StageContext
@@ -145,8 +146,8 @@ def deploy(ctx: StageContext, kw: dict[str, Any], waits: Sequence[str]) -> dict[
     for w in waits:  # e.g. the evaluation's accuracy; the serve stage's own keys win
         if isinstance(kw[w], dict):
             out |= {k: v for k, v in kw[w].items() if isinstance(v, int | float | str | bool)}
-    # `predict_url` is where the example request goes (`tierflow run` sends it); a generator's is /generate
-    route = "generate" if spec.task == "generator" else "predict"
+    # where the example request goes: a generator answers text at /generate (non-streaming unless asked)
+    route = "generate" if spec.generation else "predict"
     out |= {
         "url": url,
         "predict_url": f"{url}/{route}",
@@ -164,15 +165,11 @@ def deploy(ctx: StageContext, kw: dict[str, Any], waits: Sequence[str]) -> dict[
 
 
 def _request_schema(spec: Any) -> dict[str, Any]:
-    """What a request looks like (`input`) and one that works (`example`), from the model's contract."""
-    if spec.task == "generator":
-        gen = spec.generation
-        return {
-            "input": {"prompt": "text", "tokenizer": gen.tokenizer, "max_context": gen.max_context},
-            "example": {"prompt": gen.example_prompt, "max_tokens": 32},
-        }
-    row = spec.input
+    """What a request to the endpoint takes, and an example one built from the model's own example."""
+    if spec.generation is not None:
+        return {"generation": asdict(spec.generation), "example": {"prompt": spec.generation.example_prompt}}
+    schema = spec.row_input()
     return {
-        "input": {"width": row.width, "dtype": row.dtype, "min": row.min, "max": row.max},
+        "input": {"width": schema.width, "dtype": schema.dtype, "min": schema.min, "max": schema.max},
         "example": {"instances": spec.example_rows()[:1].tolist()},
     }
