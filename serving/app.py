@@ -332,6 +332,8 @@ def build_app(args: dict[str, Any]) -> Any:
     source = registry_source(args.pop("model_uri"), args.pop("tracking_uri"))
     explicit = args.pop("ray_actor_options", None)
     config = ServeConfig(**args)
+    from serving.rollout import bind_for  # noqa: PLC0415  # a generator gets the streaming app
+
     # placed as a rollout places it (declared resources, else the CPU fallback), against the nodes of the
     # cluster `serve run` / `serve deploy` builds on, unless the config spells out ray_actor_options itself
-    return bind(source, config, explicit if explicit is not None else replica_options(config))
+    return bind_for(source, config, explicit if explicit is not None else replica_options(config))

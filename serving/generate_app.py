@@ -13,6 +13,7 @@ tokens, end-to-end latency and the fluidity index are observed as Prometheus his
 (`tierflow_ttft_s`, `tierflow_tbt_s`, `tierflow_e2e_s`, `tierflow_fluidity`) next to Serve's own metrics.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -24,9 +25,10 @@ from typing import Any
 import numpy as np
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import metrics
+from starlette.requests import ClientDisconnect
 
 from serving.app import BodyLimit, _endpoint_error, _unexpected, serving_device
 from serving.batcher import DecodeEngine, EngineBusy, EngineError, GenerationParams
@@ -159,14 +161,15 @@ class GenerationServer:
         """The answer as events: `{"text"}` per non-empty chunk, then the final event. Also what a stable
         replica streams from its canary (`handle.options(stream=True).events.remote(...)`)."""
         timeline = RequestTimeline(arrival_s=time.perf_counter())
-        finish, text_tokens = None, 0
-        try:
-            async for chunk in self.engine.generate(req.prompt_ids, req.params):
-                timeline.token(time.perf_counter())
-                text_tokens += 1
-                if chunk.text:
-                    yield {"text": chunk.text}
-                finish = chunk.finish_reason
+        finish, tokens = None, 0
+        try:  # aclosing: a consumer that stops reading ends the engine's stream now, not at garbage collection
+            async with contextlib.aclosing(self.engine.generate(req.prompt_ids, req.params)) as chunks:
+                async for chunk in chunks:
+                    timeline.token(time.perf_counter())
+                    tokens += 1
+                    if chunk.text:
+                        yield {"text": chunk.text}
+                    finish = chunk.finish_reason
         except EngineError as exc:  # a full queue (503), or the model raised (500): the final event says so
             yield {"error": str(exc), "status": 503 if isinstance(exc, EngineBusy) else 500}
             return
@@ -176,7 +179,7 @@ class GenerationServer:
         yield {
             "text": "",
             "finish_reason": finish,
-            "usage": {"prompt_tokens": len(req.prompt_ids), "completion_tokens": text_tokens},
+            "usage": {"prompt_tokens": len(req.prompt_ids), "completion_tokens": tokens},
             "metrics": m.to_dict(),
             "model_digest": self.source.digest,
             "model_version": self.source.version,
@@ -197,8 +200,11 @@ class GenerationServer:
 
     @api.post("/generate", openapi_extra={"requestBody": _BODY})
     async def generate(self, request: Request) -> Any:
-        body, content_type = await request.body(), request.headers.get("content-type")
-        req = parse_generate(body, content_type, self.limits, self.gen.encode)
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer (nginx's 499)
+            return Response(status_code=499)
+        req = parse_generate(body, request.headers.get("content-type"), self.limits, self.gen.encode)
         if self.engine.stats()["waiting"] >= self.engine.max_waiting:
             raise EndpointError(503, "the replica's admission queue is full: retry later")
         to_canary = self.canary is not None and random.random() < self.config.canary_share  # noqa: S311

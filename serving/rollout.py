@@ -72,12 +72,14 @@ class Rollout:
             stable = _source(state["stable"], self.store.config)
             cfg = _with(self.config, canary_share=share)
             _run(
-                _bind(stable, cfg, actor_opts, _canary(self.app)), name=self.app, route_prefix=self.config.route_prefix
+                bind_for(stable, cfg, actor_opts, _canary(self.app)),
+                name=self.app,
+                route_prefix=self.config.route_prefix,
             )
             state["canary"] = entry
         else:
             _run(
-                _bind(source, _with(self.config, canary_share=0.0), actor_opts),
+                bind_for(source, _with(self.config, canary_share=0.0), actor_opts),
                 name=self.app,
                 route_prefix=self.config.route_prefix,
             )
@@ -95,7 +97,7 @@ class Rollout:
             raise ServingError(f"app {self.app!r} has no canary to promote")
         source = _source(state["canary"], self.store.config)
         _run(
-            _bind(source, _with(self.config, canary_share=0.0), replica_options(self.config)),
+            bind_for(source, _with(self.config, canary_share=0.0), replica_options(self.config)),
             name=self.app,
             route_prefix=self.config.route_prefix,
         )
@@ -111,7 +113,7 @@ class Rollout:
         state = self.state()
         if state["canary"]:
             _run(
-                _bind(
+                bind_for(
                     _source(state["stable"], self.store.config),
                     _with(self.config, canary_share=0.0),
                     replica_options(self.config),
@@ -186,7 +188,7 @@ class Rollout:
             loop = min(cfg.graceful_shutdown_wait_loop_s, _CANDIDATE_DRAIN_LOOP_S)
             cfg = _with(cfg, graceful_shutdown_wait_loop_s=loop)
         try:
-            handle = _run(_bind(source, cfg, actor_opts), name=name, route_prefix=None)
+            handle = _run(bind_for(source, cfg, actor_opts), name=name, route_prefix=None)
             # the model's own example (a row, or a prompt for a generator), answered with finite outputs
             handle.smoke_check.remote().result(timeout_s=60)
         except Exception as exc:
@@ -256,8 +258,9 @@ def _delete(name: str) -> None:
         time.sleep(_POLL_S)
 
 
-def _bind(source: ModelSource, config: ServeConfig, actor_opts: dict[str, Any], canary: str | None = None) -> Any:
-    # FastAPI app imports only where Serve is used; a generator gets the streaming app (serving.generate_app)
+def bind_for(source: ModelSource, config: ServeConfig, actor_opts: dict[str, Any], canary: str | None = None) -> Any:
+    """The Serve app for `source`'s task: a generator gets the streaming app (serving.generate_app), any
+    other model the prediction app (serving.app). FastAPI apps are imported only where Serve is used."""
     if with_task(source).task == "generator":
         from serving.generate_app import bind  # noqa: PLC0415
     else:

@@ -32,6 +32,12 @@ _SETTINGS: dict[str, type] = {
     "max_queued_requests": int,
     "router_max_backoff_s": float,
     "max_body_bytes": int,
+    # generators (serving.generate_app)
+    "generation_batching": str,
+    "max_prompt_tokens": int,
+    "max_new_tokens": int,
+    "target_ttft_s": float,
+    "target_tbt_s": float,
 }
 
 

@@ -16,9 +16,11 @@ from serving.config import ModelSource, ServeConfig
 from serving.generation import generator_model, load_generator
 from serving.rollout import Rollout
 from storage import ArtifactStore, StoreConfig
-from tests.conftest import free_port, start_local_ray
+from tests.conftest import free_port, ship_by_value, start_local_ray
 from tests.fixtures.generative_models import fit
 from tests.fixtures.paced_generators import PacedGRU
+from workflows import Workflow, serve_model, stage
+from workflows.engine import run_workflow
 
 pytestmark = pytest.mark.integration
 APP = "gen"
@@ -243,3 +245,29 @@ def test_blue_green_to_a_new_version_and_rollback(env):
     back = rollout.rollback()
     assert back["digest"] == env["first"].digest == client.get("/info").json()["model_digest"]
     assert rollout.status()["stable"]["task"] == "generator"
+
+
+# A user's own generative workflow: train their model, then `serve_model` puts it on the streaming app.
+@stage(cpus=1)
+def train_user_lm(seed: int = 3):
+    from serving.generation import generator_model as bundle_of
+
+    model = fit(PacedGRU(hidden=24, step_s=0.0), CORPUS, steps=20, seed=seed)
+    return bundle_of(model, builder=PacedGRU, args={"hidden": 24, "step_s": 0.0}, max_context=256, example_prompt="the")
+
+
+def test_a_users_workflow_serves_its_generator_with_serve_model(env):
+    ship_by_value(__name__)
+    wf = Workflow("user_lm", [train_user_lm, serve_model("train_user_lm", app_name="user-lm", port=env["port"])])
+    run = run_workflow(wf, store_config=env["store"].config, params={"serve.generation_batching": "request"})
+    served = ArtifactStore(env["store"].config).get(run.records["serve"].artifact)
+    assert served["task"] == "generator" and served["predict_url"].endswith("/user-lm/generate")
+    answer = httpx.post(served["predict_url"], json=served["example"], timeout=30).json()
+    info = httpx.get(served["url"] + "/info", timeout=30).json()
+    assert info["batching"] == "request" and info["model_digest"] == served["model_digest"]
+    bundle_ = ArtifactStore(env["store"].config).get(run.records["train_user_lm"].artifact)
+    expected = load_generator(bundle_).generate(
+        served["example"]["prompt"], max_tokens=answer["usage"]["completion_tokens"]
+    )
+    assert answer["text"] == expected and answer["finish_reason"] in ("length", "eos")
+    serve.delete("user-lm")
