@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import json
@@ -258,6 +259,11 @@ def code_reference(builder: str | Callable[..., Any]) -> tuple[str, list[dict[st
         module_name = path.stem
         if not module_name.isidentifier():
             raise ModelContractError(f"{path.name}: rename the file to a valid module name to ship it with the model")
+        if (other := _installed_elsewhere(module_name, path)) is not None:
+            raise ModelContractError(
+                f"{path.name}: an installed module of the same name ({other}) would be imported instead of it "
+                "where the model loads; rename the file"
+            )
         return f"{module_name}:{qualname}", [{"path": path.name, "source": path.read_text()}]
     ref = f"{module_name}:{qualname}"
     return ref, ([] if path is None or _is_installed(path) else _ship(module_name, path))
@@ -273,6 +279,19 @@ def _importable(module_name: str, path: Path | None) -> bool:
     except (ImportError, ValueError):
         return False
     return spec is not None and spec.origin is not None and path is not None and Path(spec.origin).resolve() == path
+
+
+def _installed_elsewhere(module_name: str, path: Path) -> str | None:
+    """Where `module_name` imports from other than `path`'s folder (e.g. pynvml installs a top-level
+    `example.py`): shipped code is imported only when the name is not importable already."""
+    folders = [p for p in sys.path if Path(p or ".").resolve() != path.parent]
+    try:
+        spec = importlib.machinery.PathFinder.find_spec(module_name, folders)
+    except (ImportError, ValueError):
+        return None
+    if spec is None and module_name in sys.builtin_module_names:
+        return "a built-in module"
+    return None if spec is None else str(spec.origin or module_name)
 
 
 def _ship(module_name: str, path: Path) -> list[dict[str, str]]:

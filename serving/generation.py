@@ -50,7 +50,8 @@ State = Any  # a Tensor, or a tuple of Tensors, batched along `state_batch_dim`
 
 # -- text <-> ids ------------------------------------------------------------------------------------
 def encode(text: str) -> list[int]:
-    """The `bytes` tokenizer: the UTF-8 bytes of `text`, one id each (no special ids added)."""
+    """The `bytes` tokenizer: the UTF-8 bytes of `text`, one id each (no special ids added). Text holding an
+    unpaired surrogate (a JSON `\\ud800` escape) is not UTF-8: `UnicodeEncodeError`."""
     return list(text.encode("utf-8"))
 
 
@@ -218,17 +219,21 @@ class Generator:
         import torch  # noqa: PLC0415
 
         dim = self.state_batch_dim
-        if isinstance(states[0], tuple):
-            return tuple(torch.cat([s[k] for s in states], dim=dim) for k in range(len(states[0])))
-        return torch.cat(list(states), dim=dim)
+        with torch.inference_mode():
+            if isinstance(states[0], tuple):
+                return tuple(torch.cat([s[k] for s in states], dim=dim) for k in range(len(states[0])))
+            return torch.cat(list(states), dim=dim)
 
     def unstack(self, batched: State) -> list[State]:
         """Per-sequence states (batch 1 each) from a batched one; copies, so a finished batch can be freed."""
+        import torch  # noqa: PLC0415
+
         dim = self.state_batch_dim
-        if isinstance(batched, tuple):
-            parts = [t.split(1, dim=dim) for t in batched]
-            return [tuple(p[i].clone() for p in parts) for i in range(len(parts[0]))]
-        return [s.clone() for s in batched.split(1, dim=dim)]
+        with torch.inference_mode():
+            if isinstance(batched, tuple):
+                parts = [t.split(1, dim=dim) for t in batched]
+                return [tuple(p[i].clone() for p in parts) for i in range(len(parts[0]))]
+            return [s.clone() for s in batched.split(1, dim=dim)]
 
     def sample(self, logits: Any, temperatures: Sequence[float], generators: Sequence[Any]) -> list[int]:
         """One token per row of `logits` [B, V]: argmax at temperature 0, else a draw from softmax(logits / t).
@@ -347,7 +352,16 @@ def generator_model(
     if files:
         metadata[CODE_KEY] = json.dumps(files)
     bundle = Tensors(tensors, metadata)
-    _smoke(load_generator(bundle), torch)  # the stage fails here, not at registration or in a replica
+    gen = load_generator(bundle)
+    try:  # the stage fails here, not at registration or in a replica
+        _smoke(gen, torch)
+    except ModelContractError:
+        raise
+    except Exception as exc:
+        raise ModelContractError(
+            f"{ref} failed on its example prompt, alone or batched ({type(exc).__name__}: {exc}); check init_state "
+            "and step against the generator protocol (docs/models.md)"
+        ) from exc
     return bundle
 
 

@@ -59,6 +59,6 @@ def test_example_runs(code, shared_ray, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("TIERFLOW_STORE", f"memory://docs-{os.getpid()},{tmp_path / 'store'}")
-    script = tmp_path / "example.py"
+    script = tmp_path / "docs_example.py"  # not `example.py`: nvidia-ml-py installs a module of that name
     script.write_text(code)
     runpy.run_path(str(script), run_name="__main__")

@@ -207,3 +207,14 @@ def test_registry_refuses_a_model_whose_builder_cannot_be_imported(tmp_path, bn_
     with pytest.raises(RegistrationError, match=r"'tierflow_gone:TabularNet' is not importable"):
         save_pyfunc(bytes(encode(broken)[1]), tmp_path)
     assert not (tmp_path / "model").exists()
+
+
+def test_a_workflow_file_named_like_an_installed_module_is_refused(tmp_path):
+    """Shipped code is imported only where its name is not importable already: a `json.py` of one's own
+    would load as the standard library's json, so it is refused with the fix (rename the file)."""
+    src = tmp_path / "json.py"
+    src.write_text("from torch import nn\n\n\nclass Net(nn.Linear):\n    def forward(self, x):\n        return x\n")
+    module = _load_file(str(src))
+    with pytest.raises(ModelContractError, match=r"json.py: an installed module of the same name .*rename the file"):
+        torch_model(module.Net(2, 2), builder=module.Net, args={"in_features": 2, "out_features": 2},
+                    task="classifier", input=2, example=np.ones((1, 2), np.float32))  # fmt: skip

@@ -236,6 +236,11 @@ def test_refuses_a_wrong_state_batch_dim() -> None:
         _bundle(user.WrongBatchDim(), user.WrongBatchDim)
 
 
+def test_a_step_that_fails_is_a_contract_error_naming_the_builder() -> None:
+    with pytest.raises(ModelContractError, match=r"BrokenStep failed on its example prompt.*RuntimeError"):
+        _bundle(user.BrokenStep(), user.BrokenStep)
+
+
 def test_torch_model_points_generators_to_generator_model() -> None:
     with pytest.raises(ModelContractError, match="generator_model"):
         torch_model(ByteGRU(8, 8), builder=ByteGRU, task="generator", input=1, example=[[0.0]])

@@ -9,14 +9,12 @@ standard library's docstrings change only between Python releases.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 import math
-import re
+import subprocess
 import sys
 import time
-import warnings
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -39,7 +37,6 @@ MODULES = (
     *("json", "logging", "numbers", "operator", "pathlib", "pprint", "queue", "random", "re", "sched", "shlex"),
     *("statistics", "string", "textwrap", "threading", "typing", "urllib.parse", "zipfile"),
 )
-MIN_DOC_CHARS = 20
 PROMPT = "Return the "
 
 
@@ -64,39 +61,16 @@ class ByteGRU(nn.Module):
 
 
 # -- the corpus ----------------------------------------------------------------------------------------
-def _documented(module: Any) -> list[tuple[str, Any]]:
-    """(qualified name, object) for the module, its public classes and functions, and their public methods."""
-    name = module.__name__
-    found: list[tuple[str, Any]] = [(name, module)]
-    for attr, obj in sorted(vars(module).items()):
-        if attr.startswith("_") or getattr(obj, "__module__", None) != name:
-            continue  # private, or re-exported from another module
-        if inspect.isfunction(obj) or inspect.isbuiltin(obj):
-            found.append((f"{name}.{attr}", obj))
-        elif inspect.isclass(obj):
-            found.append((f"{name}.{attr}", obj))
-            for m, member in sorted(vars(obj).items()):
-                if not m.startswith("_") and callable(getattr(member, "__func__", member)):
-                    found.append((f"{name}.{attr}.{m}", getattr(member, "__func__", member)))
-    return found
-
-
-def _clean(doc: str) -> str:
-    text = "\n".join(line.rstrip() for line in inspect.cleandoc(doc).splitlines())
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-def collect_docstrings(modules: tuple[str, ...] | list[str] = MODULES) -> list[tuple[str, str]]:
-    """(qualified name, cleaned docstring) in a fixed order, each distinct text once (its first owner)."""
-    seen: dict[str, str] = {}
-    with warnings.catch_warnings():  # touching deprecated aliases (typing.io) warns
-        warnings.simplefilter("ignore")
-        for mod_name in modules:
-            for qualname, obj in _documented(importlib.import_module(mod_name)):
-                doc = getattr(obj, "__doc__", None)
-                if isinstance(doc, str) and len(text := _clean(doc)) >= MIN_DOC_CHARS:
-                    seen.setdefault(text, qualname)
-    return [(q, t) for t, q in seen.items()]
+def collect_docstrings(modules: tuple[str, ...] = MODULES) -> list[tuple[str, str]]:
+    """(qualified name, cleaned docstring) of `modules`, read by a fresh interpreter that imports nothing else
+    (-I -S: no site-packages; importing ray, for one, replaces inspect.isgenerator)."""
+    script = Path(__file__).with_name("docstrings.py")
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", str(script), *modules], capture_output=True, text=True, timeout=120, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"collecting docstrings failed: {out.stderr.strip()[-2000:]}")
+    return [(q, t) for q, t in json.loads(out.stdout)]
 
 
 def _held_out(qualname: str, fraction: float) -> bool:
@@ -116,15 +90,9 @@ def preprocess(ctx: StageContext, held_out: float = 0.1) -> pa.Table:
     split = ["held_out" if _held_out(q, held_out) else "train" for q, _ in docs]
     table = pa.table({"name": [q for q, _ in docs], "text": [t for _, t in docs], "split": split})
     table = table.replace_schema_metadata({"source_sha256": digest, "python": python, "modules": " ".join(MODULES)})
-    sizes = {s: sum(len(t.encode()) for (_, t), s2 in zip(docs, split, strict=True) if s2 == s) for s in set(split)}
-    ctx.log_metrics(
-        {
-            "docs_train": split.count("train"),
-            "docs_held_out": split.count("held_out"),
-            "bytes_train": sizes.get("train", 0),
-            "bytes_held_out": sizes.get("held_out", 0),
-        }
-    )
+    for part in ("train", "held_out"):
+        texts = [t for (_, t), s in zip(docs, split, strict=True) if s == part]
+        ctx.log_metrics({f"docs_{part}": len(texts), f"bytes_{part}": sum(len(t.encode()) for t in texts)})
     return table
 
 
