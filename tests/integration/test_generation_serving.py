@@ -233,7 +233,7 @@ def test_generation_metrics_in_stats_and_in_rays_prometheus_export(env):
     assert logged["engine_tokens"] >= 10 and logged["deployment_streams"] >= 1
 
 
-def test_blue_green_to_a_new_version_and_rollback(env):
+def test_blue_green_canary_and_rollback(env):
     client, rollout = env["client"], env["rollout"]
     info = client.get("/info").json()
     assert info["task"] == "generator" and info["model_digest"] == env["first"].digest
@@ -242,6 +242,21 @@ def test_blue_green_to_a_new_version_and_rollback(env):
     assert client.get("/info").json()["model_digest"] != env["first"].digest
     answer = client.post("/generate", json={"prompt": "the", "max_tokens": 12}).json()
     assert answer["text"] == load_generator(env["v2"]).generate("the", max_tokens=12)
+    # v1 again as a canary for half the requests: streamed from the canary's replica through the stable one
+    rollout.deploy(env["first"], canary_share=0.5)
+    texts = {g: load_generator(env[g]).generate("the", max_tokens=12) for g in ("v1", "v2")}
+    seen = {}
+    for _ in range(30):
+        events = stream_events(client, {"prompt": "the", "max_tokens": 12})
+        final = events[-2]
+        seen[final["served_by"]] = final["model_digest"]
+        expected = texts["v1" if final["served_by"] == "canary" else "v2"]
+        assert "".join(e["text"] for e in events[:-1]) == expected
+        if len(seen) == 2:
+            break
+    assert seen.keys() == {"stable", "canary"} and seen["canary"] == env["first"].digest
+    dropped = rollout.rollback()  # drops the canary; v2 keeps serving
+    assert dropped["digest"] != env["first"].digest and rollout.status()["canary"] is None
     back = rollout.rollback()
     assert back["digest"] == env["first"].digest == client.get("/info").json()["model_digest"]
     assert rollout.status()["stable"]["task"] == "generator"
