@@ -61,7 +61,10 @@ class Rollout:
     def deploy(self, source: ModelSource, *, canary_share: float | None = None) -> str:
         """Put `source` in service (or behind a canary share). Raise RolloutRefused and keep the old on failure."""
         share = self.config.canary_share if canary_share is None else canary_share
-        source = with_task(source)
+        try:  # which app serves it (its task); a bundle that cannot be read is refused like an unhealthy one
+            source = with_task(source)
+        except Exception as exc:
+            raise _refused(source, exc) from exc
         serve.start(http_options={"host": self.config.host, "port": self.config.port})
         state = self.state()
         actor_opts = self.replica_options = replica_options(self.config)
@@ -193,10 +196,7 @@ class Rollout:
             handle.smoke_check.remote().result(timeout_s=60)
         except Exception as exc:
             _delete(name)
-            raise RolloutRefused(
-                f"{source.label} did not become healthy ({type(exc).__name__}: {exc}); "
-                f"the current version keeps serving"
-            ) from exc
+            raise _refused(source, exc) from exc
 
     def _drop_canary(self, state: dict[str, Any]) -> None:
         _delete(_canary(self.app))
@@ -276,6 +276,12 @@ def with_task(source: ModelSource) -> ModelSource:
     from serving.loading import load_bundle  # noqa: PLC0415
 
     return replace(source, task=spec_of(load_bundle(source)).task)
+
+
+def _refused(source: ModelSource, exc: Exception) -> RolloutRefused:
+    return RolloutRefused(
+        f"{source.label} did not become healthy ({type(exc).__name__}: {exc}); the current version keeps serving"
+    )
 
 
 def _with(config: ServeConfig, **changes: Any) -> ServeConfig:
