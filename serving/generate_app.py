@@ -15,6 +15,7 @@ tokens, end-to-end latency and the fluidity index are observed as Prometheus his
 
 import contextlib
 import json
+import logging
 import os
 import random
 import time
@@ -37,6 +38,7 @@ from serving.generate_request import SHAPE, GenerateRequest, Limits, parse_gener
 from serving.ux_metrics import Deadlines, RequestMetrics, RequestTimeline
 from serving.validation import EndpointError
 
+log = logging.getLogger(__name__)
 api = FastAPI(title="tierflow generation endpoint", description="Text streamed from a tierflow-trained generator.")
 api.add_exception_handler(EndpointError, _endpoint_error)  # type: ignore[arg-type]
 api.add_exception_handler(Exception, _unexpected)
@@ -70,6 +72,8 @@ class GenerationStats:
         self.fluidity: deque[float] = deque(maxlen=keep)
         self.tokens_per_s: deque[float] = deque(maxlen=keep)
         self.met: deque[bool] = deque(maxlen=keep)
+        self.deadlines = 0
+        self.missed = 0
 
     def add(self, m: RequestMetrics, finish_reason: str) -> None:
         self.requests += 1
@@ -80,6 +84,8 @@ class GenerationStats:
         self.e2e_s.append(m.e2e_s)
         self.fluidity.append(m.fluidity)
         self.met.append(m.met_deadlines)
+        self.deadlines += m.deadlines
+        self.missed += m.missed_deadlines
         if m.tokens_per_s is not None:
             self.tokens_per_s.append(m.tokens_per_s)
 
@@ -97,6 +103,7 @@ class GenerationStats:
             "e2e_s_p50": pct(self.e2e_s, 50),
             "e2e_s_p99": pct(self.e2e_s, 99),
             "fluidity_mean": round(float(np.mean(self.fluidity)), 6) if self.fluidity else None,
+            "fluidity_pooled": round(1 - self.missed / self.deadlines, 6) if self.deadlines else None,
             "fluid_share": round(float(np.mean(self.met)), 6) if self.met else None,
             "tokens_per_s_p50": pct(self.tokens_per_s, 50),
         }
@@ -142,6 +149,9 @@ class GenerationServer:
             "tierflow_fluidity", "fluidity index per request (Etalon)", _FLUIDITY, tag_keys=tags
         )
         self.token_counter = metrics.Counter("tierflow_generated_tokens", "tokens streamed", tag_keys=tags)
+        self.deadline_counter = metrics.Counter("tierflow_deadlines", "token deadlines owed", tag_keys=tags)
+        self.missed_counter = metrics.Counter("tierflow_missed_deadlines", "token deadlines missed", tag_keys=tags)
+        self.seconds_counter = metrics.Counter("tierflow_stream_seconds", "seconds spent streaming", tag_keys=tags)
         self.finish_counter = metrics.Counter(
             "tierflow_generations", "requests finished, by finish reason", tag_keys=("served_by", "finish_reason")
         )
@@ -175,7 +185,10 @@ class GenerationServer:
             return
         timeline.end_s = time.perf_counter()
         m = timeline.summary(self.deadlines)
-        self._record(m, finish or "unknown", served_by)
+        try:  # a metrics failure must not cost the client its final event
+            self._record(m, finish or "unknown", served_by)
+        except Exception:
+            log.exception("recording a generation's metrics failed")
         yield {
             "text": "",
             "finish_reason": finish,
@@ -194,7 +207,11 @@ class GenerationServer:
             self.tbt_hist.observe(gap, tags=tags)
         self.e2e_hist.observe(m.e2e_s, tags=tags)
         self.fluidity_hist.observe(m.fluidity, tags=tags)
-        self.token_counter.inc(m.tokens, tags=tags)
+        counts = ((self.token_counter, m.tokens), (self.deadline_counter, m.deadlines))
+        counts += ((self.missed_counter, m.missed_deadlines), (self.seconds_counter, m.e2e_s))
+        for counter, value in counts:
+            if value > 0:  # Ray's Counter.inc refuses 0
+                counter.inc(value, tags=tags)
         self.finish_counter.inc(tags={"served_by": served_by, "finish_reason": finish})
         self.stats.add(m, finish)
 

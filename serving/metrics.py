@@ -30,6 +30,9 @@ BATCH = "ray_tierflow_batch_size"
 # generators (serving.generate_app): per-request user-experience histograms and the tokens streamed
 TTFT, TBT, E2E, FLUIDITY = "ray_tierflow_ttft_s", "ray_tierflow_tbt_s", "ray_tierflow_e2e_s", "ray_tierflow_fluidity"
 TOKENS = "ray_tierflow_generated_tokens_total"
+# exact sums as counters: Ray 2.60 exports a histogram's _sum rebuilt from bucket midpoints, not the true sum
+DEADLINES, MISSED = "ray_tierflow_deadlines_total", "ray_tierflow_missed_deadlines_total"
+STREAM_SECONDS = "ray_tierflow_stream_seconds_total"
 
 
 @dataclass(frozen=True)
@@ -150,8 +153,8 @@ def summarize(samples: Iterable[Sample], app: str) -> dict[str, Any]:
 
 
 def generation_summary(samples: list[Sample]) -> dict[str, float]:
-    """TTFT and TBT percentiles, mean fluidity, the share of streams that met every deadline, and tokens,
-    over every replica's histograms of one application."""
+    """TTFT and TBT percentiles (interpolated in the histograms' buckets), the pooled fluidity, the share of
+    streams that met every deadline and tokens per second of streaming, over every replica of one app."""
 
     def total(name: str) -> float:
         return sum(s.value for s in samples if s.name == name)
@@ -162,18 +165,18 @@ def generation_summary(samples: list[Sample]) -> dict[str, float]:
         out[f"{key}_p50"] = histogram_quantile(0.5, buckets)
         out[f"{key}_p99"] = histogram_quantile(0.99, buckets)
     streams = total(f"{FLUIDITY}_count")
-    fluidity = _merged_buckets(samples, FLUIDITY)
-    below_one = max((v for le, v in fluidity.items() if le < 1.0), default=0.0)  # the 0.999 bucket
+    below_one = max((v for le, v in _merged_buckets(samples, FLUIDITY).items() if le < 1.0), default=0.0)
+    deadlines, stream_s, tokens = total(DEADLINES), total(STREAM_SECONDS), total(TOKENS)
     out["streams"] = streams
-    out["fluidity_mean"] = total(f"{FLUIDITY}_sum") / streams if streams else math.nan
-    out["fluid_share"] = 1.0 - below_one / streams if streams else math.nan
-    tokens, stream_s = total(TOKENS), total(f"{E2E}_sum")
+    # Etalon's service-level figure: deadlines missed over deadlines owed, pooled over every stream
+    out["fluidity_pooled"] = 1.0 - total(MISSED) / deadlines if deadlines else math.nan
+    out["fluid_share"] = 1.0 - below_one / streams if streams else math.nan  # streams that missed nothing
     out["generated_tokens"] = tokens
     out["tokens_per_s_per_stream"] = tokens / stream_s if stream_s else math.nan
     return out
 
 
-GENERATION_KEYS = ("ttft_s_p50", "ttft_s_p99", "tbt_s_p50", "tbt_s_p99", "fluidity_mean", "fluid_share")
+GENERATION_KEYS = ("ttft_s_p50", "ttft_s_p99", "tbt_s_p50", "tbt_s_p99", "fluidity_pooled", "fluid_share")
 
 
 def generation_status(replica: dict[str, Any], deployment: dict[str, Any]) -> dict[str, Any]:

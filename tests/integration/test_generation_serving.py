@@ -211,13 +211,17 @@ def test_generation_metrics_in_stats_and_in_rays_prometheus_export(env):
     env["client"].post("/generate", json={"prompt": "the", "max_tokens": 10})
     s = stats(env)
     assert s["requests"] >= 1 and s["ttft_s_p50"] > 0 and s["tbt_s_p99"] >= s["tbt_s_p50"] > 0
-    assert 0 <= s["fluidity_mean"] <= 1 and s["engine"]["mode"] == "continuous"
+    assert 0 <= s["fluidity_mean"] <= 1 and 0 <= s["fluidity_pooled"] <= 1 and s["engine"]["mode"] == "continuous"
     deadline = time.monotonic() + 20
-    while not (m := deployment_metrics(APP, cluster_nodes())).get("streams") and time.monotonic() < deadline:
-        time.sleep(0.5)  # replicas push their metrics every 0.5 s here
+    # replicas push their metrics every 0.5 s here: wait until every stream this replica scored is exported
+    while (m := deployment_metrics(APP, cluster_nodes())).get("streams") != s["requests"]:
+        assert time.monotonic() < deadline, (m, s)
+        time.sleep(0.5)
     assert m["streams"] >= 1 and m["generated_tokens"] >= 10
     assert 0 < m["ttft_s_p50"] <= m["ttft_s_p99"] and 0 < m["tbt_s_p50"] <= m["tbt_s_p99"]
-    assert 0 <= m["fluidity_mean"] <= 1 and 0 <= m["fluid_share"] <= 1
+    assert 0 <= m["fluidity_pooled"] <= 1 and 0 <= m["fluid_share"] <= 1
+    # the whole app's pooled fluidity is the replica's (one replica, counters exact, both since it started)
+    assert m["fluidity_pooled"] == pytest.approx(stats(env)["fluidity_pooled"], abs=1e-6)
 
     # `tierflow serve status` shows them and `--log-mlflow` records them
     from mlflow import MlflowClient
@@ -229,7 +233,7 @@ def test_generation_metrics_in_stats_and_in_rays_prometheus_export(env):
     uri = f"sqlite:///{env['tmp'] / 'mlflow.db'}"
     run_id = env["rollout"].log_stats(uri, metrics_to_log(status))
     logged = MlflowClient(uri).get_run(run_id).data.metrics
-    assert logged["generation_fluidity_mean"] == pytest.approx(status["generation"]["fluidity_mean"])
+    assert logged["generation_fluidity_pooled"] == pytest.approx(status["generation"]["fluidity_pooled"])
     assert logged["engine_tokens"] >= 10 and logged["deployment_streams"] >= 1
 
 

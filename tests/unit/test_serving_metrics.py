@@ -117,6 +117,9 @@ ray_tierflow_fluidity_count{application="gen",served_by="stable"} 10.0
 ray_tierflow_fluidity_sum{application="gen",served_by="stable"} 9.7
 # TYPE ray_tierflow_generated_tokens_total counter
 ray_tierflow_generated_tokens_total{application="gen",served_by="stable"} 1000.0
+ray_tierflow_deadlines_total{application="gen",served_by="stable"} 1040.0
+ray_tierflow_missed_deadlines_total{application="gen",served_by="stable"} 52.0
+ray_tierflow_stream_seconds_total{application="gen",served_by="stable"} 25.0
 """
 
 
@@ -125,8 +128,9 @@ def test_generation_figures_from_the_user_experience_histograms():
     assert s["streams"] == 10 and s["generated_tokens"] == 1000
     assert s["ttft_s_p50"] == pytest.approx(0.1 * 5 / 8)  # the 5th of 10, 5/8 into the first bucket
     assert s["tbt_s_p99"] == pytest.approx(0.01 + 0.09 * (980.1 - 900) / 90)
-    assert s["fluidity_mean"] == pytest.approx(0.97) and s["fluid_share"] == pytest.approx(0.8)
-    assert s["tokens_per_s_per_stream"] == pytest.approx(1000 / 20.0)
+    # from the exact counters, not the histograms' sums (Ray rebuilds those from bucket midpoints)
+    assert s["fluidity_pooled"] == pytest.approx(1 - 52 / 1040) and s["fluid_share"] == pytest.approx(0.8)
+    assert s["tokens_per_s_per_stream"] == pytest.approx(1000 / 25.0)
     assert "streams" not in summarize(parse(TEXT), "digits")  # a classifier has none of these
 
 
