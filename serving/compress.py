@@ -69,6 +69,8 @@ def unsupported(bundle: Tensors) -> str | None:
     if is_compressed(bundle):
         return "the model is already compressed"
     model, spec = load_float(bundle)
+    if spec.input is None:  # its gate is measured on rows (accuracy, latency)
+        return f"{spec.builder} is a {spec.task}: int8 compression here measures and serves row models only"
     if not any(_quantizable(m) for m in model.modules()):
         return f"{spec.builder} has no nn.Linear layers; dynamic int8 quantisation applies only to Linear weights"
     if spec.input.dtype != "float32":

@@ -246,6 +246,14 @@ def test_torch_model_points_generators_to_generator_model() -> None:
         torch_model(ByteGRU(8, 8), builder=ByteGRU, task="generator", input=1, example=[[0.0]])
 
 
+def test_compression_says_it_does_not_apply_to_a_generator() -> None:
+    from serving.compress import compress_if_supported
+
+    bundle = _bundle(ByteGRU(8, 8), ByteGRU, {"embed": 8, "hidden": 8})
+    same, why = compress_if_supported(bundle)
+    assert same is bundle and "is a generator" in why
+
+
 def test_load_generator_refuses_a_classifier() -> None:
     from serving.model import build_mlp
 
