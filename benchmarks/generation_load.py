@@ -1,12 +1,13 @@
 """Streamed generation under open-loop load: continuous vs request-level vs no batching, side by side.
 
 Per model, three apps serve the same weights on one Serve instance, one replica each, differing only in
-`generation_batching`. Models: the built-in textgen architecture (`workflows.builtin.textgen.ByteGRU`, 64-d
-embedding, 256 hidden units) with random weights, and the same size with every step padded to `--paced-ms`
-(tests/fixtures/paced_generators.py), the regime of a large model on an accelerator, whose step costs about the
-same for 1 or 16 sequences. For each prompt/output mix and request rate, Poisson arrivals (seeded) stream
-`/generate` over SSE to each app in turn; the client times every chunk it receives and scores each request with
-`serving.ux_metrics` (TTFT, time between tokens, Etalon's fluidity index, goodput) against one deadline schedule.
+`generation_batching`. Models: the built-in textgen architecture (`workflows.builtin.textgen.ByteGRU`) at
+the size the textgen workflow trains, with random weights; and the same size with every step padded to
+`--paced-ms` (tests/fixtures/paced_generators.py), the regime of a large model on an accelerator, whose
+step costs about the same for 1 or 16 sequences. For each prompt/output mix and request rate, Poisson
+arrivals (seeded) stream `/generate` over SSE to each app in turn; the client times every chunk it
+receives and scores each request with `serving.ux_metrics` (TTFT, time between tokens, Etalon's fluidity
+index, goodput) against one deadline schedule.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ os.environ["RAY_SERVE_LOG_TO_STDERR"] = "0"  # access logs to files only
 import argparse
 import asyncio
 import datetime as dt
+import inspect
 import itertools
 import json
 import platform
@@ -46,8 +48,12 @@ from serving.ux_metrics import Deadlines, RequestMetrics, RequestTimeline, aggre
 from storage import ArtifactStore, StoreConfig
 from tests.fixtures.paced_generators import PacedGRU
 from workflows.builtin.textgen import ByteGRU
+from workflows.builtin.textgen import train as textgen_train
 
 MODES = ("continuous", "request", "none")
+# the size the built-in textgen workflow trains by default (its train stage's defaults)
+_TRAIN = inspect.signature(textgen_train.fn).parameters
+SIZE = {"embed": _TRAIN["embed"].default, "hidden": _TRAIN["hidden"].default}
 # (name, prompt bytes range, output tokens range): chat-like turns, and longer answers to longer prompts
 MIXES = {"short": ((16, 64), (24, 48)), "long": ((200, 400), (96, 160))}
 FLUID = 0.99  # the fluidity a rate must keep to count as sustained
@@ -75,9 +81,9 @@ def model_bundle(paced_s: float, seed: int = 0) -> object:
     its max_tokens) and non-ASCII bytes are rare (one character per token, so one SSE event per token)."""
     torch.manual_seed(seed)
     if paced_s > 0:
-        builder, args = PacedGRU, {"embed": 64, "hidden": 256, "step_s": paced_s}
+        builder, args = PacedGRU, {**SIZE, "step_s": paced_s}
     else:
-        builder, args = ByteGRU, {"embed": 64, "hidden": 256}
+        builder, args = ByteGRU, dict(SIZE)
     model = builder(**args)
     with torch.no_grad():
         model.head.bias[128:] -= 12.0
@@ -263,10 +269,10 @@ def sustained(c: Cell) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--duration-s", type=float, default=5.0, help="seconds of arrivals per cell (default 5)")
-    parser.add_argument("--gru-short-rates", type=float, nargs="+", default=[32, 48, 64])
-    parser.add_argument("--gru-long-rates", type=float, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--gru-short-rates", type=float, nargs="+", default=[32, 64, 96])
+    parser.add_argument("--gru-long-rates", type=float, nargs="+", default=[16, 32, 48])
     parser.add_argument("--paced-ms", type=float, default=15.0, help="the paced model's step, ms (15)")
-    parser.add_argument("--paced-short-rates", type=float, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--paced-short-rates", type=float, nargs="+", default=[4, 8, 16, 24])
     parser.add_argument("--max-batch", type=int, default=16, help="max_batch_size of the batching modes (16)")
     parser.add_argument("--ttft-s", type=float, default=1.0, help="target time to first token (1.0 s)")
     parser.add_argument("--tbt-s", type=float, default=0.05, help="target time between tokens (0.05 s = 20 chars/s)")
@@ -308,8 +314,9 @@ def main() -> None:
         f"- Python {platform.python_version()}, Ray {ray.__version__}, torch {torch.__version__}, aiohttp "
         f"{aiohttp.__version__}; local Ray started in-process with `num_cpus=2`",
         f"- Command: `{command}`",
-        "- Models: `gru` = the built-in textgen architecture (`ByteGRU`, 64-d embedding, 1 GRU layer of 256, byte "
-        "vocabulary of 257) with **random weights** (decoding costs what a trained one does; the trained one needs "
+        f"- Models: `gru` = the built-in textgen architecture at its default size (`ByteGRU`, {SIZE['embed']}-d "
+        f"embedding, 1 GRU layer of {SIZE['hidden']}, byte vocabulary of 257) with **random weights** "
+        "(decoding costs what a trained one does; the trained one needs "
         f"the textgen workflow's minute of training); `paced` = the same size, every step padded to "
         f"{args.paced_ms:g} ms (`tests/fixtures/paced_generators.py`), like a large model on an accelerator whose "
         "step costs about the same for 1 or 16 sequences. Both: EOS masked so every stream runs to its "
