@@ -11,9 +11,17 @@ from typing import Any
 from serving.config import ModelSource, RolloutRefused, ServeConfig, ServingError
 from serving.contract import GenerationSpec, InputSpec, ModelContractError, ModelSpec, torch_model
 from serving.generation import Detokenizer, Generator, StopMatcher, generator_model, load_generator
+from serving.ux_metrics import Deadlines, RequestMetrics, RequestTimeline, fluidity_index, goodput
 
 __all__ = [
+    "Chunk",
+    "Deadlines",
+    "DecodeEngine",
     "Detokenizer",
+    "EngineBusy",
+    "EngineError",
+    "GenerationParams",
+    "GenerationServer",
     "GenerationSpec",
     "Generator",
     "InputSpec",
@@ -21,6 +29,8 @@ __all__ = [
     "ModelServer",
     "ModelSource",
     "ModelSpec",
+    "RequestMetrics",
+    "RequestTimeline",
     "Rollout",
     "RolloutRefused",
     "ServeConfig",
@@ -28,8 +38,10 @@ __all__ = [
     "StopMatcher",
     "build_app",
     "build_mlp",
+    "fluidity_index",
     "from_tensors",
     "generator_model",
+    "goodput",
     "load_generator",
     "predict_proba",
     "to_tensors",
@@ -46,6 +58,14 @@ def __getattr__(name: str) -> Any:
         from serving import model  # noqa: PLC0415  # torch is imported only when a model is touched
 
         return getattr(model, name)
+    if name in ("Chunk", "DecodeEngine", "EngineBusy", "EngineError", "GenerationParams"):
+        from serving import batcher  # noqa: PLC0415
+
+        return getattr(batcher, name)
+    if name == "GenerationServer":
+        from serving.generate_app import GenerationServer  # noqa: PLC0415  # FastAPI and Serve
+
+        return GenerationServer
     if name == "Rollout":
         from serving.rollout import Rollout  # noqa: PLC0415
 

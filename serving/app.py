@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve import metrics
 
 from actors.runner import detect_device
-from serving.config import USER_CODE_THREAD_ENV, ModelSource, ServeConfig
+from serving.config import USER_CODE_THREAD_ENV, ModelSource, ServeConfig, ServingError
 from serving.contract import forward
 from serving.loading import load_model
 from serving.validation import EndpointError, check_model, check_outputs, parse_instances, probe
@@ -85,14 +85,15 @@ class BodyLimit:
     """Pure ASGI middleware: 413 from Content-Length before the body is read, or as soon as a chunked
     body passes the limit. (Starlette's BaseHTTPMiddleware costs a task group per request.)"""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, state: Any = None) -> None:
         self.app = app
+        self.state = state  # where the replica put its limit (`max_body_bytes`); None: this module's app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = getattr(api.state, "max_body_bytes", 1 << 20)
+        limit = getattr(self.state if self.state is not None else api.state, "max_body_bytes", 1 << 20)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             await _refuse(scope, receive, send, limit)
@@ -117,7 +118,7 @@ class BodyLimit:
 
 
 async def _refuse(scope: dict[str, Any], receive: Any, send: Any, limit: int) -> None:
-    response = JSONResponse({"detail": f"request body over {limit} bytes; send fewer rows per request"}, 413)
+    response = JSONResponse({"detail": f"request body over {limit} bytes; send less per request"}, 413)
     await response(scope, receive, send)
 
 
@@ -265,6 +266,12 @@ class ModelServer:
         """One row the model declares valid (its input example): what a rollout asks before switching."""
         return self.spec.example_rows()[:1]
 
+    async def smoke_check(self) -> None:
+        """What a rollout asks before switching: one prediction on the model's own example row, finite."""
+        proba = await self.infer(self.smoke_rows())
+        if proba.shape[0] != 1 or not np.isfinite(proba).all():
+            raise ServingError(f"smoke prediction returned {proba!r}")
+
     def describe(self) -> dict[str, Any]:
         return {
             "model_digest": self.source.digest,
@@ -325,6 +332,8 @@ def build_app(args: dict[str, Any]) -> Any:
     source = registry_source(args.pop("model_uri"), args.pop("tracking_uri"))
     explicit = args.pop("ray_actor_options", None)
     config = ServeConfig(**args)
+    from serving.rollout import bind_for  # noqa: PLC0415  # a generator gets the streaming app
+
     # placed as a rollout places it (declared resources, else the CPU fallback), against the nodes of the
     # cluster `serve run` / `serve deploy` builds on, unless the config spells out ray_actor_options itself
-    return bind(source, config, explicit if explicit is not None else replica_options(config))
+    return bind_for(source, config, explicit if explicit is not None else replica_options(config))

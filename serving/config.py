@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 _APP = re.compile(r"[a-z][a-z0-9-]{0,47}")
 _SERVE_METRICS_INTERVAL_S = 10.0  # Serve's default; it warns whenever the field is set to anything else
 USER_CODE_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+BATCHING_MODES = ("continuous", "request", "none")  # the decoding engine's modes (serving.batcher)
 
 
 class ServingError(Exception):
@@ -70,6 +71,16 @@ class ServeConfig:
     # model whose cost per batch barely grows with its size, at the price of latency at low load).
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.0
+    # generators (serving.generate_app): how the decoding engine batches sequences (serving.batcher:
+    # continuous, request or none; max_batch_size caps the sequences decoded together), the request limits,
+    # and the deadline schedule the fluidity index and goodput are scored against (docs/serving.md)
+    generation_batching: str = "continuous"
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512
+    max_stop_strings: int = 4
+    max_stop_chars: int = 64
+    target_ttft_s: float = 1.0
+    target_tbt_s: float = 0.1
     # request limits
     max_body_bytes: int = 1 << 20
     max_rows: int = 1024
@@ -113,6 +124,13 @@ class ServeConfig:
             "router_max_backoff_s": (0 < self.router_max_backoff_s <= 10, "in (0, 10]"),
             "max_batch_size": (self.max_batch_size >= 1, ">= 1 (1 turns batching off)"),
             "batch_wait_timeout_s": (0 <= self.batch_wait_timeout_s <= 10, "in [0, 10]"),
+            "generation_batching": (self.generation_batching in BATCHING_MODES, f"one of {', '.join(BATCHING_MODES)}"),
+            "max_prompt_tokens": (self.max_prompt_tokens >= 1, ">= 1"),
+            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
+            "max_stop_strings": (self.max_stop_strings >= 0, ">= 0"),
+            "max_stop_chars": (self.max_stop_chars >= 1, ">= 1"),
+            "target_ttft_s": (0 < self.target_ttft_s < 3600, "in (0, 3600) seconds"),
+            "target_tbt_s": (0 < self.target_tbt_s < 3600, "in (0, 3600) seconds"),
             "max_body_bytes": (self.max_body_bytes >= 1024, ">= 1024"),
             "max_rows": (self.max_rows >= 1, ">= 1"),
             "canary_share": (0.0 <= self.canary_share < 1.0, "in [0, 1): promote a canary to give it everything"),
@@ -215,6 +233,7 @@ class ModelSource:
     store_config: StoreConfig | None = None
     tracking_uri: str = ""
     lineage: dict[str, str] = field(default_factory=dict)
+    task: str = ""  # the bundle's task when known (it picks the Serve app); "" = read it from the bundle
 
     def __post_init__(self) -> None:
         if self.artifact is None and not (self.model_name and self.version and self.tracking_uri):

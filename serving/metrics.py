@@ -27,6 +27,12 @@ from actors.placement import NodeInfo
 REQUESTS = "ray_serve_num_http_requests_total"
 LATENCY = "ray_serve_http_request_latency_ms"
 BATCH = "ray_tierflow_batch_size"
+# generators (serving.generate_app): per-request user-experience histograms and the tokens streamed
+TTFT, TBT, E2E, FLUIDITY = "ray_tierflow_ttft_s", "ray_tierflow_tbt_s", "ray_tierflow_e2e_s", "ray_tierflow_fluidity"
+TOKENS = "ray_tierflow_generated_tokens_total"
+# exact sums as counters: Ray 2.60 exports a histogram's _sum rebuilt from bucket midpoints, not the true sum
+DEADLINES, MISSED = "ray_tierflow_deadlines_total", "ray_tierflow_missed_deadlines_total"
+STREAM_SECONDS = "ray_tierflow_stream_seconds_total"
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,48 @@ def summarize(samples: Iterable[Sample], app: str) -> dict[str, Any]:
     }
     for q in (50, 95, 99):
         summary[f"latency_ms_p{q}"] = histogram_quantile(q / 100, latency)
+    if any(s.name == f"{TTFT}_count" for s in mine):
+        summary |= generation_summary(mine)
     return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}  # JSON has no NaN
+
+
+def generation_summary(samples: list[Sample]) -> dict[str, float]:
+    """TTFT and TBT percentiles (interpolated in the histograms' buckets), the pooled fluidity, the share of
+    streams that met every deadline and tokens per second of streaming, over every replica of one app."""
+
+    def total(name: str) -> float:
+        return sum(s.value for s in samples if s.name == name)
+
+    out: dict[str, float] = {}
+    for name, key in ((TTFT, "ttft_s"), (TBT, "tbt_s"), (E2E, "e2e_s")):
+        buckets = _merged_buckets(samples, name)
+        out[f"{key}_p50"] = histogram_quantile(0.5, buckets)
+        out[f"{key}_p99"] = histogram_quantile(0.99, buckets)
+    streams = total(f"{FLUIDITY}_count")
+    below_one = max((v for le, v in _merged_buckets(samples, FLUIDITY).items() if le < 1.0), default=0.0)
+    deadlines, stream_s, tokens = total(DEADLINES), total(STREAM_SECONDS), total(TOKENS)
+    out["streams"] = streams
+    # Etalon's service-level figure: deadlines missed over deadlines owed, pooled over every stream
+    out["fluidity_pooled"] = 1.0 - total(MISSED) / deadlines if deadlines else math.nan
+    out["fluid_share"] = 1.0 - below_one / streams if streams else math.nan  # streams that missed nothing
+    out["generated_tokens"] = tokens
+    out["tokens_per_s_per_stream"] = tokens / stream_s if stream_s else math.nan
+    return out
+
+
+GENERATION_KEYS = ("ttft_s_p50", "ttft_s_p99", "tbt_s_p50", "tbt_s_p99", "fluidity_pooled", "fluid_share")
+
+
+def generation_status(replica: dict[str, Any], deployment: dict[str, Any]) -> dict[str, Any]:
+    """The generation figures `tierflow serve status` shows: the whole app's (every replica, from Ray's
+    Prometheus export) when it has seen a stream, else the answering replica's `/stats`; {} for other apps."""
+    if deployment.get("streams"):
+        picked = {k: deployment.get(k) for k in GENERATION_KEYS}
+        return {**picked, "tokens_per_s": deployment.get("tokens_per_s_per_stream"), "source": "prometheus"}
+    if "engine" in replica:
+        picked = {k: replica.get(k) for k in GENERATION_KEYS}
+        return {**picked, "tokens_per_s": replica.get("tokens_per_s_p50"), "source": "replica /stats"}
+    return {}
 
 
 def deployment_metrics(app: str, nodes: Iterable[NodeInfo]) -> dict[str, Any]:

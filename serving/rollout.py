@@ -10,10 +10,9 @@ any driver.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
-import numpy as np
 import ray
 from ray import serve
 from ray.serve.schema import ApplicationStatus
@@ -62,6 +61,10 @@ class Rollout:
     def deploy(self, source: ModelSource, *, canary_share: float | None = None) -> str:
         """Put `source` in service (or behind a canary share). Raise RolloutRefused and keep the old on failure."""
         share = self.config.canary_share if canary_share is None else canary_share
+        try:  # which app serves it (its task); a bundle that cannot be read is refused like an unhealthy one
+            source = with_task(source)
+        except Exception as exc:
+            raise _refused(source, exc) from exc
         serve.start(http_options={"host": self.config.host, "port": self.config.port})
         state = self.state()
         actor_opts = self.replica_options = replica_options(self.config)
@@ -72,12 +75,14 @@ class Rollout:
             stable = _source(state["stable"], self.store.config)
             cfg = _with(self.config, canary_share=share)
             _run(
-                _bind(stable, cfg, actor_opts, _canary(self.app)), name=self.app, route_prefix=self.config.route_prefix
+                bind_for(stable, cfg, actor_opts, _canary(self.app)),
+                name=self.app,
+                route_prefix=self.config.route_prefix,
             )
             state["canary"] = entry
         else:
             _run(
-                _bind(source, _with(self.config, canary_share=0.0), actor_opts),
+                bind_for(source, _with(self.config, canary_share=0.0), actor_opts),
                 name=self.app,
                 route_prefix=self.config.route_prefix,
             )
@@ -95,7 +100,7 @@ class Rollout:
             raise ServingError(f"app {self.app!r} has no canary to promote")
         source = _source(state["canary"], self.store.config)
         _run(
-            _bind(source, _with(self.config, canary_share=0.0), replica_options(self.config)),
+            bind_for(source, _with(self.config, canary_share=0.0), replica_options(self.config)),
             name=self.app,
             route_prefix=self.config.route_prefix,
         )
@@ -111,7 +116,7 @@ class Rollout:
         state = self.state()
         if state["canary"]:
             _run(
-                _bind(
+                bind_for(
                     _source(state["stable"], self.store.config),
                     _with(self.config, canary_share=0.0),
                     replica_options(self.config),
@@ -186,17 +191,12 @@ class Rollout:
             loop = min(cfg.graceful_shutdown_wait_loop_s, _CANDIDATE_DRAIN_LOOP_S)
             cfg = _with(cfg, graceful_shutdown_wait_loop_s=loop)
         try:
-            handle = _run(_bind(source, cfg, actor_opts), name=name, route_prefix=None)
-            rows = handle.smoke_rows.remote().result(timeout_s=60)  # a row the model's own spec accepts
-            proba = handle.infer.remote(rows).result(timeout_s=60)
-            if proba.shape[0] != 1 or not np.isfinite(proba).all():
-                raise ServingError(f"smoke prediction returned {proba!r}")
+            handle = _run(bind_for(source, cfg, actor_opts), name=name, route_prefix=None)
+            # the model's own example (a row, or a prompt for a generator), answered with finite outputs
+            handle.smoke_check.remote().result(timeout_s=60)
         except Exception as exc:
             _delete(name)
-            raise RolloutRefused(
-                f"{source.label} did not become healthy ({type(exc).__name__}: {exc}); "
-                f"the current version keeps serving"
-            ) from exc
+            raise _refused(source, exc) from exc
 
     def _drop_canary(self, state: dict[str, Any]) -> None:
         _delete(_canary(self.app))
@@ -258,10 +258,30 @@ def _delete(name: str) -> None:
         time.sleep(_POLL_S)
 
 
-def _bind(source: ModelSource, config: ServeConfig, actor_opts: dict[str, Any], canary: str | None = None) -> Any:
-    from serving.app import bind  # noqa: PLC0415  # FastAPI app import only where Serve is used
-
+def bind_for(source: ModelSource, config: ServeConfig, actor_opts: dict[str, Any], canary: str | None = None) -> Any:
+    """The Serve app for `source`'s task: a generator gets the streaming app (serving.generate_app), any
+    other model the prediction app (serving.app). FastAPI apps are imported only where Serve is used."""
+    if with_task(source).task == "generator":
+        from serving.generate_app import bind  # noqa: PLC0415
+    else:
+        from serving.app import bind  # noqa: PLC0415
     return bind(source, config, actor_opts, canary)
+
+
+def with_task(source: ModelSource) -> ModelSource:
+    """`source` with its bundle's task filled in (read from the bundle's metadata when not yet known)."""
+    if source.task:
+        return source
+    from serving.contract import spec_of  # noqa: PLC0415
+    from serving.loading import load_bundle  # noqa: PLC0415
+
+    return replace(source, task=spec_of(load_bundle(source)).task)
+
+
+def _refused(source: ModelSource, exc: Exception) -> RolloutRefused:
+    return RolloutRefused(
+        f"{source.label} did not become healthy ({type(exc).__name__}: {exc}); the current version keeps serving"
+    )
 
 
 def _with(config: ServeConfig, **changes: Any) -> ServeConfig:
@@ -279,6 +299,7 @@ def _entry(source: ModelSource, *, role: str, share: float) -> dict[str, Any]:
         "tracking_uri": source.tracking_uri,
         "artifact": asdict(source.artifact) if source.artifact else None,  # loaded via this store's tiers
         "lineage": source.lineage,
+        "task": source.task,
     }
 
 
@@ -294,4 +315,5 @@ def _source(entry: dict[str, Any] | None, store: StoreConfig) -> ModelSource:
         store_config=store,
         tracking_uri=entry["tracking_uri"],
         lineage=entry.get("lineage", {}),
+        task=entry.get("task", ""),
     )

@@ -75,30 +75,37 @@ def probe(spec: RowSpec) -> np.ndarray:
 def parse_instances(body: bytes, content_type: str | None, spec: RowSpec, *, max_rows: int) -> np.ndarray:
     """The rows of a `{"instances": [[...], ...]}` body as a (rows, n_features) array of `spec.dtype`.
 
-    Raises `InvalidInput` (never anything else) for any body that is not that: a missing content type
-    is read as JSON, like FastAPI does; any other non-JSON type is refused.
+    Raises `InvalidInput` (never anything else) for any body that is not that.
     """
+    doc = load_json(body, content_type, example(spec), numbers=f"{spec.dtype} values")
+    return instances_array(doc, spec, max_rows=max_rows)
+
+
+def load_json(body: bytes, content_type: str | None, shape: str, *, numbers: str = "plain numbers") -> Any:
+    """The JSON document of a request body, or `InvalidInput` naming the problem and the `shape` to send.
+
+    A missing content type is read as JSON, like FastAPI does; any other non-JSON type is refused. NaN and
+    Infinity literals, over-deep nesting and integers of thousands of digits are refused here too."""
     if content_type is not None and not _JSON_TYPE.fullmatch(content_type.split(";", 1)[0].strip().lower()):
         raise InvalidInput(
-            422, f"Content-Type {_show(content_type)} is not JSON: send the body as application/json, {example(spec)}"
+            422, f"Content-Type {_show(content_type)} is not JSON: send the body as application/json, {shape}"
         )
     if not body.strip():
-        raise InvalidInput(422, f"empty body: send JSON {example(spec)}")
+        raise InvalidInput(422, f"empty body: send JSON {shape}")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(422, f"body is not valid UTF-8 (byte {exc.start}): send UTF-8 JSON") from None
     try:
-        doc = json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant)
     except InvalidInput:
         raise
     except RecursionError:
-        raise InvalidInput(422, f"JSON nested too deeply: send {example(spec)}, each row a flat list") from None
+        raise InvalidInput(422, f"JSON nested too deeply: send {shape}") from None
     except json.JSONDecodeError as exc:
-        raise InvalidInput(422, f"body is not valid JSON ({exc.msg} at char {exc.pos}): send {example(spec)}") from None
+        raise InvalidInput(422, f"body is not valid JSON ({exc.msg} at char {exc.pos}): send {shape}") from None
     except ValueError:  # an integer literal over Python's 4300-digit limit
-        raise InvalidInput(422, f"a number has thousands of digits: send {spec.dtype} values") from None
-    return instances_array(doc, spec, max_rows=max_rows)
+        raise InvalidInput(422, f"a number has thousands of digits: send {numbers}") from None
 
 
 def instances_array(doc: Any, spec: RowSpec, *, max_rows: int) -> np.ndarray:

@@ -379,6 +379,11 @@ def _smoke_requests(run: RunInfo) -> list[dict[str, Any]]:
     return answers
 
 
+def _answer(response: dict[str, Any]) -> Any:
+    """The part of an endpoint's answer worth a line: a classifier's predictions, a generator's text."""
+    return response.get("predictions", response.get("text", response))
+
+
 def _ask(url: str, body: bytes) -> dict[str, Any]:
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})  # noqa: S310  # http(s) from our stage
     try:
@@ -453,11 +458,11 @@ def _print_summary(run: RunInfo, hook: Any, answers: list[dict[str, Any]]) -> No
     for a in answers:
         console.print(f"endpoint: {a['url']}")
         console.print(
-            f"  example request -> {json.dumps(a['response'].get('predictions', a['response']))} "
-            f"(true label {a['expected']})"
+            f"  example request -> {json.dumps(_answer(a['response']))}"
+            + (f" (true label {a['expected']})" if a["expected"] is not None else "")
         )
         for d in a.get("direct", []):
-            answer = d["response"].get("predictions", d["response"])
+            answer = _answer(d["response"])
             console.print(f"  direct ingress: {d['url']} -> {json.dumps(answer)}")
     ml = data["mlflow"]
     console.print(f"MLflow: {ml['tracking_uri']}  experiment {ml['experiment_id']}  run {ml['run_id']}")

@@ -32,6 +32,12 @@ _SETTINGS: dict[str, type] = {
     "max_queued_requests": int,
     "router_max_backoff_s": float,
     "max_body_bytes": int,
+    # generators (serving.generate_app)
+    "generation_batching": str,
+    "max_prompt_tokens": int,
+    "max_new_tokens": int,
+    "target_ttft_s": float,
+    "target_tbt_s": float,
 }
 
 
@@ -131,8 +137,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     else:
         status = _status(rollout)
         if args.log_mlflow:
-            numbers = {} if "error" in status["stats"] else dict(status["stats"])
-            numbers |= {f"deployment_{k}": v for k, v in status["deployment"].items() if k not in _NOT_METRICS}
+            numbers = metrics_to_log(status)
             if numbers:
                 status["mlflow_run_id"] = rollout.log_stats(tracking_uri, numbers)
         console.print_json(json.dumps(status, default=str))
@@ -142,12 +147,22 @@ def run(args: argparse.Namespace, console: Console) -> int:
 _NOT_METRICS = ("endpoints", "errors", "error")
 
 
+def metrics_to_log(status: dict[str, Any]) -> dict[str, Any]:
+    """`serve status` flattened for MLflow: the replica's stats, `engine_*` (a generator's decoding engine),
+    `deployment_*` (the whole app, from Prometheus) and `generation_*` (what the status shows for streams)."""
+    numbers = {} if "error" in status["stats"] else dict(status["stats"])
+    numbers |= {f"engine_{k}": v for k, v in numbers.pop("engine", {}).items()}
+    numbers |= {f"deployment_{k}": v for k, v in status["deployment"].items() if k not in _NOT_METRICS}
+    numbers |= {f"generation_{k}": v for k, v in status.get("generation", {}).items()}
+    return numbers
+
+
 def _status(rollout: Any) -> dict[str, Any]:
     """Rollout state, the answering replica's `/stats`, and the whole app's metrics from Ray's endpoints."""
     import urllib.request  # noqa: PLC0415
 
     from actors.ray_api import cluster_nodes  # noqa: PLC0415
-    from serving.metrics import deployment_metrics  # noqa: PLC0415
+    from serving.metrics import deployment_metrics, generation_status  # noqa: PLC0415
 
     status = rollout.status()
     status["deployment"] = deployment_metrics(rollout.app, cluster_nodes())
@@ -156,6 +171,8 @@ def _status(rollout: Any) -> dict[str, Any]:
             status["stats"] = json.loads(resp.read())
     except OSError as exc:
         status["stats"] = {"error": str(exc)}
+    if generation := generation_status(status["stats"], status["deployment"]):  # TTFT, TBT, fluidity, tokens/s
+        status["generation"] = generation
     return status
 
 

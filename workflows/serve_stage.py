@@ -43,6 +43,10 @@ PARAMS: dict[str, Any] = {
     "max_ongoing_requests": _SERVE.max_ongoing_requests,
     "max_queued_requests": _SERVE.max_queued_requests,
     "canary_share": _SERVE.canary_share,
+    # generators only (serving.generate_app): the decoding engine's batching and the deadline schedule
+    "generation_batching": _SERVE.generation_batching,
+    "target_ttft_s": _SERVE.target_ttft_s,
+    "target_tbt_s": _SERVE.target_tbt_s,
 }
 
 
@@ -108,6 +112,7 @@ def deploy(ctx: StageContext, kw: dict[str, Any], waits: Sequence[str]) -> dict[
         artifact=ctx.input_refs["model"],
         store_config=ctx.store_config,
         lineage=lineage,
+        task=spec.task,
     )
     app_name = kw["app_name"] or app_name_for(_workflow_name(ctx))
     gpus = kw["replica_gpus"]
@@ -128,6 +133,9 @@ def deploy(ctx: StageContext, kw: dict[str, Any], waits: Sequence[str]) -> dict[
         batch_wait_timeout_s=kw["batch_wait_timeout_s"],
         max_ongoing_requests=kw["max_ongoing_requests"],
         max_queued_requests=kw["max_queued_requests"],
+        generation_batching=kw["generation_batching"],
+        target_ttft_s=kw["target_ttft_s"],
+        target_tbt_s=kw["target_tbt_s"],
     )
     rollout = Rollout(ctx.store_config, config)
     url = rollout.deploy(source, canary_share=kw["canary_share"])  # type: ignore[arg-type]

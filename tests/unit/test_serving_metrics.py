@@ -87,3 +87,59 @@ def test_endpoints_and_unreadable_ones():
     out = deployment_metrics("digits", [NodeInfo("x", {}, "127.0.0.1", metrics_port=closed)])
     assert out["error"].startswith("no Ray metrics endpoint could be read") and str(closed) in out["error"]
     assert "no node exports metrics" in deployment_metrics("digits", [NodeInfo("c", {})])["error"]
+
+
+# One generator replica's user-experience histograms (serving.generate_app), as Ray exports them.
+GEN_TEXT = """\
+# TYPE ray_tierflow_ttft_s histogram
+ray_tierflow_ttft_s_bucket{application="gen",served_by="stable",le="0.1"} 8.0
+ray_tierflow_ttft_s_bucket{application="gen",served_by="stable",le="0.5"} 10.0
+ray_tierflow_ttft_s_bucket{application="gen",served_by="stable",le="+Inf"} 10.0
+ray_tierflow_ttft_s_count{application="gen",served_by="stable"} 10.0
+ray_tierflow_ttft_s_sum{application="gen",served_by="stable"} 1.2
+# TYPE ray_tierflow_tbt_s histogram
+ray_tierflow_tbt_s_bucket{application="gen",served_by="stable",le="0.01"} 900.0
+ray_tierflow_tbt_s_bucket{application="gen",served_by="stable",le="0.1"} 990.0
+ray_tierflow_tbt_s_bucket{application="gen",served_by="stable",le="+Inf"} 990.0
+ray_tierflow_tbt_s_count{application="gen",served_by="stable"} 990.0
+ray_tierflow_tbt_s_sum{application="gen",served_by="stable"} 9.0
+# TYPE ray_tierflow_e2e_s histogram
+ray_tierflow_e2e_s_bucket{application="gen",served_by="stable",le="1.0"} 6.0
+ray_tierflow_e2e_s_bucket{application="gen",served_by="stable",le="+Inf"} 10.0
+ray_tierflow_e2e_s_count{application="gen",served_by="stable"} 10.0
+ray_tierflow_e2e_s_sum{application="gen",served_by="stable"} 20.0
+# TYPE ray_tierflow_fluidity histogram
+ray_tierflow_fluidity_bucket{application="gen",served_by="stable",le="0.9"} 1.0
+ray_tierflow_fluidity_bucket{application="gen",served_by="stable",le="0.999"} 2.0
+ray_tierflow_fluidity_bucket{application="gen",served_by="stable",le="1.0"} 10.0
+ray_tierflow_fluidity_bucket{application="gen",served_by="stable",le="+Inf"} 10.0
+ray_tierflow_fluidity_count{application="gen",served_by="stable"} 10.0
+ray_tierflow_fluidity_sum{application="gen",served_by="stable"} 9.7
+# TYPE ray_tierflow_generated_tokens_total counter
+ray_tierflow_generated_tokens_total{application="gen",served_by="stable"} 1000.0
+ray_tierflow_deadlines_total{application="gen",served_by="stable"} 1040.0
+ray_tierflow_missed_deadlines_total{application="gen",served_by="stable"} 52.0
+ray_tierflow_stream_seconds_total{application="gen",served_by="stable"} 25.0
+"""
+
+
+def test_generation_figures_from_the_user_experience_histograms():
+    s = summarize(parse(TEXT + GEN_TEXT), "gen")
+    assert s["streams"] == 10 and s["generated_tokens"] == 1000
+    assert s["ttft_s_p50"] == pytest.approx(0.1 * 5 / 8)  # the 5th of 10, 5/8 into the first bucket
+    assert s["tbt_s_p99"] == pytest.approx(0.01 + 0.09 * (980.1 - 900) / 90)
+    # from the exact counters, not the histograms' sums (Ray rebuilds those from bucket midpoints)
+    assert s["fluidity_pooled"] == pytest.approx(1 - 52 / 1040) and s["fluid_share"] == pytest.approx(0.8)
+    assert s["tokens_per_s_per_stream"] == pytest.approx(1000 / 25.0)
+    assert "streams" not in summarize(parse(TEXT), "digits")  # a classifier has none of these
+
+
+def test_serve_status_prefers_the_whole_apps_figures_over_one_replicas():
+    from serving.metrics import generation_status
+
+    whole = summarize(parse(GEN_TEXT), "gen")
+    replica = {"ttft_s_p50": 9.0, "tokens_per_s_p50": 5.0, "engine": {"active": 0}}
+    assert generation_status(replica, whole)["ttft_s_p50"] == whole["ttft_s_p50"]
+    assert generation_status(replica, whole)["source"] == "prometheus"
+    assert generation_status(replica, {"requests": 0})["ttft_s_p50"] == 9.0
+    assert generation_status({"latency_ms_p50": 1.0}, {"requests": 3}) == {}  # a classifier app
