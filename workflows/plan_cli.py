@@ -118,6 +118,10 @@ def stage_profiles(
     siblings), so a wider fan-out can be planned from a narrower one. `solo=False` keeps the time stages
     waited for a CPU in (times as profiled, contention included)."""
     out: dict[str, StageProfile] = {}
+    first: dict[tuple[str, int], float] = {}  # (run, actor process) -> its first call's start
+    for rs in runs.values():
+        for r in rs:
+            first[(r.run_id, r.pid)] = min(first.get((r.run_id, r.pid), r.started_at), r.started_at)
     for name, rs in runs.items():
         if name not in workflow.stages:
             continue
@@ -130,10 +134,13 @@ def stage_profiles(
             cpu_duration_s=statistics.median(cpu) if cpu else None,
             gpu_duration_s=statistics.median(gpu) if gpu else None,
             cpu_s=statistics.median(float(r.profile.get("cpu_s", 0.0)) for r in rs),
-            wait_s=statistics.median(sum(v for k, v in r.metrics.items() if k.endswith(".wait_s")) for r in rs),
+            wait_s=statistics.median(_summed(r, ".wait_s") for r in rs),
+            setup_s=statistics.median(_summed(r, ".setup_s") - solo * _summed(r, ".setup_runqueue_s") for r in rs),
+            cold_share=sum(bool(r.pid) and r.started_at <= first[(r.run_id, r.pid)] for r in rs) / len(rs),
             shards=shards,
             busy_s=statistics.median(float(r.profile.get("cpu_s", 0.0)) for r in rs) if spec else 0.0,
             pool_start_s=_pool_start_s(rs, shards) if spec else None,
+            pool_start_fused=spec is not None and _fused(rs, [runs.get(d, []) for d in workflow.downstream(name)]),
         )
     by_fn = {}
     for name, prof in out.items():
@@ -152,6 +159,17 @@ def _pool_start_s(runs: list[StageRun], shards: int) -> float | None:
         if "first_batch_s" in r.metrics
     ]
     return max(0.0, statistics.median(gaps)) if gaps else None
+
+
+def _summed(run: StageRun, suffix: str) -> float:
+    """A consumer's figure over the streams it read (`<param>.wait_s`, `<param>.setup_s`)."""
+    return sum(v for k, v in run.metrics.items() if k.endswith(suffix))
+
+
+def _fused(runs: list[StageRun], consumers: list[list[StageRun]]) -> bool:
+    """Whether a stream was profiled inside its consumer (streaming mode): in the same process, in most runs."""
+    ran_in = {(r.run_id, r.pid) for rs in consumers for r in rs if r.pid}
+    return sum((r.run_id, r.pid) in ran_in for r in runs) * 2 > len(runs)
 
 
 def _solo_s(run: StageRun) -> float:

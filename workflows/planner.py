@@ -43,8 +43,10 @@ class SimConfig:
     """The simulation's declared constants (seconds, watts); defaults measured on this project's dev machine."""
 
     actor_start_s: float = 0.5  # a fresh Ray actor, placed and ready (DESIGN.md: ~460 ms)
+    # The first call on a fresh actor: the worker deserialises the stage and imports what it needs
+    first_call_s: float = 0.25
     dispatch_s: float = 0.01  # a call on a warm actor plus the driver's bookkeeping per stage
-    stream_pool_start_s: float = 1.0  # Ray Data starting a stream's actor pool
+    stream_pool_start_s: float = 1.0  # Ray Data starting a stream's actor pool with nothing else running
     # Ending idle actors of other shapes to make room: ray.kill returns before their CPUs do (measured ~1-2 s here)
     reclaim_s: float = 1.0
     run_overhead_s: float = 0.3  # run set-up and tear-down around the stages (journal, hooks)
@@ -55,6 +57,7 @@ class SimConfig:
     def __post_init__(self) -> None:
         for name in (
             "actor_start_s",
+            "first_call_s",
             "dispatch_s",
             "stream_pool_start_s",
             "reclaim_s",
@@ -76,12 +79,19 @@ class StageProfile:
     gpu_duration_s: float | None = None  # measured on a GPU
     cpu_s: float = 0.0  # CPU-seconds per execution
     wait_s: float = 0.0  # a fused consumer's time waiting for its stream (not its own work)
+    setup_s: float = 0.0  # a stream consumer's solo time before it first read (fixed: does not scale with shards)
+    cold_share: float = 0.0  # share of the profiled runs that were the first call on a fresh actor
     shards: int = 0  # streams: shards in the profiled run
     busy_s: float = 0.0  # streams: producers' total busy time in the profiled run
     pool_start_s: float | None = None  # streams: first batch later than one shard's work (Ray Data start-up)
+    pool_start_fused: bool = True  # streams: profiled inside its consumer (start-up shared the consumer's cores)
     source: str = "measured"
 
     def duration_on(self, device: str, sim: SimConfig) -> float:
+        """Solo time of a warm call: the profiled runs' share of first-call cost is taken out."""
+        return max(0.0, self._measured_on(device, sim) - self.cold_share * sim.first_call_s)
+
+    def _measured_on(self, device: str, sim: SimConfig) -> float:
         if device == "gpu":
             if self.gpu_duration_s is not None:
                 return self.gpu_duration_s
@@ -142,6 +152,7 @@ class _Actor:
     node: int
     request: dict[str, float]
     busy: bool = False
+    calls: int = 0
 
 
 @dataclass(eq=False)
@@ -236,9 +247,12 @@ class _Sim:
         prof = self.profiles.get(name, StageProfile(source="default"))
         dev = self.device_of(name) if self.wf.stages[name].stream is None else "cpu"
         own, demand = prof.duration_on(dev, sim), prof.demand(dev, sim)
+        setup, per_batch = 0.0, own
         read = self._stream_scale(name)
-        if read is not None:  # a consumer's own work (without waiting for batches) scales with the shards it reads
-            own = max(0.0, own - prof.wait_s) * read
+        if read is not None:  # a consumer: its set-up is fixed, its work past set-up and waits scales with the batches
+            setup = min(prof.setup_s, own)
+            per_batch = max(0.0, own - setup - prof.wait_s) * read
+            own = setup + per_batch
         stream = self.consumer_of.get(name) or (name if self.wf.stages[name].stream is not None else None)
         if stream is None:
             return own, demand, []
@@ -257,12 +271,15 @@ class _Sim:
                 break
             self.take(i, req, 1)
             held.append((i, req))
-        workers = max(1, len(held))
+        waves = math.ceil(shards / max(1, len(held)))
+        if stream == name:  # barrier mode: the stream alone, its pool started with nothing else running
+            alone = sp.pool_start_s is not None and not sp.pool_start_fused
+            return (sp.pool_start_s if alone else sim.stream_pool_start_s) + waves * per_shard, 0.1, held  # type: ignore[operator]
+        # Fused: the consumer's first batch waits for its set-up and for the pool's first shard; then the slower
+        # of the consumer's batches and the producers' remaining waves sets the pace.
         start = sp.pool_start_s if sp.pool_start_s is not None else sim.stream_pool_start_s
-        stream_s = start + math.ceil(shards / workers) * per_shard
-        if stream == name:  # barrier mode: the stream alone
-            return stream_s, 0.1, held
-        return max(own, stream_s), demand, held
+        rest = max(per_batch, (waves - 1) * per_shard + per_batch / max(1, shards))
+        return max(setup, start + per_shard) + rest, demand, held
 
     def _stream_scale(self, name: str) -> float | None:
         """Shards now / shards profiled, over the streams `name` consumes (None if it reads none)."""
@@ -279,9 +296,9 @@ class _Sim:
     def start_task(self, name: str, actor: _Actor) -> None:
         actor.busy = True
         solo, demand, held = self.work_of(name)
-        self.running.append(
-            _Task(name, actor, solo + self.sim.dispatch_s, demand, held, self.now, self.device_of(name))
-        )
+        solo += self.sim.dispatch_s + (self.sim.first_call_s if actor.calls == 0 else 0.0)
+        actor.calls += 1
+        self.running.append(_Task(name, actor, solo, demand, held, self.now, self.device_of(name)))
 
     # -- the engine's launch rules -------------------------------------------------------------
     def try_launch(self) -> None:
