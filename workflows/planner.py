@@ -8,14 +8,16 @@ It runs the DAG as the engine does (`workflows.driver`, `actors.pool`), with the
   other shapes (`ActorPool.reclaim`); idle actors keep their resources;
 - a streaming stage with one consumer is fused into it (overlapped), otherwise it runs alone first (barrier).
 
-Scaling model (documented in docs/planning.md):
-- A stage is one actor with its declared CPUs, so its solo time does not change with node size. When the
-  stages running on a node want more cores than it has (each wants `cpu_s / duration_s` cores as profiled),
-  they share them (processor sharing): each runs at `cores / demand` of its solo speed.
-- GPU vs CPU fallback: measured durations on each device when profiles have both, else the GPU time is the
-  CPU time divided by `gpu_speedup` (declared), and the CPU time the GPU time times it.
-- A stream's producers: `shards x per-shard busy time` spread over the pool, the pool sized as the engine
-  sizes it (`actors.streaming.pool_bounds` over what is free when the stream starts).
+Scaling model (documented, term by term, in docs/planning.md):
+- A stage is one actor with its declared CPUs, so its solo time (a warm call with a core to itself) does not
+  change with node size. When the stages running on a node want more cores than it has (each wants
+  `cpu_s / duration_s` cores as profiled), they share them (processor sharing).
+- Each actor costs `actor_start_s` to start and `first_call_s` on its first call (profiles that ran first on
+  a fresh actor have it taken out); ending idle actors of other shapes to make room costs `reclaim_s`.
+- GPU vs CPU fallback: measured durations on each device when profiles have both, else `gpu_speedup`.
+- A stream consumer's set-up (before its first read) is fixed, its per-batch work scales with the shards; a
+  fused stream's first batch waits for both set-up and the pool's first shard, then the slower side sets the
+  pace. The pool is sized as the engine sizes it (`actors.streaming.pool_bounds` over what is free).
 Energy follows the estimate method's accounting (`actors.energy.estimate_j`); cost bills every node for the makespan.
 """
 
@@ -50,6 +52,9 @@ class SimConfig:
     # Ending idle actors of other shapes to make room: ray.kill returns before their CPUs do (measured ~1-2 s here)
     reclaim_s: float = 1.0
     run_overhead_s: float = 0.3  # run set-up and tear-down around the stages (journal, hooks)
+    # Share of a node's cores its stages get when they want them all: the driver, Ray's processes and the
+    # store take the rest
+    core_share: float = 1.0
     gpu_speedup: float = 4.0  # GPU vs CPU-fallback time when profiles lack one of the two
     default_stage_s: float = 1.0  # a stage with no profile and no profiled sibling running the same function
     streaming: bool = True
@@ -67,6 +72,8 @@ class SimConfig:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"SimConfig.{name}={v!r} must be a finite number of seconds >= 0")
+        if not (isinstance(self.core_share, int | float) and 0 < self.core_share <= 1):
+            raise ValueError(f"SimConfig.core_share={self.core_share!r} must be in (0, 1]")
         if not (isinstance(self.gpu_speedup, int | float) and self.gpu_speedup > 0):
             raise ValueError(f"SimConfig.gpu_speedup={self.gpu_speedup!r} must be > 0 (GPU time = CPU time / it)")
 
@@ -345,7 +352,8 @@ class _Sim:
         demand: dict[int, float] = {}
         for t in self.running:
             demand[t.actor.node] = demand.get(t.actor.node, 0.0) + t.demand
-        return {i: min(1.0, self.nodes[i].core_count / d) if d > 0 else 1.0 for i, d in demand.items()}
+        share = self.sim.core_share
+        return {i: min(1.0, self.nodes[i].core_count * share / d) if d > 0 else 1.0 for i, d in demand.items()}
 
     def finish(self, t: _Task) -> None:
         self.running.remove(t)

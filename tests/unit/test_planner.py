@@ -99,6 +99,12 @@ def test_cores_are_shared_when_stages_want_more_than_the_node_has():
     tight = simulate(wf, profiles, [node(2, cores=1)], sim=zero)
     assert roomy.makespan_s == pytest.approx(3.0)
     assert tight.makespan_s == pytest.approx(4.0)  # the two leaves share one core: 2 s instead of 1
+    # Stages get 80% of the 2 cores when they want them all: the two leaves take 1 / 0.8 s; alone, src and sink
+    # want one core of the 1.6 left and run at full speed.
+    shared = SimConfig(**{**zero.__dict__, "core_share": 0.8})
+    assert simulate(wf, profiles, [node(2, cores=2)], sim=shared).makespan_s == pytest.approx(1 + 1.25 + 1)
+    with pytest.raises(ValueError, match="core_share"):
+        SimConfig(core_share=0)
 
 
 @stage(cpus=1, gpus=1, fallback="cpu")
