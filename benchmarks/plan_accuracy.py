@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import re
 import statistics
@@ -204,6 +205,7 @@ def main() -> None:
                     for _ in range(args.repeat):
                         run_case(Case(wf.name, lambda wf=wf: wf, 2), calib_store)
                 sim, figures = plan_calibration.calibrate(calib_store)
+                Path(tmp, "calibration.json").write_text(json.dumps(figures, indent=2))  # --calibration FILE
                 print("calibrated: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
                 for n in names:
                     prof_case = WORKLOADS[n][0]

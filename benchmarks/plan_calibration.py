@@ -14,14 +14,26 @@ From their records (medians over runs):
 - `run_overhead_s`: last stage end -> run end;
 - `stream_pool_start_s`: the lone stream's first batch minus one shard's work (Ray Data's pool start-up);
 - `core_share`: what the side-by-side stages got of the cores they wanted (`cpu_s / duration_s`), capped at 1.
+
+    python benchmarks/plan_calibration.py [--repeat 2] --out calibration.json
+    tierflow plan WORKFLOW --calibration calibration.json
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import json
+import os
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # as plan_accuracy: token auth as `ray start` has it on 2.60
 
 import pyarrow as pa
 
@@ -121,3 +133,31 @@ def _by_run(profiles: dict[str, list[StageRun]]) -> dict[str, dict[str, StageRun
         for r in rs:
             out.setdefault(r.run_id, {})[name] = r
     return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="measure the planner's machine constants on local Ray (2 CPUs)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each calibration workflow (default 2)")
+    ap.add_argument("--out", type=Path, required=True, help="JSON file for `tierflow plan --calibration`")
+    args = ap.parse_args()
+    import ray  # noqa: PLC0415
+
+    from actors.pool import shared_pools  # noqa: PLC0415
+    from workflows.engine import run_workflow  # noqa: PLC0415
+
+    store = StoreConfig.from_urls([tempfile.mkdtemp(prefix="plan_calibration-")])
+    ray.init("local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for wf in workflows():
+            for _ in range(args.repeat):
+                run_workflow(wf, store_config=store, use_cache=False, keep_warm_s=0)
+    finally:
+        shared_pools.release_all()
+        ray.shutdown()
+    _, figures = calibrate(store)
+    args.out.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {args.out} (load average {os.getloadavg()[0]:.2f}): {figures}")
+
+
+if __name__ == "__main__":
+    main()

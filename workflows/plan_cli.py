@@ -13,7 +13,7 @@ import json
 import re
 import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,22 @@ class Candidate:
 
     def label(self) -> str:
         return " + ".join(f"{n}x{c}" for n, c in self.counts.items() if c) or "(none)"
+
+
+def load_calibration(path: Path) -> dict[str, float]:
+    """Machine constants for the simulation from a JSON object of `SimConfig` fields (seconds, a share)."""
+    allowed = {f.name for f in fields(SimConfig)} - {"streaming"}
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValidationError(f"--calibration {path}: not a readable JSON file ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValidationError(f"--calibration {path}: expected a JSON object of SimConfig fields")
+    if unknown := sorted(set(doc) - allowed):
+        raise ValidationError(f"--calibration {path}: unknown keys {unknown}; known: {sorted(allowed)}")
+    if bad := sorted(k for k, v in doc.items() if isinstance(v, bool) or not isinstance(v, int | float)):
+        raise ValidationError(f"--calibration {path}: {bad} must be numbers")
+    return {k: float(v) for k, v in doc.items()}
 
 
 def parse_duration_s(text: str) -> float:
@@ -281,6 +297,11 @@ def add_parsers(sub: Any, common: Any) -> None:
         type=float,
         help="a fresh actor's start-up (default: measured in the profiled runs, else 0.5)",
     )
+    plan.add_argument(
+        "--calibration",
+        type=Path,
+        help="JSON of machine constants (SimConfig fields, e.g. from benchmarks/plan_calibration.py --out FILE)",
+    )
     plan.add_argument("--no-streaming", action="store_true", help="plan barrier mode")
     plan.add_argument("--all", action="store_true", help="list every candidate, not only the Pareto front")
     plan.add_argument("--json", action="store_true")
@@ -294,14 +315,18 @@ def run(args: argparse.Namespace, workflow: Workflow, params: dict[str, Any], co
     energy = EnergyConfig(
         **({"cpu_watts_per_core": args.cpu_watts_per_core} if args.cpu_watts_per_core is not None else {})
     )
-    sim_kwargs: dict[str, Any] = {"streaming": not args.no_streaming}
+    sim_kwargs: dict[str, Any] = load_calibration(args.calibration) if args.calibration else {}
+    sim_kwargs["streaming"] = not args.no_streaming
     if args.gpu_speedup is not None:
         sim_kwargs["gpu_speedup"] = args.gpu_speedup
     if args.actor_start_s is not None:
         sim_kwargs["actor_start_s"] = args.actor_start_s
-    elif (measured := startup_s(store, workflow.name)) is not None:
+    elif "actor_start_s" not in sim_kwargs and (measured := startup_s(store, workflow.name)) is not None:
         sim_kwargs["actor_start_s"] = measured  # as the profiled runs saw it (placement + first actor)
-    sim = SimConfig(**sim_kwargs)
+    try:
+        sim = SimConfig(**sim_kwargs)
+    except ValueError as exc:
+        raise ValidationError(f"{exc} (from --calibration {args.calibration} or a flag)") from None
     types = _types(args, costs)
     runs = load_profiles(store, workflow.name)
     profiles = stage_profiles(workflow, runs)

@@ -13,6 +13,7 @@ from workflows.model import Workflow, stage
 from workflows.plan_cli import (
     NodeType,
     choose,
+    load_calibration,
     node_types_from_cluster_yaml,
     parse_duration_s,
     parse_node_flag,
@@ -353,3 +354,20 @@ def test_a_new_shape_on_a_full_node_waits_for_idle_actors_to_be_ended():
     profiles = {"a": prof(1), "half": prof(1)}
     assert simulate(wf, profiles, [node(1)], sim=sim).makespan_s == pytest.approx(0.5 + 1 + 1.0 + 0.5 + 1)
     assert simulate(wf, profiles, [node(2)], sim=sim).makespan_s == pytest.approx(0.5 + 1 + 0.5 + 1)  # room: no kill
+
+
+def test_a_calibration_file_sets_the_machine_constants_and_bad_ones_are_named(tmp_path):
+    good = tmp_path / "calibration.json"
+    good.write_text('{"actor_start_s": 0.7, "first_call_s": 0.2, "core_share": 0.9}')
+    sim = SimConfig(**load_calibration(good))
+    assert (sim.actor_start_s, sim.first_call_s, sim.core_share) == (0.7, 0.2, 0.9)
+    for text, problem in (
+        ('{"actor_start": 1}', "unknown keys \\['actor_start'\\]"),
+        ('{"reclaim_s": "1s"}', "must be numbers"),
+        ("[1, 2]", "JSON object"),
+        ("{", "not a readable JSON file"),
+    ):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ValidationError, match=problem):
+            load_calibration(bad)
