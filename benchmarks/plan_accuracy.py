@@ -202,7 +202,7 @@ def main() -> None:
             if cpus == 2:
                 calib_store = StoreConfig.from_urls([f"{tmp}/calibration"])
                 for wf in plan_calibration.workflows():
-                    for _ in range(args.repeat):
+                    for _ in range(1 + args.repeat):  # the first is a warm-up, not counted
                         run_case(Case(wf.name, lambda wf=wf: wf, 2), calib_store)
                 sim, figures = plan_calibration.calibrate(calib_store)
                 Path(tmp, "calibration.json").write_text(json.dumps(figures, indent=2))  # --calibration FILE
@@ -277,8 +277,8 @@ def report(
         f"- Python {sys.version.split()[0]}, Ray {ray.__version__}; code: commit `{commit.stdout.strip()}`",
         f"- Command: `python benchmarks/plan_accuracy.py --repeat {args.repeat} --measure-repeat "
         f"{args.measure_repeat} --only {args.only}{' --write' if args.write else ''}`",
-        f"- Calibration ({args.repeat} run(s) of `benchmarks/plan_calibration.py`'s two workflows, none of them a "
-        "case; machine-level constants only): " + ", ".join(f"`{k}` {v:.3f}" for k, v in figures.items()) + ".",
+        f"- Calibration (1 warm-up + {args.repeat} run(s) of `benchmarks/plan_calibration.py`'s three workflows, "
+        "none a case; machine-level constants only): " + ", ".join(f"`{k}` {v:.3f}" for k, v in figures.items()) + ".",
         f"- Profiles: {args.repeat} run(s) of each workload at its first setting (local Ray, 2 CPUs); predictions use "
         "only those records and the calibration (no case's measured runs); each case is then run "
         f"{args.measure_repeat} time(s) (median). Makespan = `RunInfo.duration_s` (run start to end, as "

@@ -1,12 +1,14 @@
 """The planner's machine-level constants, from a calibration run that is none of plan_accuracy's cases.
 
-Two tiny workflows, run on the local Ray the profiles are taken on:
+Three tiny workflows, run on the local Ray the profiles are taken on, each `1 + repeat` times: the first run
+of each is a warm-up and not counted (a fresh Ray session is still starting its workers, Ray Data its own
+actors):
 - `plan_calibrate_chain`: five 0.05 s stages in a chain (one warm actor), then a 2-CPU stage and a
   0.5-CPU stage, each a new shape on a full node (the idle actors of the last shape must be ended first);
 - `plan_calibrate_stream`: a 4-shard stream read by two consumers, so it runs alone (not fused);
 - `plan_calibrate_share`: four 0.3 s CPU-bound stages side by side after a source, two at a time on 2 CPUs.
 
-From their records (medians over runs):
+From their records (medians over the counted runs):
 - `actor_start_s`: run start -> first stage start (placement and a fresh actor);
 - `first_call_s`: the first stage's time minus a warm call's (deserialising the stage, first imports);
 - `dispatch_s`: end of a chained stage -> start of the next on the same warm actor (the driver's turn);
@@ -88,7 +90,12 @@ def workflows() -> list[Workflow]:
 
 def calibrate(store: StoreConfig) -> tuple[SimConfig, dict[str, float]]:
     """The constants from every calibration run in `store` (see the module docstring)."""
-    runs = {j.run_id: j for j in Journals(ArtifactStore(store)).list() if j.ended_at is not None}
+    journals = [j for j in Journals(ArtifactStore(store)).list() if j.ended_at is not None]
+    first: dict[str, Any] = {}  # each workflow's first run: a warm-up, unless it is the only one
+    for j in sorted(journals, key=lambda j: j.started_at):
+        first.setdefault(j.workflow, j)
+    warm_up = {j.run_id for j in first.values() if sum(k.workflow == j.workflow for k in journals) > 1}
+    runs = {j.run_id: j for j in journals if j.run_id not in warm_up}
     chain, stream, side = (_by_run(load_profiles(store, wf.name)) for wf in workflows())
     starts, firsts, gaps, shape_gaps, tails, pools = [], [], [], [], [], []
     for run_id, st in chain.items():
@@ -104,12 +111,13 @@ def calibrate(store: StoreConfig) -> tuple[SimConfig, dict[str, float]]:
         gaps += [st[names[i]].started_at - end[names[i - 1]] for i in range(1, CHAIN)]
         shape_gaps += [st[names[i]].started_at - end[names[i - 1]] for i in range(CHAIN, len(names))]
         tails.append(runs[run_id].ended_at - max(end.values()))  # type: ignore[operator]
-    for st in stream.values():
-        if "s" in st and "first_batch_s" in st["s"].metrics:
+    for run_id, st in stream.items():
+        if run_id in runs and "s" in st and "first_batch_s" in st["s"].metrics:
             pools.append(st["s"].metrics["first_batch_s"] - float(st["s"].profile["cpu_s"]) / 4)
     shares = [
         float(r.profile["cpu_s"]) / float(r.profile["duration_s"])
-        for st in side.values()
+        for run_id, st in side.items()
+        if run_id in runs
         for name, r in st.items()
         if name != "src" and float(r.profile["duration_s"]) > 0
     ]
@@ -149,7 +157,7 @@ def main() -> None:
     ray.init("local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         for wf in workflows():
-            for _ in range(args.repeat):
+            for _ in range(1 + args.repeat):  # the first is a warm-up
                 run_workflow(wf, store_config=store, use_cache=False, keep_warm_s=0)
     finally:
         shared_pools.release_all()
