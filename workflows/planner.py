@@ -110,8 +110,9 @@ class StageProfile:
         return sim.default_stage_s
 
     def demand(self, device: str, sim: SimConfig) -> float:
-        """Cores the stage keeps busy while it runs (its utilisation)."""
-        d = self.duration_on(device, sim) - self.wait_s
+        """Cores the stage keeps busy while it runs: its utilisation as profiled (CPU-seconds over the same
+        wall time they were spent in, first-call cost included in both)."""
+        d = self._measured_on(device, sim) - self.wait_s
         return min(64.0, self.cpu_s / d) if d > 1e-9 else 1.0
 
 

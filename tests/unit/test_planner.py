@@ -340,6 +340,10 @@ def test_the_first_call_on_a_fresh_actor_is_charged_once_per_actor():
     assert simulate(wf, cold, [node(1)], sim=sim).makespan_s == pytest.approx(0.5 + 1.0 + 2.0)
     cold["b"] = StageProfile(cpu_duration_s=2.0, cold_share=1.0)  # b too ran first on its actor when profiled
     assert simulate(wf, cold, [node(1)], sim=sim).makespan_s == pytest.approx(0.5 + 1.0 + 1.75)
+    # A first call dearer than the profiled stage itself leaves no warm work, and the stage still runs at its
+    # profiled utilisation (0.26 CPU-s over 0.26 s), not at 0.26 CPU-s over the 0.01 s left.
+    tiny = {"a": StageProfile(cpu_duration_s=0.26, cpu_s=0.26, cold_share=1.0), "b": StageProfile(cpu_duration_s=2.0)}
+    assert simulate(wf, tiny, [node(1)], sim=sim).makespan_s == pytest.approx(0.5 + 0.26 + 2.0)
 
 
 @stage(cpus=0.5)
