@@ -202,7 +202,7 @@ def main() -> None:
             if cpus == 2:
                 calib_store = StoreConfig.from_urls([f"{tmp}/calibration"])
                 for wf in plan_calibration.workflows():
-                    for _ in range(1 + args.repeat):  # the first is a warm-up, not counted
+                    for _ in range(1 + max(3, args.repeat)):  # the first is a warm-up, not counted
                         run_case(Case(wf.name, lambda wf=wf: wf, 2), calib_store)
                 sim, figures = plan_calibration.calibrate(calib_store)
                 Path(tmp, "calibration.json").write_text(json.dumps(figures, indent=2))  # --calibration FILE
@@ -277,7 +277,7 @@ def report(
         f"- Python {sys.version.split()[0]}, Ray {ray.__version__}; code: commit `{commit.stdout.strip()}`",
         f"- Command: `python benchmarks/plan_accuracy.py --repeat {args.repeat} --measure-repeat "
         f"{args.measure_repeat} --only {args.only}{' --write' if args.write else ''}`",
-        f"- Calibration (1 warm-up + {args.repeat} run(s) of `benchmarks/plan_calibration.py`'s three workflows, "
+        f"- Calibration (1 warm-up + {max(3, args.repeat)} runs of `benchmarks/plan_calibration.py`'s three workflows, "
         "none a case; machine-level constants only): " + ", ".join(f"`{k}` {v:.3f}" for k, v in figures.items()) + ".",
         f"- Profiles: {args.repeat} run(s) of each workload at its first setting (local Ray, 2 CPUs); predictions use "
         "only those records and the calibration (no case's measured runs); each case is then run "
@@ -296,6 +296,9 @@ def report(
         "",
         f"- **Median absolute error {med * 100:.1f}%** (target <= 10%: {verdict_med}); "
         f"**worst {worst * 100:.1f}%** (target <= 20%: {verdict_worst}).",
+        '- Model: docs/planning.md, "The scaling model" (solo times, processor sharing at `core_share`, first '
+        "calls, a stream consumer's fixed set-up and scaled batches, pool start-up alone vs fused). Re-run with the "
+        "command above; add `--timeline` for each case's simulated vs measured stage start/end.",
         f"- The prediction is for stages with a core each (`duration_s - runqueue_wait_s`, contention among the "
         "run's own stages simulated); the as-profiled column keeps the CPU waits of the profiling runs in "
         f"(median error {statistics.median(errors_raw) * 100:.1f}%, worst {max(errors_raw) * 100:.1f}%).",

@@ -1,14 +1,16 @@
 """The planner's machine-level constants, from a calibration run that is none of plan_accuracy's cases.
 
-Three tiny workflows, run on the local Ray the profiles are taken on, each `1 + repeat` times: the first run
-of each is a warm-up and not counted (a fresh Ray session is still starting its workers, Ray Data its own
-actors):
+Three tiny workflows, run on the local Ray the profiles are taken on, each `1 + repeat` times (plan_accuracy:
+`1 + max(3, --repeat)`): the first run of each is a warm-up and not counted (a fresh Ray session is still
+starting its workers, Ray Data its own actors):
 - `plan_calibrate_chain`: five 0.05 s stages in a chain (one warm actor), then a 2-CPU stage and a
   0.5-CPU stage, each a new shape on a full node (the idle actors of the last shape must be ended first);
 - `plan_calibrate_stream`: a 4-shard stream read by two consumers, so it runs alone (not fused);
 - `plan_calibrate_share`: four 0.3 s CPU-bound stages side by side after a source, two at a time on 2 CPUs.
 
-From their records (medians over the counted runs):
+From their records, one figure per counted run (medians within it), then the least disturbed run's: the
+minimum of the times, the maximum of `core_share` (other processes only ever add to these costs, so the
+planner predicts an undisturbed run, as its profiles do by taking out the time stages waited for a CPU):
 - `actor_start_s`: run start -> first stage start (placement and a fresh actor);
 - `first_call_s`: the first stage's time minus a warm call's (deserialising the stage, first imports);
 - `dispatch_s`: end of a chained stage -> start of the next on the same warm actor (the driver's turn);
@@ -47,6 +49,7 @@ from workflows.planner import SimConfig
 from workflows.profile import StageRun, load_profiles
 
 CHAIN, SHAPES, WORK_S, WIDE, WIDE_S = 5, (("wide", 2.0), ("half", 0.5)), 0.05, 4, 0.3
+_SECONDS = ("actor_start_s", "first_call_s", "dispatch_s", "reclaim_s", "run_overhead_s", "stream_pool_start_s")
 
 
 def _busy(seconds: float) -> None:
@@ -97,41 +100,41 @@ def calibrate(store: StoreConfig) -> tuple[SimConfig, dict[str, float]]:
     warm_up = {j.run_id for j in first.values() if sum(k.workflow == j.workflow for k in journals) > 1}
     runs = {j.run_id: j for j in journals if j.run_id not in warm_up}
     chain, stream, side = (_by_run(load_profiles(store, wf.name)) for wf in workflows())
-    starts, firsts, gaps, shape_gaps, tails, pools = [], [], [], [], [], []
+    per_run: dict[str, list[float]] = {}  # each constant, one figure per counted run
+
+    def add(**figures: float) -> None:
+        for k, v in figures.items():
+            per_run.setdefault(k, []).append(v)
+
+    names = [f"c{i}" for i in range(CHAIN)] + [n for n, _ in SHAPES]
     for run_id, st in chain.items():
-        names = [f"c{i}" for i in range(CHAIN)] + [n for n, _ in SHAPES]
         if run_id not in runs or any(n not in st for n in names):
             continue
         end = {n: r.started_at + float(r.profile["duration_s"]) for n, r in st.items()}
-        starts.append(st["c0"].started_at - runs[run_id].started_at)
-        firsts.append(
-            float(st["c0"].profile["duration_s"])
-            - statistics.median(float(st[f"c{i}"].profile["duration_s"]) for i in range(1, CHAIN))
+        start = st["c0"].started_at - runs[run_id].started_at
+        dispatch = statistics.median(st[names[i]].started_at - end[names[i - 1]] for i in range(1, CHAIN))
+        shape_gap = statistics.median(st[names[i]].started_at - end[names[i - 1]] for i in range(CHAIN, len(names)))
+        warm = statistics.median(float(st[f"c{i}"].profile["duration_s"]) for i in range(1, CHAIN))
+        add(
+            actor_start_s=start,
+            first_call_s=float(st["c0"].profile["duration_s"]) - warm,
+            dispatch_s=dispatch,
+            reclaim_s=shape_gap - start - dispatch,
+            run_overhead_s=runs[run_id].ended_at - max(end.values()),  # type: ignore[operator]
         )
-        gaps += [st[names[i]].started_at - end[names[i - 1]] for i in range(1, CHAIN)]
-        shape_gaps += [st[names[i]].started_at - end[names[i - 1]] for i in range(CHAIN, len(names))]
-        tails.append(runs[run_id].ended_at - max(end.values()))  # type: ignore[operator]
     for run_id, st in stream.items():
         if run_id in runs and "s" in st and "first_batch_s" in st["s"].metrics:
-            pools.append(st["s"].metrics["first_batch_s"] - float(st["s"].profile["cpu_s"]) / 4)
-    shares = [
-        float(r.profile["cpu_s"]) / float(r.profile["duration_s"])
-        for run_id, st in side.items()
-        if run_id in runs
-        for name, r in st.items()
-        if name != "src" and float(r.profile["duration_s"]) > 0
-    ]
-    if not (starts and pools and shares):
+            add(stream_pool_start_s=st["s"].metrics["first_batch_s"] - float(st["s"].profile["cpu_s"]) / 4)
+    for run_id, st in side.items():
+        leaves = [r for name, r in st.items() if name != "src" and float(r.profile["duration_s"]) > 0]
+        if run_id in runs and leaves:
+            got = [float(r.profile["cpu_s"]) / float(r.profile["duration_s"]) for r in leaves]
+            add(core_share=statistics.median(got))
+    if set(per_run) != {*_SECONDS, "core_share"}:
         raise RuntimeError(f"no complete calibration run in {store}: run benchmarks/plan_accuracy.py")
-    figures = {
-        "actor_start_s": statistics.median(starts),
-        "first_call_s": max(0.0, statistics.median(firsts)),
-        "dispatch_s": max(0.0, statistics.median(gaps)),
-        "stream_pool_start_s": max(0.0, statistics.median(pools)),
-        "run_overhead_s": max(0.0, statistics.median(tails)),
-        "core_share": min(1.0, statistics.median(shares)),
-    }
-    figures["reclaim_s"] = max(0.0, statistics.median(shape_gaps) - figures["actor_start_s"] - figures["dispatch_s"])
+    # Other load only ever adds to these costs: the least disturbed run is the best estimate of the machine's own.
+    figures = {k: max(0.0, min(per_run[k])) for k in _SECONDS}
+    figures["core_share"] = min(1.0, max(per_run["core_share"]))
     return SimConfig(**figures), figures
 
 
@@ -145,7 +148,7 @@ def _by_run(profiles: dict[str, list[StageRun]]) -> dict[str, dict[str, StageRun
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="measure the planner's machine constants on local Ray (2 CPUs)")
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each calibration workflow (default 2)")
+    ap.add_argument("--repeat", type=int, default=3, help="counted runs of each calibration workflow (default 3)")
     ap.add_argument("--out", type=Path, required=True, help="JSON file for `tierflow plan --calibration`")
     args = ap.parse_args()
     import ray  # noqa: PLC0415
