@@ -134,10 +134,15 @@ def stage_profiles(
     siblings), so a wider fan-out can be planned from a narrower one. `solo=False` keeps the time stages
     waited for a CPU in (times as profiled, contention included)."""
     out: dict[str, StageProfile] = {}
-    first: dict[tuple[str, int], float] = {}  # (run, actor process) -> its first call's start
-    for rs in runs.values():
-        for r in rs:
-            first[(r.run_id, r.pid)] = min(first.get((r.run_id, r.pid), r.started_at), r.started_at)
+    # (run, actor process) -> its first call's start. A fused stream's record carries its consumer's process and
+    # starts a moment before it: the call is the consumer's, so streams count only where nothing else ran.
+    first: dict[tuple[str, int], float] = {}
+    for streams in (False, True):
+        for name, rs in runs.items():
+            if (name in workflow.stages and workflow.stages[name].stream is not None) == streams:
+                for r in rs:
+                    if not streams or (r.run_id, r.pid) not in first:
+                        first[(r.run_id, r.pid)] = min(first.get((r.run_id, r.pid), r.started_at), r.started_at)
     for name, rs in runs.items():
         if name not in workflow.stages:
             continue
