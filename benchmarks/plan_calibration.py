@@ -11,7 +11,7 @@ starting its workers, Ray Data its own actors):
 From their records, one figure per counted run (medians within it), then the least disturbed run's: the
 minimum of the times, the maximum of `core_share` (other processes only ever add to these costs, so the
 planner predicts an undisturbed run, as its profiles do by taking out the time stages waited for a CPU):
-- `actor_start_s`: run start -> first stage start (placement and a fresh actor);
+- `actor_start_s`: run start -> first stage start (placement and a fresh actor), in all three workflows;
 - `first_call_s`: the first stage's time minus a warm call's (deserialising the stage, first imports);
 - `dispatch_s`: end of a chained stage -> start of the next on the same warm actor (the driver's turn);
 - `reclaim_s`: the gap at a shape change minus `actor_start_s` and `dispatch_s` (ending the idle actors);
@@ -116,12 +116,14 @@ def calibrate(store: StoreConfig) -> tuple[SimConfig, dict[str, float]]:
         shape_gap = statistics.median(st[names[i]].started_at - end[names[i - 1]] for i in range(CHAIN, len(names)))
         warm = statistics.median(float(st[f"c{i}"].profile["duration_s"]) for i in range(1, CHAIN))
         add(
-            actor_start_s=start,
             first_call_s=float(st["c0"].profile["duration_s"]) - warm,
             dispatch_s=dispatch,
             reclaim_s=shape_gap - start - dispatch,
             run_overhead_s=runs[run_id].ended_at - max(end.values()),  # type: ignore[operator]
         )
+    for run_id, st in (*chain.items(), *stream.items(), *side.items()):  # every workflow starts with a fresh actor
+        if run_id in runs and st:
+            add(actor_start_s=min(r.started_at for r in st.values()) - runs[run_id].started_at)
     for run_id, st in stream.items():
         if run_id in runs and "s" in st and "first_batch_s" in st["s"].metrics:
             add(stream_pool_start_s=st["s"].metrics["first_batch_s"] - float(st["s"].profile["cpu_s"]) / 4)
