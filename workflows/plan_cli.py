@@ -309,6 +309,7 @@ def add_parsers(sub: Any, common: Any) -> None:
     )
     plan.add_argument("--no-streaming", action="store_true", help="plan barrier mode")
     plan.add_argument("--all", action="store_true", help="list every candidate, not only the Pareto front")
+    plan.add_argument("--plot", type=Path, metavar="FILE", help="also draw the candidates and the Pareto front (PNG)")
     plan.add_argument("--json", action="store_true")
 
 
@@ -342,6 +343,10 @@ def run(args: argparse.Namespace, workflow: Workflow, params: dict[str, Any], co
         workflow, profiles, types, max_nodes=args.max_nodes, params=values, sim=sim, energy=energy, costs=costs
     )
     chosen = choose(cands, deadline_s, args.objective)
+    if args.plot is not None:
+        from workflows.plan_plot import plot_front  # noqa: PLC0415  # matplotlib only when asked for
+
+        plot_front(cands, chosen, args.plot, deadline_s)
     if args.json:
         print(json.dumps(_as_json(cands, chosen, missing, runs), indent=1))
         return 0 if chosen else 1

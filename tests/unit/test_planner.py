@@ -375,3 +375,18 @@ def test_a_calibration_file_sets_the_machine_constants_and_bad_ones_are_named(tm
         bad.write_text(text)
         with pytest.raises(ValidationError, match=problem):
             load_calibration(bad)
+
+
+def test_the_front_is_plotted_to_a_png_and_an_unwritable_path_is_named(tmp_path):
+    from workflows.plan_plot import plot_front
+
+    wf = _fan(4)
+    profiles = {n: prof(1, cpu_s=1.0) for n in wf.order}
+    types = [NodeType("small", {"CPU": 2.0}, 0.1, 1, 3), NodeType("big", {"CPU": 8.0}, 0.5, 0, 1)]
+    cands = search(wf, profiles, types, max_nodes=3)
+    chosen = choose(cands, 10.0, "cost")
+    out = tmp_path / "front.png"
+    plot_front(cands, chosen, out, 10.0)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    with pytest.raises(ValidationError, match="cannot write it"):
+        plot_front(cands, chosen, tmp_path / "no-such-dir" / "front.png", None)
