@@ -42,19 +42,21 @@ STREAM_COORDINATOR = Resources(cpus=0.01)  # what workflows.driver reserves for 
 
 @dataclass(frozen=True)
 class SimConfig:
-    """The simulation's declared constants (seconds, watts); defaults measured on this project's dev machine."""
+    """The simulation's constants (seconds, a share). The machine-level defaults are what
+    benchmarks/plan_calibration.py measured on the project's 2-core dev machine (2026-12-05, load 1.5-4);
+    measure yours with it and pass `tierflow plan --calibration FILE`."""
 
-    actor_start_s: float = 0.5  # a fresh Ray actor, placed and ready (DESIGN.md: ~460 ms)
-    # The first call on a fresh actor: the worker deserialises the stage and imports what it needs
-    first_call_s: float = 0.25
-    dispatch_s: float = 0.01  # a call on a warm actor plus the driver's bookkeeping per stage
-    stream_pool_start_s: float = 1.0  # Ray Data starting a stream's actor pool with nothing else running
-    # Ending idle actors of other shapes to make room: ray.kill returns before their CPUs do (measured ~1-2 s here)
-    reclaim_s: float = 1.0
+    actor_start_s: float = 0.5  # a fresh Ray actor, placed and ready (calibrated 0.46-0.53)
+    # The first call on a fresh actor: the worker deserialises the stage and imports what it needs (0.15-0.21)
+    first_call_s: float = 0.2
+    dispatch_s: float = 0.01  # a call on a warm actor plus the driver's bookkeeping per stage (0.006-0.007)
+    stream_pool_start_s: float = 1.5  # Ray Data starting a stream's actor pool with nothing else running (1.47-1.52)
+    # Ending idle actors of other shapes to make room, beyond starting the new one (0-0.014)
+    reclaim_s: float = 0.05
     run_overhead_s: float = 0.3  # run set-up and tear-down around the stages (journal, hooks)
     # Share of a node's cores its stages get when they want them all: the driver, Ray's processes and the
-    # store take the rest
-    core_share: float = 1.0
+    # store take the rest (0.81-0.95)
+    core_share: float = 0.9
     gpu_speedup: float = 4.0  # GPU vs CPU-fallback time when profiles lack one of the two
     default_stage_s: float = 1.0  # a stage with no profile and no profiled sibling running the same function
     streaming: bool = True

@@ -95,7 +95,7 @@ def test_a_fan_out_is_bounded_by_pool_capacity():
 def test_cores_are_shared_when_stages_want_more_than_the_node_has():
     wf = _fan(2)
     profiles = {n: prof(1, cpu_s=1.0) for n in wf.order}  # each keeps one core busy
-    zero = SimConfig(actor_start_s=0, first_call_s=0, dispatch_s=0, run_overhead_s=0)
+    zero = SimConfig(actor_start_s=0, first_call_s=0, dispatch_s=0, run_overhead_s=0, core_share=1.0)
     roomy = simulate(wf, profiles, [node(2, cores=2)], sim=zero)
     tight = simulate(wf, profiles, [node(2, cores=1)], sim=zero)
     assert roomy.makespan_s == pytest.approx(3.0)
@@ -335,7 +335,7 @@ def test_the_first_call_on_a_fresh_actor_is_charged_once_per_actor():
     """Profiles measured on fresh actors (cold_share 1) lose first_call_s; the simulation adds it back
     once per actor. Chain on one actor: 0.5 start + (1 - 0.25 + 0.25) + (2 - 0.25) = 3.5 + 0.25 first call."""
     wf = Workflow("chain", [a, b])
-    sim = SimConfig(actor_start_s=0.5, first_call_s=0.25, dispatch_s=0.0, run_overhead_s=0.0)
+    sim = SimConfig(actor_start_s=0.5, first_call_s=0.25, dispatch_s=0.0, run_overhead_s=0.0, core_share=1.0)
     cold = {"a": StageProfile(cpu_duration_s=1.0, cold_share=1.0), "b": StageProfile(cpu_duration_s=2.0)}
     assert simulate(wf, cold, [node(1)], sim=sim).makespan_s == pytest.approx(0.5 + 1.0 + 2.0)
     cold["b"] = StageProfile(cpu_duration_s=2.0, cold_share=1.0)  # b too ran first on its actor when profiled
