@@ -27,6 +27,7 @@ import pyarrow as pa
 from actors.errors import ActorsError
 from actors.placement import NodeInfo, capacity
 from actors.resources import parse_memory
+from actors.stage_profile import runqueue_wait_s
 from storage import ArtifactRef, ArtifactStore
 from storage.formats import ARROW
 
@@ -109,6 +110,8 @@ class StreamCommit:
     first_batch_s: float
     producer_busy_s: float
     consumer_wait_s: float
+    consumer_setup_s: float = 0.0  # stream start to the consumer's first request for a batch
+    consumer_setup_wait_s: float = 0.0  # of which its thread waited for a CPU (Linux schedstat)
 
     def metrics(self) -> dict[str, float]:
         """The streaming stage's own figures, logged on its MLflow run."""
@@ -128,6 +131,9 @@ class StreamCommit:
         wall = max(duration_s, 1e-9)
         return {
             f"{param}.wait_s": self.consumer_wait_s,
+            # what the consumer did before it read (imports, a model): the planner's fixed part of its time
+            f"{param}.setup_s": self.consumer_setup_s,
+            f"{param}.setup_runqueue_s": self.consumer_setup_wait_s,
             f"{param}.rows_per_s": self.rows / wall,
             "utilisation": max(0.0, 1.0 - self.consumer_wait_s / wall),
         }
@@ -247,6 +253,8 @@ class LiveStream(BatchStream):
         self._pids: set[str] = set()
         self._wait_s = 0.0
         self._first_batch_s = 0.0
+        self._setup_s = self._setup_wait_s = 0.0
+        self._rq0 = runqueue_wait_s()  # made on the consumer's thread, which also reads it
         self._started_at = time.time()
         self._t0 = time.perf_counter()
         # The stream starts now, on a thread, so Ray Data's start-up and the pool's first shards overlap
@@ -311,6 +319,9 @@ class LiveStream(BatchStream):
         yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
 
     def _tee(self, batches: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        self._setup_s = time.perf_counter() - self._t0  # a generator's body starts at the first next()
+        if self._rq0 is not None and (rq := runqueue_wait_s()) is not None:
+            self._setup_wait_s = min(self._setup_s, max(0.0, rq - self._rq0))
         while True:
             t = time.perf_counter()
             try:
@@ -366,6 +377,8 @@ class LiveStream(BatchStream):
                 first_batch_s=self._first_batch_s,
                 producer_busy_s=sum(self._busy.values()),
                 consumer_wait_s=self._wait_s,
+                consumer_setup_s=self._setup_s,
+                consumer_setup_wait_s=self._setup_wait_s,
             )
 
         with pa.memory_map(str(self._path)) as mapped:

@@ -1,21 +1,27 @@
 """How well `tierflow plan` predicts a run: profile workflows at one setting, predict and measure at others.
 
-For each workload: run it `--repeat` times at its profiling setting (local Ray with 2 CPUs) into a
-profile store, build the planner's profiles from those records only, then for every other case predict
-the makespan (`workflows.planner.simulate` on one local node) and measure it (a real run into another
-store). The simulation's actor start-up and run overhead are calibrated from the profiling runs only.
+First a calibration run (`benchmarks/plan_calibration.py`: two tiny workflows that are none of the
+cases) gives the machine-level constants: actor start-up, first call, the driver's turn, reclaiming
+actors of another shape, run overhead, Ray Data's pool start-up. Then for each workload: run it
+`--repeat` times at its profiling setting (local Ray with 2 CPUs) into a profile store, build the
+planner's profiles from those records only, then for every other case predict the makespan
+(`workflows.planner.simulate` on one local node) and measure it (a real run into its own store).
+Nothing is fitted on the cases: a case's measured runs are never read by a prediction.
+`--timeline` prints each case's simulated stage start/end next to the measured ones.
 
 Workloads: a fan-out (src -> N CPU-bound leaves -> sink), a mixed-shape DAG (1, 0.5 and 0.25-CPU stages),
 the `pipeline` built-in (streaming vs barrier, shard counts) and `digits` (preprocess -> train -> ... -> serve).
 
-    python benchmarks/plan_accuracy.py [--repeat 2] [--only fanout,mixed] [--write]
+    python benchmarks/plan_accuracy.py [--repeat 2] [--measure-repeat 2] [--only fanout,mixed] [--timeline] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -32,13 +38,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import pyarrow as pa
 
+from benchmarks import plan_calibration
 from benchmarks.benchlib import machine, publish
 from storage import StoreConfig
 from workflows.hooks import RunInfo
 from workflows.model import Workflow, stage
 from workflows.plan_cli import stage_profiles
-from workflows.planner import NodeSpec, SimConfig, simulate
-from workflows.profile import load_profiles
+from workflows.planner import NodeSpec, Prediction, SimConfig, simulate
+from workflows.profile import StageRun, load_profiles
 
 
 # -- workloads ---------------------------------------------------------------------------------------
@@ -140,81 +147,107 @@ def run_case(case: Case, store: StoreConfig) -> RunInfo:
     return run
 
 
-def calibrate(runs: list[RunInfo]) -> SimConfig:
-    """Actor start-up (first stage start - run start) and run overhead (run end - last stage end), medians."""
-    starts, tails = [], []
-    for run in runs:
-        results = [r.result for r in run.records.values() if r.result is not None]
-        starts.append(min(r.started_at for r in results) - run.started_at)
-        tails.append((run.ended_at or 0) - max(r.started_at + r.duration_s for r in results))
-    return SimConfig(actor_start_s=statistics.median(starts), run_overhead_s=max(0.0, statistics.median(tails)))
-
-
-def predict(case: Case, profile_store: StoreConfig, sim: SimConfig, *, solo: bool = True) -> float:
+def predict(case: Case, profile_store: StoreConfig, sim: SimConfig, *, solo: bool = True) -> Prediction:
     wf = case.build()
     profiles = stage_profiles(wf, load_profiles(profile_store, wf.name), solo=solo)
     node = NodeSpec("local", {"CPU": float(case.cpus)}, cores=float(os.cpu_count() or 1))
     sim = SimConfig(**{**sim.__dict__, "streaming": case.streaming})
-    return simulate(wf, profiles, [node], params=wf.resolve_params(case.params), sim=sim).makespan_s
+    return simulate(wf, profiles, [node], params=wf.resolve_params(case.params), sim=sim)
+
+
+def timeline(case: Case, pred: Prediction, store: StoreConfig, runs: list[RunInfo]) -> str:
+    """The simulated stage start-end next to each measured run's (seconds from run start)."""
+    wf = case.build()
+    recorded = load_profiles(store, wf.name)
+    lines = [f"{case.name}: predicted {pred.makespan_s:.2f} s, measured {[round(r.duration_s, 2) for r in runs]}"]
+    for name in wf.order:
+        p = pred.stages.get(name)
+        cells = []
+        for run in runs:
+            r = next((x for x in recorded.get(name, []) if x.run_id == run.run_id), None)
+            cells.append("-" if r is None else _span(r, run.started_at))
+        sim = f"{p.start_s:6.2f}-{p.end_s:6.2f}" if p else "-"
+        lines.append(f"  {name:12s} sim {sim} | measured " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def _span(r: StageRun, t0: float) -> str:
+    start, took = r.started_at - t0, float(r.profile["duration_s"])
+    extra = {k.split(".")[-1]: round(v, 2) for k, v in r.metrics.items() if k.endswith(("setup_s", "first_batch_s"))}
+    waited = float(r.profile.get("runqueue_wait_s", 0.0) or 0.0)
+    return f"{start:6.2f}-{start + took:6.2f} (cpu wait {waited:.2f}{''.join(f', {k} {v}' for k, v in extra.items())})"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeat", type=int, default=2, help="profiling runs per workload (default 2)")
+    ap.add_argument("--repeat", type=int, default=2, help="profiling (and calibration) runs per workload (default 2)")
     ap.add_argument("--measure-repeat", type=int, default=1, help="measured runs per case (median; default 1)")
     ap.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated subset of {list(WORKLOADS)}")
+    ap.add_argument("--timeline", action="store_true", help="print simulated vs measured stage start/end per case")
     ap.add_argument("--write", action="store_true", help="write the section into BENCHMARKS.md")
     args = ap.parse_args()
     import ray  # noqa: PLC0415
 
     load_before = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="plan_accuracy-")
+    print(f"stores (kept for a look afterwards): {tmp}")
     profile_store = StoreConfig.from_urls([f"{tmp}/profiles"])
-    measure_store = StoreConfig.from_urls([f"{tmp}/measured"])
     names = [n for n in args.only.split(",") if n]
-    sims: dict[str, SimConfig] = {}
     in_sample: list[tuple[str, str, float, float]] = []
     rows: list[tuple[str, str, float, float, float, float]] = []
-    for cpus in (2, 1):  # one Ray per CPU count; profiling runs are all at 2
+    measured_stores: list[tuple[StoreConfig, str]] = []
+    for cpus in (2, 1):  # one Ray per CPU count; calibration and profiling runs are all at 2
         ray.init("local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         try:
             if cpus == 2:
+                calib_store = StoreConfig.from_urls([f"{tmp}/calibration"])
+                for wf in plan_calibration.workflows():
+                    for _ in range(1 + max(3, args.repeat)):  # the first is a warm-up, not counted
+                        run_case(Case(wf.name, lambda wf=wf: wf, 2), calib_store)
+                sim, figures = plan_calibration.calibrate(calib_store)
+                Path(tmp, "calibration.json").write_text(json.dumps(figures, indent=2))  # --calibration FILE
+                print("calibrated: " + ", ".join(f"{k} {v:.3f}" for k, v in figures.items()))
                 for n in names:
                     prof_case = WORKLOADS[n][0]
                     runs = [run_case(prof_case, profile_store) for _ in range(args.repeat)]
-                    sims[n] = calibrate(runs)
                     # in-sample: the profiling setting predicted from its own runs (not in the error figures)
-                    in_sample.append((n, prof_case.name, predict(prof_case, profile_store, sims[n]),
+                    in_sample.append((n, prof_case.name, predict(prof_case, profile_store, sim).makespan_s,
                                       statistics.median(r.duration_s for r in runs)))  # fmt: skip
-                    print(f"profiled {prof_case.name}: {[round(r.duration_s, 2) for r in runs]} s; {sims[n]}")
+                    print(f"profiled {prof_case.name}: {[round(r.duration_s, 2) for r in runs]} s")
             for n in names:
                 for case in [c for c in WORKLOADS[n][1] if c.cpus == cpus]:
-                    predicted = predict(case, profile_store, sims[n])
-                    as_profiled = predict(case, profile_store, sims[n], solo=False)
+                    pred = predict(case, profile_store, sim)
+                    as_profiled = predict(case, profile_store, sim, solo=False).makespan_s
                     load1 = os.getloadavg()[0]
-                    measured = statistics.median(
-                        run_case(case, measure_store).duration_s for _ in range(args.measure_repeat)
-                    )
-                    rows.append((n, case.name, predicted, measured, load1, as_profiled))
-                    print(f"{case.name}: predicted {predicted:.2f}s measured {measured:.2f}s")
+                    store = StoreConfig.from_urls([f"{tmp}/measured/{re.sub(r'[^a-z0-9]+', '-', case.name.lower())}"])
+                    runs = [run_case(case, store) for _ in range(args.measure_repeat)]
+                    measured_stores.append((store, case.build().name))
+                    measured = statistics.median(r.duration_s for r in runs)
+                    rows.append((n, case.name, pred.makespan_s, measured, load1, as_profiled))
+                    print(f"{case.name}: predicted {pred.makespan_s:.2f}s measured {measured:.2f}s")
+                    if args.timeline:
+                        print(timeline(case, pred, store, runs))
         finally:
             from actors.pool import shared_pools  # noqa: PLC0415
 
             shared_pools.release_all()
             ray.shutdown()
-    waits = {k: cpu_wait_share(st, names) for k, st in (("profiling", profile_store), ("measured", measure_store))}
-    body = report(rows, args, load_before, os.getloadavg(), waits)
+    waits = {
+        "profiling": cpu_wait_share([(profile_store, WORKLOADS[n][0].build().name) for n in names]),
+        "measured": cpu_wait_share(measured_stores),
+    }
+    body = report(rows, args, load_before, os.getloadavg(), waits, figures)
     body += "\n- In-sample check (each profiling setting predicted from its own runs; not in the figures above): " + (
         "; ".join(f"{name} {p:.2f} s predicted vs {m:.2f} s measured" for _, name, p, m in in_sample)
     )
     publish("plan_accuracy", body, args.write)
 
 
-def cpu_wait_share(store: StoreConfig, names: list[str]) -> float:
-    """Share of the stages' wall time spent runnable but waiting for a CPU, over every run in `store`."""
+def cpu_wait_share(stores: list[tuple[StoreConfig, str]]) -> float:
+    """Share of the stages' wall time spent runnable but waiting for a CPU, over every run in `stores`."""
     waited = total = 0.0
-    for n in names:
-        for runs in load_profiles(store, WORKLOADS[n][0].build().name).values():
+    for store, workflow in stores:
+        for runs in load_profiles(store, workflow).values():
             for r in runs:
                 waited += float(r.profile.get("runqueue_wait_s", 0.0) or 0.0)
                 total += float(r.profile.get("duration_s", 0.0))
@@ -227,6 +260,7 @@ def report(
     before: tuple,
     after: tuple,
     waits: dict[str, float],
+    figures: dict[str, float],
 ) -> str:
     errors = [abs(p - m) / m for _, _, p, m, _, _ in rows]
     errors_raw = [abs(a - m) / m for _, _, _, m, _, a in rows]
@@ -243,8 +277,10 @@ def report(
         f"- Python {sys.version.split()[0]}, Ray {ray.__version__}; code: commit `{commit.stdout.strip()}`",
         f"- Command: `python benchmarks/plan_accuracy.py --repeat {args.repeat} --measure-repeat "
         f"{args.measure_repeat} --only {args.only}{' --write' if args.write else ''}`",
+        f"- Calibration (1 warm-up + {max(3, args.repeat)} runs of `benchmarks/plan_calibration.py`'s three workflows, "
+        "none a case; machine-level constants only): " + ", ".join(f"`{k}` {v:.3f}" for k, v in figures.items()) + ".",
         f"- Profiles: {args.repeat} run(s) of each workload at its first setting (local Ray, 2 CPUs); predictions use "
-        "only those records, with actor start-up and run overhead calibrated from them; each case is then run "
+        "only those records and the calibration (no case's measured runs); each case is then run "
         f"{args.measure_repeat} time(s) (median). Makespan = `RunInfo.duration_s` (run start to end, as "
         "`tierflow run` reports it). Energy is not compared here: predicted energy is the estimate method's "
         "own accounting (CPU-seconds x W/core), equal to what estimate-labelled stages log by construction.",
@@ -260,6 +296,9 @@ def report(
         "",
         f"- **Median absolute error {med * 100:.1f}%** (target <= 10%: {verdict_med}); "
         f"**worst {worst * 100:.1f}%** (target <= 20%: {verdict_worst}).",
+        '- Model: docs/planning.md, "The scaling model" (solo times, processor sharing at `core_share`, first '
+        "calls, a stream consumer's fixed set-up and scaled batches, pool start-up alone vs fused). Re-run with the "
+        "command above; add `--timeline` for each case's simulated vs measured stage start/end.",
         f"- The prediction is for stages with a core each (`duration_s - runqueue_wait_s`, contention among the "
         "run's own stages simulated); the as-profiled column keeps the CPU waits of the profiling runs in "
         f"(median error {statistics.median(errors_raw) * 100:.1f}%, worst {max(errors_raw) * 100:.1f}%).",

@@ -13,7 +13,7 @@ import json
 import re
 import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,22 @@ class Candidate:
 
     def label(self) -> str:
         return " + ".join(f"{n}x{c}" for n, c in self.counts.items() if c) or "(none)"
+
+
+def load_calibration(path: Path) -> dict[str, float]:
+    """Machine constants for the simulation from a JSON object of `SimConfig` fields (seconds, a share)."""
+    allowed = {f.name for f in fields(SimConfig)} - {"streaming"}
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValidationError(f"--calibration {path}: not a readable JSON file ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValidationError(f"--calibration {path}: expected a JSON object of SimConfig fields")
+    if unknown := sorted(set(doc) - allowed):
+        raise ValidationError(f"--calibration {path}: unknown keys {unknown}; known: {sorted(allowed)}")
+    if bad := sorted(k for k, v in doc.items() if isinstance(v, bool) or not isinstance(v, int | float)):
+        raise ValidationError(f"--calibration {path}: {bad} must be numbers")
+    return {k: float(v) for k, v in doc.items()}
 
 
 def parse_duration_s(text: str) -> float:
@@ -118,6 +134,15 @@ def stage_profiles(
     siblings), so a wider fan-out can be planned from a narrower one. `solo=False` keeps the time stages
     waited for a CPU in (times as profiled, contention included)."""
     out: dict[str, StageProfile] = {}
+    # (run, actor process) -> its first call's start. A fused stream's record carries its consumer's process and
+    # starts a moment before it: the call is the consumer's, so streams count only where nothing else ran.
+    first: dict[tuple[str, int], float] = {}
+    for streams in (False, True):
+        for name, rs in runs.items():
+            if (name in workflow.stages and workflow.stages[name].stream is not None) == streams:
+                for r in rs:
+                    if not streams or (r.run_id, r.pid) not in first:
+                        first[(r.run_id, r.pid)] = min(first.get((r.run_id, r.pid), r.started_at), r.started_at)
     for name, rs in runs.items():
         if name not in workflow.stages:
             continue
@@ -130,10 +155,13 @@ def stage_profiles(
             cpu_duration_s=statistics.median(cpu) if cpu else None,
             gpu_duration_s=statistics.median(gpu) if gpu else None,
             cpu_s=statistics.median(float(r.profile.get("cpu_s", 0.0)) for r in rs),
-            wait_s=statistics.median(sum(v for k, v in r.metrics.items() if k.endswith(".wait_s")) for r in rs),
+            wait_s=statistics.median(_summed(r, ".wait_s") for r in rs),
+            setup_s=statistics.median(_summed(r, ".setup_s") - solo * _summed(r, ".setup_runqueue_s") for r in rs),
+            cold_share=sum(bool(r.pid) and r.started_at <= first[(r.run_id, r.pid)] for r in rs) / len(rs),
             shards=shards,
             busy_s=statistics.median(float(r.profile.get("cpu_s", 0.0)) for r in rs) if spec else 0.0,
             pool_start_s=_pool_start_s(rs, shards) if spec else None,
+            pool_start_fused=spec is not None and _fused(rs, [runs.get(d, []) for d in workflow.downstream(name)]),
         )
     by_fn = {}
     for name, prof in out.items():
@@ -152,6 +180,17 @@ def _pool_start_s(runs: list[StageRun], shards: int) -> float | None:
         if "first_batch_s" in r.metrics
     ]
     return max(0.0, statistics.median(gaps)) if gaps else None
+
+
+def _summed(run: StageRun, suffix: str) -> float:
+    """A consumer's figure over the streams it read (`<param>.wait_s`, `<param>.setup_s`)."""
+    return sum(v for k, v in run.metrics.items() if k.endswith(suffix))
+
+
+def _fused(runs: list[StageRun], consumers: list[list[StageRun]]) -> bool:
+    """Whether a stream was profiled inside its consumer (streaming mode): in the same process, in most runs."""
+    ran_in = {(r.run_id, r.pid) for rs in consumers for r in rs if r.pid}
+    return sum((r.run_id, r.pid) in ran_in for r in runs) * 2 > len(runs)
 
 
 def _solo_s(run: StageRun) -> float:
@@ -263,8 +302,14 @@ def add_parsers(sub: Any, common: Any) -> None:
         type=float,
         help="a fresh actor's start-up (default: measured in the profiled runs, else 0.5)",
     )
+    plan.add_argument(
+        "--calibration",
+        type=Path,
+        help="JSON of machine constants (SimConfig fields, e.g. from benchmarks/plan_calibration.py --out FILE)",
+    )
     plan.add_argument("--no-streaming", action="store_true", help="plan barrier mode")
     plan.add_argument("--all", action="store_true", help="list every candidate, not only the Pareto front")
+    plan.add_argument("--plot", type=Path, metavar="FILE", help="also draw the candidates and the Pareto front (PNG)")
     plan.add_argument("--json", action="store_true")
 
 
@@ -276,14 +321,18 @@ def run(args: argparse.Namespace, workflow: Workflow, params: dict[str, Any], co
     energy = EnergyConfig(
         **({"cpu_watts_per_core": args.cpu_watts_per_core} if args.cpu_watts_per_core is not None else {})
     )
-    sim_kwargs: dict[str, Any] = {"streaming": not args.no_streaming}
+    sim_kwargs: dict[str, Any] = load_calibration(args.calibration) if args.calibration else {}
+    sim_kwargs["streaming"] = not args.no_streaming
     if args.gpu_speedup is not None:
         sim_kwargs["gpu_speedup"] = args.gpu_speedup
     if args.actor_start_s is not None:
         sim_kwargs["actor_start_s"] = args.actor_start_s
-    elif (measured := startup_s(store, workflow.name)) is not None:
+    elif "actor_start_s" not in sim_kwargs and (measured := startup_s(store, workflow.name)) is not None:
         sim_kwargs["actor_start_s"] = measured  # as the profiled runs saw it (placement + first actor)
-    sim = SimConfig(**sim_kwargs)
+    try:
+        sim = SimConfig(**sim_kwargs)
+    except ValueError as exc:
+        raise ValidationError(f"{exc} (from --calibration {args.calibration} or a flag)") from None
     types = _types(args, costs)
     runs = load_profiles(store, workflow.name)
     profiles = stage_profiles(workflow, runs)
@@ -294,6 +343,10 @@ def run(args: argparse.Namespace, workflow: Workflow, params: dict[str, Any], co
         workflow, profiles, types, max_nodes=args.max_nodes, params=values, sim=sim, energy=energy, costs=costs
     )
     chosen = choose(cands, deadline_s, args.objective)
+    if args.plot is not None:
+        from workflows.plan_plot import plot_front  # noqa: PLC0415  # matplotlib only when asked for
+
+        plot_front(cands, chosen, args.plot, deadline_s)
     if args.json:
         print(json.dumps(_as_json(cands, chosen, missing, runs), indent=1))
         return 0 if chosen else 1

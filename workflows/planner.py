@@ -8,14 +8,16 @@ It runs the DAG as the engine does (`workflows.driver`, `actors.pool`), with the
   other shapes (`ActorPool.reclaim`); idle actors keep their resources;
 - a streaming stage with one consumer is fused into it (overlapped), otherwise it runs alone first (barrier).
 
-Scaling model (documented in docs/planning.md):
-- A stage is one actor with its declared CPUs, so its solo time does not change with node size. When the
-  stages running on a node want more cores than it has (each wants `cpu_s / duration_s` cores as profiled),
-  they share them (processor sharing): each runs at `cores / demand` of its solo speed.
-- GPU vs CPU fallback: measured durations on each device when profiles have both, else the GPU time is the
-  CPU time divided by `gpu_speedup` (declared), and the CPU time the GPU time times it.
-- A stream's producers: `shards x per-shard busy time` spread over the pool, the pool sized as the engine
-  sizes it (`actors.streaming.pool_bounds` over what is free when the stream starts).
+Scaling model (documented, term by term, in docs/planning.md):
+- A stage is one actor with its declared CPUs, so its solo time (a warm call with a core to itself) does not
+  change with node size. When the stages running on a node want more cores than it has (each wants
+  `cpu_s / duration_s` cores as profiled), they share them (processor sharing).
+- Each actor costs `actor_start_s` to start and `first_call_s` on its first call (profiles that ran first on
+  a fresh actor have it taken out); ending idle actors of other shapes to make room costs `reclaim_s`.
+- GPU vs CPU fallback: measured durations on each device when profiles have both, else `gpu_speedup`.
+- A stream consumer's set-up (before its first read) is fixed, its per-batch work scales with the shards; a
+  fused stream's first batch waits for both set-up and the pool's first shard, then the slower side sets the
+  pace. The pool is sized as the engine sizes it (`actors.streaming.pool_bounds` over what is free).
 Energy follows the estimate method's accounting (`actors.energy.estimate_j`); cost bills every node for the makespan.
 """
 
@@ -40,14 +42,21 @@ STREAM_COORDINATOR = Resources(cpus=0.01)  # what workflows.driver reserves for 
 
 @dataclass(frozen=True)
 class SimConfig:
-    """The simulation's declared constants (seconds, watts); defaults measured on this project's dev machine."""
+    """The simulation's constants (seconds, a share). The machine-level defaults are what
+    benchmarks/plan_calibration.py measured on the project's 2-core dev machine (2026-12-05, load 1.5-4);
+    measure yours with it and pass `tierflow plan --calibration FILE`."""
 
-    actor_start_s: float = 0.5  # a fresh Ray actor, placed and ready (DESIGN.md: ~460 ms)
-    dispatch_s: float = 0.01  # a call on a warm actor plus the driver's bookkeeping per stage
-    stream_pool_start_s: float = 1.0  # Ray Data starting a stream's actor pool
-    # Ending idle actors of other shapes to make room: ray.kill returns before their CPUs do (measured ~1-2 s here)
-    reclaim_s: float = 1.0
+    actor_start_s: float = 0.5  # a fresh Ray actor, placed and ready (calibrated 0.46-0.53)
+    # The first call on a fresh actor: the worker deserialises the stage and imports what it needs (0.15-0.21)
+    first_call_s: float = 0.2
+    dispatch_s: float = 0.01  # a call on a warm actor plus the driver's bookkeeping per stage (0.006-0.007)
+    stream_pool_start_s: float = 1.5  # Ray Data starting a stream's actor pool with nothing else running (1.47-1.52)
+    # Ending idle actors of other shapes to make room, beyond starting the new one (0-0.014)
+    reclaim_s: float = 0.05
     run_overhead_s: float = 0.3  # run set-up and tear-down around the stages (journal, hooks)
+    # Share of a node's cores its stages get when they want them all: the driver, Ray's processes and the
+    # store take the rest (0.81-0.95)
+    core_share: float = 0.9
     gpu_speedup: float = 4.0  # GPU vs CPU-fallback time when profiles lack one of the two
     default_stage_s: float = 1.0  # a stage with no profile and no profiled sibling running the same function
     streaming: bool = True
@@ -55,6 +64,7 @@ class SimConfig:
     def __post_init__(self) -> None:
         for name in (
             "actor_start_s",
+            "first_call_s",
             "dispatch_s",
             "stream_pool_start_s",
             "reclaim_s",
@@ -64,6 +74,8 @@ class SimConfig:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"SimConfig.{name}={v!r} must be a finite number of seconds >= 0")
+        if not (isinstance(self.core_share, int | float) and 0 < self.core_share <= 1):
+            raise ValueError(f"SimConfig.core_share={self.core_share!r} must be in (0, 1]")
         if not (isinstance(self.gpu_speedup, int | float) and self.gpu_speedup > 0):
             raise ValueError(f"SimConfig.gpu_speedup={self.gpu_speedup!r} must be > 0 (GPU time = CPU time / it)")
 
@@ -76,12 +88,19 @@ class StageProfile:
     gpu_duration_s: float | None = None  # measured on a GPU
     cpu_s: float = 0.0  # CPU-seconds per execution
     wait_s: float = 0.0  # a fused consumer's time waiting for its stream (not its own work)
+    setup_s: float = 0.0  # a stream consumer's solo time before it first read (fixed: does not scale with shards)
+    cold_share: float = 0.0  # share of the profiled runs that were the first call on a fresh actor
     shards: int = 0  # streams: shards in the profiled run
     busy_s: float = 0.0  # streams: producers' total busy time in the profiled run
     pool_start_s: float | None = None  # streams: first batch later than one shard's work (Ray Data start-up)
+    pool_start_fused: bool = True  # streams: profiled inside its consumer (start-up shared the consumer's cores)
     source: str = "measured"
 
     def duration_on(self, device: str, sim: SimConfig) -> float:
+        """Solo time of a warm call: the profiled runs' share of first-call cost is taken out."""
+        return max(0.0, self._measured_on(device, sim) - self.cold_share * sim.first_call_s)
+
+    def _measured_on(self, device: str, sim: SimConfig) -> float:
         if device == "gpu":
             if self.gpu_duration_s is not None:
                 return self.gpu_duration_s
@@ -93,8 +112,9 @@ class StageProfile:
         return sim.default_stage_s
 
     def demand(self, device: str, sim: SimConfig) -> float:
-        """Cores the stage keeps busy while it runs (its utilisation)."""
-        d = self.duration_on(device, sim) - self.wait_s
+        """Cores the stage keeps busy while it runs: its utilisation as profiled (CPU-seconds over the same
+        wall time they were spent in, first-call cost included in both)."""
+        d = self._measured_on(device, sim) - self.wait_s
         return min(64.0, self.cpu_s / d) if d > 1e-9 else 1.0
 
 
@@ -142,6 +162,7 @@ class _Actor:
     node: int
     request: dict[str, float]
     busy: bool = False
+    calls: int = 0
 
 
 @dataclass(eq=False)
@@ -236,9 +257,12 @@ class _Sim:
         prof = self.profiles.get(name, StageProfile(source="default"))
         dev = self.device_of(name) if self.wf.stages[name].stream is None else "cpu"
         own, demand = prof.duration_on(dev, sim), prof.demand(dev, sim)
+        setup, per_batch = 0.0, own
         read = self._stream_scale(name)
-        if read is not None:  # a consumer's own work (without waiting for batches) scales with the shards it reads
-            own = max(0.0, own - prof.wait_s) * read
+        if read is not None:  # a consumer: its set-up is fixed, its work past set-up and waits scales with the batches
+            setup = min(prof.setup_s, own)
+            per_batch = max(0.0, own - setup - prof.wait_s) * read
+            own = setup + per_batch
         stream = self.consumer_of.get(name) or (name if self.wf.stages[name].stream is not None else None)
         if stream is None:
             return own, demand, []
@@ -257,12 +281,15 @@ class _Sim:
                 break
             self.take(i, req, 1)
             held.append((i, req))
-        workers = max(1, len(held))
+        waves = math.ceil(shards / max(1, len(held)))
+        if stream == name:  # barrier mode: the stream alone, its pool started with nothing else running
+            alone = sp.pool_start_s is not None and not sp.pool_start_fused
+            return (sp.pool_start_s if alone else sim.stream_pool_start_s) + waves * per_shard, 0.1, held  # type: ignore[operator]
+        # Fused: the consumer's first batch waits for its set-up and for the pool's first shard; then the slower
+        # of the consumer's batches and the producers' remaining waves sets the pace.
         start = sp.pool_start_s if sp.pool_start_s is not None else sim.stream_pool_start_s
-        stream_s = start + math.ceil(shards / workers) * per_shard
-        if stream == name:  # barrier mode: the stream alone
-            return stream_s, 0.1, held
-        return max(own, stream_s), demand, held
+        rest = max(per_batch, (waves - 1) * per_shard + per_batch / max(1, shards))
+        return max(setup, start + per_shard) + rest, demand, held
 
     def _stream_scale(self, name: str) -> float | None:
         """Shards now / shards profiled, over the streams `name` consumes (None if it reads none)."""
@@ -279,9 +306,9 @@ class _Sim:
     def start_task(self, name: str, actor: _Actor) -> None:
         actor.busy = True
         solo, demand, held = self.work_of(name)
-        self.running.append(
-            _Task(name, actor, solo + self.sim.dispatch_s, demand, held, self.now, self.device_of(name))
-        )
+        solo += self.sim.dispatch_s + (self.sim.first_call_s if actor.calls == 0 else 0.0)
+        actor.calls += 1
+        self.running.append(_Task(name, actor, solo, demand, held, self.now, self.device_of(name)))
 
     # -- the engine's launch rules -------------------------------------------------------------
     def try_launch(self) -> None:
@@ -328,7 +355,8 @@ class _Sim:
         demand: dict[int, float] = {}
         for t in self.running:
             demand[t.actor.node] = demand.get(t.actor.node, 0.0) + t.demand
-        return {i: min(1.0, self.nodes[i].core_count / d) if d > 0 else 1.0 for i, d in demand.items()}
+        share = self.sim.core_share
+        return {i: min(1.0, self.nodes[i].core_count * share / d) if d > 0 else 1.0 for i, d in demand.items()}
 
     def finish(self, t: _Task) -> None:
         self.running.remove(t)

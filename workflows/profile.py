@@ -35,6 +35,7 @@ class StageRun:
     params: dict[str, Any]
     profile: dict[str, Any]
     metrics: dict[str, float]  # last value of each metric the stage logged
+    pid: int = 0  # the actor process that ran it: the earliest stage per process in a run was its first call
 
 
 def load_profiles(store_config: StoreConfig, workflow: str) -> dict[str, list[StageRun]]:
@@ -61,6 +62,7 @@ def load_profiles(store_config: StoreConfig, workflow: str) -> dict[str, list[St
                     dict(journal.params.get(stage, {})),
                     doc["profile"],
                     metrics,
+                    int(doc.get("pid", 0) or 0),
                 )
             )
     for runs in out.values():

@@ -55,3 +55,16 @@ def test_run_logs_energy_and_profiles_then_plan_chooses(tmp_path):
     assert "Pareto front" in out and "choice (cost): localx1" in out  # one node is cheapest and meets 10 min
     tight = tierflow("plan", FIXTURE, "--store", store, "--node", "local:CPU=2,max=2", "--deadline", "0.01s")
     assert tight.returncode == 1 and "no configuration meets the deadline" in tight.stdout
+
+    # Machine constants from a calibration file: a 5 s actor start-up shows in the first stage's start.
+    calib = tmp_path / "calibration.json"
+    calib.write_text('{"actor_start_s": 5.0, "first_call_s": 0.0}')
+    one = ("plan", FIXTURE, "--store", store, "--node", "local:CPU=2,max=1", "--json")
+    slow = tierflow(*one, "--calibration", str(calib), "--plot", str(tmp_path / "front.png"))
+    assert slow.returncode == 0, slow.stdout + slow.stderr
+    first = min(s["start_s"] for s in json.loads(slow.stdout)["choice"]["stages"].values())
+    assert first == pytest.approx(5.0)
+    assert (tmp_path / "front.png").read_bytes()[:4] == b"\x89PNG"  # --plot drew the candidates
+    calib.write_text('{"actor_start": 5.0}')
+    bad = tierflow(*one, "--calibration", str(calib))
+    assert bad.returncode != 0 and "unknown keys ['actor_start']" in bad.stdout

@@ -61,6 +61,8 @@ def test_the_consumer_reads_before_the_producer_finishes_and_the_stream_is_commi
     assert 0 < metrics["utilisation"] <= 1.0 and metrics["rows_per_s"] > 0
     mine = {m.key: m.value for m in run.records["consumer"].result.metrics}
     assert 0 <= mine["utilisation"] < 1 and mine["shards.wait_s"] > 0 and mine["shards.rows_per_s"] > 0
+    # It reads at once: its set-up (stream start to first read, the planner's fixed part) is what waiting is not.
+    assert 0 <= mine["shards.setup_runqueue_s"] <= mine["shards.setup_s"] < mine["shards.wait_s"]
     assert run.records["consumer"].inputs["shards"].digest == rec.artifact.digest
 
     # Re-run: the stream comes from the cache and nothing executes.
