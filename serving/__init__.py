@@ -50,10 +50,14 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("ModelServer", "build_app"):
+    if name == "ModelServer":
         from serving import app  # noqa: PLC0415
 
-        return getattr(app, name)
+        return app.ModelServer
+    if name == "build_app":
+        from serving import rollout  # noqa: PLC0415
+
+        return rollout.build_app
     if name in ("build_mlp", "from_tensors", "predict_proba", "to_tensors"):
         from serving import model  # noqa: PLC0415  # torch is imported only when a model is touched
 

@@ -321,19 +321,3 @@ def bind(
     source: ModelSource, config: ServeConfig, ray_actor_options: dict[str, Any], canary_app: str | None = None
 ) -> Any:
     return ModelServer.options(**config.deployment_options(ray_actor_options)).bind(source, config, canary_app)
-
-
-def build_app(args: dict[str, Any]) -> Any:
-    """Serve application builder: `import_path: serving.app:build_app` in a Serve config (`serve run`)."""
-    from serving.loading import registry_source  # noqa: PLC0415
-    from serving.placement import replica_options  # noqa: PLC0415
-
-    args = dict(args)
-    source = registry_source(args.pop("model_uri"), args.pop("tracking_uri"))
-    explicit = args.pop("ray_actor_options", None)
-    config = ServeConfig(**args)
-    from serving.rollout import bind_for  # noqa: PLC0415  # a generator gets the streaming app
-
-    # placed as a rollout places it (declared resources, else the CPU fallback), against the nodes of the
-    # cluster `serve run` / `serve deploy` builds on, unless the config spells out ray_actor_options itself
-    return bind_for(source, config, explicit if explicit is not None else replica_options(config))

@@ -1,7 +1,7 @@
 """Where Serve replicas go: placed like stages (as declared if a node fits, else the CPU fallback, else refused).
 
-Its own module so that the Serve app (`serving.app.build_app`) and the rollout both use it without
-importing each other: rollout -> app, never back.
+Its own module: the rollout and the Serve config builder (`serving.rollout.build_app`, for `serve run`)
+place replicas by the same rule without importing the app modules.
 """
 
 from __future__ import annotations

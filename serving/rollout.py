@@ -268,6 +268,21 @@ def bind_for(source: ModelSource, config: ServeConfig, actor_opts: dict[str, Any
     return bind(source, config, actor_opts, canary)
 
 
+def build_app(args: dict[str, Any]) -> Any:
+    """Serve application builder: `import_path: serving.rollout:build_app` in a Serve config (`serve run`).
+
+    Here rather than in serving.app so that the app modules never import the rollout (no import cycle)."""
+    from serving.loading import registry_source  # noqa: PLC0415
+
+    args = dict(args)
+    source = registry_source(args.pop("model_uri"), args.pop("tracking_uri"))
+    explicit = args.pop("ray_actor_options", None)
+    config = ServeConfig(**args)
+    # placed as a rollout places it (declared resources, else the CPU fallback), against the nodes of the
+    # cluster `serve run` / `serve deploy` builds on, unless the config spells out ray_actor_options itself
+    return bind_for(source, config, explicit if explicit is not None else replica_options(config))
+
+
 def with_task(source: ModelSource) -> ModelSource:
     """`source` with its bundle's task filled in (read from the bundle's metadata when not yet known)."""
     if source.task:

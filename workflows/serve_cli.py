@@ -177,7 +177,7 @@ def _status(rollout: Any) -> dict[str, Any]:
 
 
 def _build(args: argparse.Namespace, config: ServeConfig, tracking_uri: str, console: Console) -> None:
-    """A Serve config whose application is built by `serving.app:build_app` from the registry version."""
+    """A Serve config whose application is built by `serving.rollout:build_app` from the registry version."""
     app_args = {k: v for k, v in config.to_dict().items() if k not in ("host", "port", "canary_share")}
     doc = {
         "proxy_location": "EveryNode",
@@ -186,7 +186,7 @@ def _build(args: argparse.Namespace, config: ServeConfig, tracking_uri: str, con
             {
                 "name": config.app_name,
                 "route_prefix": config.route_prefix,
-                "import_path": "serving.app:build_app",
+                "import_path": "serving.rollout:build_app",
                 "args": {"model_uri": args.model_uri, "tracking_uri": tracking_uri, **app_args},
             }
         ],

@@ -50,7 +50,7 @@ def env(tmp_path_factory):
     import ray
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import build_app
+    from serving.rollout import build_app
 
     tmp = tmp_path_factory.mktemp("serving")
     port = free_port()
@@ -286,7 +286,7 @@ def built(env):
 def test_serve_build_writes_a_config_serve_can_run(env, built):
     assert built.http_options.host == "127.0.0.1"
     app = built.applications[0]
-    assert app.import_path == "serving.app:build_app" and app.route_prefix == "/built"
+    assert app.import_path == "serving.rollout:build_app" and app.route_prefix == "/built"
     assert app.args["max_ongoing_requests"] == 2 and app.args["batch_wait_timeout_s"] == 1.0
     assert predict(env, app="built").json()["model_version"] == "2"
 
