@@ -2,9 +2,11 @@
 
 import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 # Token auth on everywhere, as `ray start` does on 2.60. Ray reads this when it is imported, and a
 # client whose mode differs from its cluster's sees actors die "before they ran": set it first.
@@ -19,6 +21,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tierflow(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The `tierflow` CLI as a user runs it: a fresh process that finds no cluster, store or MLflow of ours."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "TIERFLOW_STORE")}
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, "-m", "workflows", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def ship_by_value(module_name: str) -> None:

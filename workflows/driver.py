@@ -53,7 +53,7 @@ from workflows.hooks import (
 from workflows.journal import Journals
 from workflows.model import Workflow
 from workflows.node_wait import DEFAULT_NODE_WAIT_S, NodeWaits
-from workflows.retry import INFRA, USER
+from workflows.retry import USER
 
 log = logging.getLogger(__name__)
 
@@ -570,17 +570,6 @@ class Driver(Failures):
         for name, r in zip(names, results, strict=True):  # a stage of a batch that raised
             if isinstance(r, StageExecutionError):
                 self._failed(self.run.records[name], actor, USER, r.cause, r.traceback, r.cause_types)
-
-    def _lost(self, names: tuple[str, ...], orphans: set[str], actor: Any, cause: str) -> None:
-        """The call's worker died: its stages are infrastructure failures, except those that only waited in the
-        actor behind the call it died in (they never ran). Calls are collected in launch order, so the call it
-        died in is seen first; a stage goes back uncounted once at most, so no guess can retry it forever."""
-        for name in names:
-            if name in orphans and name not in self._requeued:
-                self._requeued.add(name)
-                self._requeue(self.run.records[name])
-            else:
-                self._failed(self.run.records[name], actor, INFRA, cause, "", ())
 
     def _committed(self, rec: StageRecord, result: StageResult) -> None:
         """The stage's output is durable (and its cache entry written): it counts as done."""

@@ -15,7 +15,7 @@ from actors.pool import StartFailure, explain_start_failure
 from actors.ray_api import autoscaler_status, cluster_nodes, node_types
 from workflows.errors import StageFailedError
 from workflows.hooks import FAILED, PENDING, RETRYING, RUNNING, StageRecord
-from workflows.retry import TIMEOUT, USER
+from workflows.retry import INFRA, TIMEOUT, USER
 
 log = logging.getLogger("workflows.driver")
 _START_ATTEMPTS = 3  # actors of one shape that may fail to start (a node lost while it started) before the run fails
@@ -110,6 +110,17 @@ class Failures:
         self.retry_at[rec.name] = time.monotonic()
         self._candidates.add(rec.name)
         self._changed[rec.name] = None
+
+    def _lost(self, names: tuple[str, ...], orphans: set[str], actor: Any, cause: str) -> None:
+        """The call's worker died: its stages are infrastructure failures, except those that only waited in the
+        actor behind the call it died in (they never ran). Calls are collected in launch order, so the call it
+        died in is seen first; a stage goes back uncounted once at most, so no guess can retry it forever."""
+        for name in names:
+            if name in orphans and name not in self._requeued:
+                self._requeued.add(name)
+                self._requeue(self.run.records[name])
+            else:
+                self._failed(self.run.records[name], actor, INFRA, cause, "", ())
 
     def _failed(self, rec: StageRecord, actor: Any, kind: str, cause: str, tb: str, types: tuple[str, ...]) -> None:
         if kind == USER:  # never lent again; the calls queued in it finish first (like stages in flight elsewhere)

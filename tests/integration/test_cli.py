@@ -1,31 +1,16 @@
 """The `tierflow` CLI as users run it: exit codes, messages, nothing started on invalid input."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from storage import ArtifactStore, StoreConfig
+from tests.conftest import tierflow
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = "tests/fixtures/user_workflows.py"
-
-
-def tierflow(*args: str, cwd: Path = REPO, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "TIERFLOW_STORE")}
-    return subprocess.run(
-        [sys.executable, "-m", "workflows", *args],
-        check=False,
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.mark.parametrize(

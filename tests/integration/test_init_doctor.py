@@ -7,15 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import tierflow
+
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-
-
-def tierflow(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "TIERFLOW_STORE")}
-    env["PYTHONPATH"] = str(REPO)
-    cmd = [sys.executable, "-m", "workflows", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def test_the_starter_runs_as_written_and_its_test_passes(tmp_path):

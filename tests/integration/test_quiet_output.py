@@ -1,10 +1,7 @@
 """What a user sees from `tierflow run`: tierflow's lines and the summary; Ray's output in the run's log."""
 
 import io
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +10,7 @@ from rich.console import Console
 
 from actors.ray_api import read_progress
 from storage import StoreConfig
-from tests.conftest import ship_by_value, start_local_ray
+from tests.conftest import ship_by_value, start_local_ray, tierflow
 from workflows import Workflow, stage
 from workflows.engine import run_workflow
 from workflows.progress import ProgressHook
@@ -21,20 +18,6 @@ from workflows.progress import ProgressHook
 pytestmark = pytest.mark.integration
 ship_by_value(__name__)
 REPO = Path(__file__).resolve().parents[2]
-
-
-def tierflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "TIERFLOW_STORE")}
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run(
-        [sys.executable, "-m", "workflows", *args],
-        check=False,
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
 
 
 def test_run_prints_only_tierflow_lines_and_keeps_the_rest_in_the_log(tmp_path):
